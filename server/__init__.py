@@ -1,0 +1,1 @@
+"""OpenAI-compatible LLM server on vLLM (NF4 base, LoRA adapters, speculative decoding)."""

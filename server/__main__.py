@@ -1,0 +1,38 @@
+"""``python -m server [--flags]``: serve the model over the OpenAI API.
+
+Flags mirror the settings (``python -m server --help``); each is also an
+environment variable ``QSERVE_<NAME>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse settings, build the app and serve until SIGINT/SIGTERM. Returns the exit code."""
+    try:
+        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            print(f"error: {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn returns normally when the lifespan failed; report that as failure.
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

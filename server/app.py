@@ -1,0 +1,92 @@
+"""The FastAPI app factory: settings in, app out; the engine lives in the lifespan.
+
+``create_app(settings)`` builds the app; its lifespan starts vLLM's async
+engine (NF4 target, draft-target speculation, LoRA), then initialises vLLM's
+OpenAI serving layer into ``app.state`` and marks the app ready. Nothing is a
+module global: routes reach state through ``request.app.state``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from server.engine import open_engine, set_engine_environment, vllm_namespace
+from server.errors import install_error_handlers
+from server.metrics import ServerMetrics
+from server.routes import health, openai
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EngineOpener = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+
+class _CountRequests:
+    """Pure ASGI middleware counting responses by route and status (no body buffering,
+    so streaming and client-disconnect detection are untouched)."""
+
+    def __init__(self, app, metrics: ServerMetrics, routes: set[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, send_counted)
+
+
+def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) -> FastAPI:
+    """Build the server app for ``settings``.
+
+    ``engine_opener(vllm_args)`` is an async context manager yielding a vLLM
+    ``EngineClient``; tests may pass their own. Engine start-up errors
+    propagate out of the lifespan, so uvicorn exits non-zero.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+        set_engine_environment(settings)
+        args = vllm_namespace(settings)
+        async with engine_opener(args) as engine:
+            supported = await engine.get_supported_tasks()
+            await init_app_state(engine, app.state, args, supported)
+            app.state.ready = True
+            log.info("model %s ready", settings.served_model_name)
+            yield
+            app.state.ready = False
+
+    app = FastAPI(
+        title="qlora-spec-server",
+        description="OpenAI-compatible server: NF4 base, LoRA adapters, draft-target speculative decoding.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ready = False
+    app.state.metrics = ServerMetrics()
+    app.state.metrics.info.labels(
+        settings.served_model_name,
+        settings.quantization,
+        str(settings.draft_model) if settings.speculation else "",
+        str(settings.num_speculative_tokens if settings.speculation else 0),
+    ).set(1)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(openai.router)
+    paths = {r.path for r in app.routes if hasattr(r, "path")}
+    app.add_middleware(_CountRequests, metrics=app.state.metrics, routes=paths)
+    return app

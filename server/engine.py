@@ -1,0 +1,91 @@
+"""Build vLLM's async engine and its OpenAI serving layer from our Settings.
+
+We reuse vLLM's own argument definitions (``make_arg_parser``) so every engine
+and frontend option keeps vLLM's defaults and validation; our Settings only
+decide the values we own (NF4, the draft, LoRA, per-request metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from server.settings import Settings
+
+
+def vllm_argv(settings: Settings) -> list[str]:
+    """Translate ``settings`` into the argv vLLM's OpenAI server would be started with.
+
+    The same argv starts ``python -m vllm.entrypoints.openai.api_server`` with the
+    same engine settings (the load tests compare the two servers this way).
+    """
+    argv = [
+        "--model", str(settings.model),
+        "--served-model-name", settings.served_model_name,
+        "--dtype", settings.dtype,
+        "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(settings.max_num_seqs),
+        "--seed", str(settings.seed),
+        "--per-request-spec-decode-metrics", "summary",
+        "--enable-per-request-metrics",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    if settings.quantization == "nf4":
+        argv += ["--quantization", "bitsandbytes"]
+    if settings.speculation and settings.draft_model is not None:
+        spec = {
+            "method": "draft_model",
+            "model": str(settings.draft_model),
+            "num_speculative_tokens": settings.num_speculative_tokens,
+        }
+        if settings.quantization == "nf4":
+            # The draft shares the target's loader format; without this the
+            # engine refuses NF4 target + draft (docs/stack-notes.md).
+            spec["quantization"] = "bitsandbytes"
+        argv += ["--speculative-config", json.dumps(spec)]
+    if settings.enable_lora:
+        argv += [
+            "--enable-lora",
+            "--max-loras", str(settings.max_loras),
+            "--max-lora-rank", str(settings.max_lora_rank),
+        ]  # fmt: skip
+    return argv
+
+
+def vllm_namespace(settings: Settings) -> Namespace:
+    """Parse :func:`vllm_argv` with vLLM's own server argument parser."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="server"))
+    args = parser.parse_args(vllm_argv(settings))
+    validate_parsed_serve_args(args)
+    return args
+
+
+def set_engine_environment(settings: Settings) -> None:
+    """Set the process environment vLLM reads at engine start (before any engine exists)."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
+    # Runtime LoRA loading is how adapters are hot-swapped (adapters issue).
+    os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+
+
+@asynccontextmanager
+async def open_engine(args: Namespace) -> AsyncIterator[object]:
+    """Start vLLM's ``AsyncLLM`` for ``args`` and shut it down on exit.
+
+    Yields the engine client (``vllm.engine.protocol.EngineClient``).
+    Raises whatever vLLM raises when the engine cannot start (bad model,
+    not enough memory); the caller reports it and exits non-zero.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.api_server.entry import (
+        build_async_engine_client_from_engine_args,
+    )
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    async with build_async_engine_client_from_engine_args(engine_args) as client:
+        yield client

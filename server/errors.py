@@ -1,0 +1,143 @@
+"""Typed API errors and the one mapping from exceptions to the OpenAI error envelope.
+
+Every error response of the server has the shape OpenAI's clients parse::
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": int}}
+
+``code`` repeats the HTTP status (as vLLM's server does). Errors raised after a
+stream has started cannot change the status; vLLM's serving layer then sends
+the same envelope as a final ``data:`` event before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+# OpenAI's error ``type`` strings by HTTP status.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    501: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class ApiError(Exception):
+    """An error the client should see, with its HTTP status and the parameter at fault."""
+
+    status: HTTPStatus = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class BadRequest(ApiError):
+    """400: the request is malformed or a parameter is out of range."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+
+class NotFound(ApiError):
+    """404: unknown model, adapter or resource."""
+
+    status = HTTPStatus.NOT_FOUND
+
+
+class ServiceUnavailable(ApiError):
+    """503: the engine is not loaded or has died."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+def envelope(status: int, message: str, param: str | None = None) -> dict:
+    """Return the OpenAI error envelope for ``status`` (an HTTP status code)."""
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": status,
+        }
+    }
+
+
+def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """A JSONResponse carrying :func:`envelope`."""
+    return JSONResponse(envelope(status, message, param), status_code=status, headers=headers)
+
+
+def from_vllm(err) -> JSONResponse:
+    """Re-issue a vLLM ``ErrorResponse`` (from its serving layer) in our envelope, keeping status and param."""
+    return error_response(err.error.code, err.error.message, err.error.param)
+
+
+def _param_of(loc: tuple) -> str | None:
+    """``("body", "max_tokens")`` -> ``"max_tokens"``; nested locations are dotted."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    # Union members add their type name to the location; drop those.
+    parts = [p for p in parts if not p.startswith(("function-", "constrained-", "list[", "str", "int"))]
+    return ".".join(parts) or None
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if not isinstance(first, dict):  # vLLM's content-type check passes plain strings
+        return error_response(400, str(first))
+    param = _param_of(tuple(first.get("loc", ())))
+    where = f"'{param}'" if param else "request body"
+    message = f"Invalid {where}: {first.get('msg', 'invalid value')}"
+    if "input" in first and param and not isinstance(first["input"], dict | list):
+        message += f" (got {first['input']!r})"
+    return error_response(400, message, param)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param)
+
+
+async def _vllm_error(_: Request, exc: Exception) -> JSONResponse:
+    # vLLM's own classification of its typed errors (client 4xx with the
+    # parameter named, not-found 404, server 5xx), re-issued in our envelope.
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    return from_vllm(create_error_response(exc))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Internals (paths, tensors) stay in the log, not in the response.
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, f"Internal server error ({type(exc).__name__}); see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the one exception-to-envelope mapping on ``app``."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ApiError, _api_error)
+    from vllm.exceptions import VLLMError
+
+    app.add_exception_handler(VLLMError, _vllm_error)
+    app.add_exception_handler(Exception, _unexpected)

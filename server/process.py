@@ -1,0 +1,92 @@
+"""Start a server (ours or vLLM's own) as a subprocess on 127.0.0.1 and wait until it is ready.
+
+Used by the tests, the benchmarks and the load tests, which all drive real
+server processes over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A running server subprocess; ``base_url`` is ``http://127.0.0.1:<port>``."""
+
+    proc: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def log_tail(self, n: int = 60) -> str:
+        """The last ``n`` lines of the server's combined stdout/stderr."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, grace_s: float = 30.0) -> int:
+        """SIGTERM, wait up to ``grace_s`` seconds, then SIGKILL the process group. Returns the exit code."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_server(
+    args: list[str],
+    log_path: Path,
+    *,
+    vllm_own: bool = False,
+    ready_path: str = "/ready",
+    timeout_s: float = 420.0,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start ``python -m server ARGS`` (or vLLM's own OpenAI server with ``vllm_own``) and wait for readiness.
+
+    ``args`` must not contain ``--port``/``--host``; a free port on 127.0.0.1 is chosen.
+    Polls ``ready_path`` every 0.5 s for at most ``timeout_s`` seconds.
+
+    Raises:
+        RuntimeError: if the process exits or is not ready in time (with the log tail).
+    """
+    port = free_port()
+    if vllm_own:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "server", *args, "--host", "127.0.0.1", "--port", str(port)]
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{server.log_tail()}")
+        try:
+            if httpx.get(server.base_url + ready_path, timeout=2.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{server.log_tail()}")

@@ -1,0 +1,57 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from server.errors import error_response
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health():
+    """Liveness: the process is up and serving HTTP (the engine may still be loading)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    """Readiness: 200 once the engine is loaded and answering (with the engine's own quantization,
+    dtype and speculative config), 503 before that or after it died."""
+    engine = getattr(request.app.state, "engine_client", None)
+    if engine is None or not getattr(request.app.state, "ready", False):
+        return error_response(503, "engine is loading")
+    try:
+        await engine.check_health()
+    except Exception as exc:  # vLLM raises EngineDeadError (or others) when the core is gone
+        return error_response(503, f"engine is not healthy: {type(exc).__name__}")
+    config = engine.vllm_config
+    spec = config.speculative_config
+    return JSONResponse(
+        {
+            "status": "ready",
+            "model": request.app.state.settings.served_model_name,
+            # Read back from the running engine, not from our settings.
+            "quantization": config.model_config.quantization,
+            "dtype": str(config.model_config.dtype).removeprefix("torch."),
+            "max_model_len": config.model_config.max_model_len,
+            "speculative": None
+            if spec is None
+            else {
+                "method": spec.method,
+                "draft_model": spec.draft_model_config.model if spec.draft_model_config else None,
+                "num_speculative_tokens": spec.num_speculative_tokens,
+            },
+            "lora": config.lora_config is not None,
+        }
+    )
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    """Prometheus text format: vLLM's engine metrics followed by the server's own."""
+    body = generate_latest(REGISTRY) + generate_latest(request.app.state.metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

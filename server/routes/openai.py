@@ -1,0 +1,71 @@
+"""OpenAI API routes: thin wrappers around vLLM's OpenAI serving layer.
+
+vLLM implements the protocol (chat templates, stop strings, logprobs, SSE
+streaming, usage chunks); these routes only select its handler from the app
+state, and turn its result into a response with our error envelope.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
+
+from server.errors import ServiceUnavailable, from_vllm
+
+router = APIRouter(tags=["openai"])
+
+_ERRORS = {
+    HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
+    HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse},
+    HTTPStatus.SERVICE_UNAVAILABLE.value: {"model": ErrorResponse},
+}
+
+
+def _handler(raw_request: Request, attr: str):
+    """The vLLM serving object stored under ``attr`` in the app state.
+
+    Raises:
+        ServiceUnavailable: while the engine is still loading.
+    """
+    handler = getattr(raw_request.app.state, attr, None)
+    if handler is None:
+        raise ServiceUnavailable("the engine is still loading; retry when GET /ready returns 200")
+    return handler
+
+
+def _respond(result) -> JSONResponse | StreamingResponse:
+    """Map a vLLM serving result (error, full response, or SSE generator) to a response."""
+    if isinstance(result, ErrorResponse):
+        return from_vllm(result)
+    if hasattr(result, "model_dump"):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(result, media_type="text/event-stream")
+
+
+@router.post("/v1/completions", dependencies=[Depends(validate_json_request)], responses=_ERRORS)
+@with_cancellation
+async def create_completion(request: CompletionRequest, raw_request: Request):
+    """Create a text completion (OpenAI Completions API), streamed with ``stream: true``."""
+    handler = _handler(raw_request, "openai_serving_completion")
+    return _respond(await handler.create_completion(request, raw_request))
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)], responses=_ERRORS)
+@with_cancellation
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+    """Create a chat completion (OpenAI Chat Completions API), streamed with ``stream: true``."""
+    handler = _handler(raw_request, "openai_serving_chat")
+    return _respond(await handler.create_chat_completion(request, raw_request))
+
+
+@router.get("/v1/models")
+async def list_models(raw_request: Request):
+    """List the served models: the base model and every loaded adapter."""
+    handler = _handler(raw_request, "openai_serving_models")
+    return JSONResponse((await handler.show_available_models()).model_dump())

@@ -1,0 +1,99 @@
+"""Server settings: the one place configuration is read (env vars and CLI flags).
+
+Every setting is an environment variable ``QSERVE_<NAME>`` and a CLI flag
+``--<name-with-dashes>``; CLI flags win. Values are validated at start-up
+with messages that say what to change. Inward code receives the frozen
+:class:`Settings` object and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_TARGET = REPO_ROOT / "models" / "target"
+DEMO_DRAFT = REPO_ROOT / "models" / "draft"
+
+
+def _check_model_dir(path: Path, what: str, flag: str) -> Path:
+    """Return ``path`` if it is a Hugging Face model folder, else raise ValueError naming ``flag``."""
+    if not path.is_dir():
+        raise ValueError(f"{what} folder {path} does not exist; set {flag} to a Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{what} folder {path} has no config.json; set {flag} to a Hugging Face model folder")
+    return path
+
+
+class Settings(BaseSettings):
+    """All settings of one server process.
+
+    Units: ``port`` TCP port; ``max_model_len`` tokens; ``kv_cache_space_gib``
+    GiB of CPU memory for vLLM's KV cache.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="QSERVE_",
+        frozen=True,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_prog_name="python -m server",
+        extra="forbid",
+    )
+
+    model: Path = Field(DEMO_TARGET, description="target model folder (Hugging Face format)")
+    served_model_name: str = Field("demo-target", description="model id clients send in 'model'")
+    draft_model: Path | None = Field(
+        DEMO_DRAFT, description="draft model folder for draft-target speculative decoding"
+    )
+    speculation: bool = Field(True, description="draft-target speculative decoding on/off")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="draft tokens proposed per step (k)")
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="nf4: 4-bit NF4 via bitsandbytes (QLoRA); none: serve the checkpoint dtype"
+    )
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="compute dtype")
+    max_model_len: int = Field(1024, ge=16, le=1_048_576, description="context length (tokens)")
+    max_num_seqs: int = Field(32, ge=1, le=4096, description="most sequences the engine batches")
+    enable_lora: bool = Field(True, description="serve LoRA adapters per request")
+    max_loras: int = Field(
+        4, ge=2, le=64, description="adapters resident in one batch (>=2: see docs/stack-notes)"
+    )
+    max_lora_rank: int = Field(16, ge=1, le=256, description="largest adapter rank accepted")
+    kv_cache_space_gib: int = Field(1, ge=1, le=1024, description="CPU KV cache size (GiB)")
+    seed: int = Field(0, description="engine seed")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: Path) -> Path:
+        return _check_model_dir(v, "model", "QSERVE_MODEL / --model")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or len(v) > 128 or any(c in v for c in "/\\ \t\n"):
+            raise ValueError(
+                f"served model name {v!r} must be 1-128 characters without spaces or slashes"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _draft_ok(self) -> Settings:
+        if self.speculation:
+            if self.draft_model is None:
+                raise ValueError("speculation is on but no draft model is set; set --draft-model or --no-speculation")
+            _check_model_dir(self.draft_model, "draft model", "QSERVE_DRAFT_MODEL / --draft-model")
+            tgt = json.loads((self.model / "config.json").read_text())
+            drf = json.loads((self.draft_model / "config.json").read_text())
+            if tgt.get("vocab_size") != drf.get("vocab_size"):
+                raise ValueError(
+                    f"draft vocab_size {drf.get('vocab_size')} differs from target vocab_size "
+                    f"{tgt.get('vocab_size')}; the draft must share the target's tokenizer"
+                )
+        return self

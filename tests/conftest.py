@@ -1,0 +1,51 @@
+"""Shared fixtures: real server processes on 127.0.0.1 with the demo models.
+
+Starting an engine takes about a minute here, so one server with the default
+settings (NF4 target, draft-target speculation, LoRA) is shared by the whole
+session; tests that need other settings start their own per module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from server.process import ServerProcess, start_server
+from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
+
+LOG_DIR = Path(os.environ.get("QSERVE_TEST_LOGS", "/tmp/qserve-test-logs"))
+MODEL = "demo-target"
+
+
+def launch(name: str, *args: str) -> ServerProcess:
+    """Start ``python -m server ARGS`` with logs in ``LOG_DIR/name.log``."""
+    return start_server(list(args), LOG_DIR / f"{name}.log")
+
+
+@pytest.fixture(scope="session")
+def server() -> ServerProcess:
+    """The default server: NF4 target, draft speculation (k=4), LoRA enabled."""
+    proc = launch("default")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(server: ServerProcess) -> str:
+    return server.base_url
+
+
+@pytest.fixture(scope="session")
+def client(base_url: str):
+    """The official ``openai`` client pointed at the default server."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    """Held-out prompts (never trained on) from the shared corpora."""
+    return heldout_prompts(load_splits(DEFAULT_CORPORA), 24)

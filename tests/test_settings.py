@@ -1,0 +1,59 @@
+"""Settings validation: bad values are refused with a message that says what to change."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.engine import vllm_argv, vllm_namespace
+from server.settings import DEMO_DRAFT, DEMO_TARGET, Settings
+
+
+def test_defaults_are_the_demo_pair_nf4_with_speculation():
+    s = Settings()
+    assert s.model == DEMO_TARGET and s.draft_model == DEMO_DRAFT
+    assert s.quantization == "nf4" and s.speculation and s.num_speculative_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"model": Path("/nonexistent")}, "does not exist; set QSERVE_MODEL / --model"),
+        ({"draft_model": Path("/nonexistent")}, "--draft-model"),
+        ({"draft_model": None}, "set --draft-model or --no-speculation"),
+        ({"num_speculative_tokens": 0}, "greater than or equal to 1"),
+        ({"max_loras": 1}, "greater than or equal to 2"),
+        ({"port": 70000}, "less than or equal to 65535"),
+        ({"quantization": "int3"}, "'nf4' or 'none'"),
+        ({"served_model_name": "a/b"}, "without spaces or slashes"),
+    ],
+)
+def test_bad_settings_say_what_to_change(kwargs, needle):
+    with pytest.raises(ValidationError) as info:
+        Settings(**kwargs)
+    assert needle in str(info.value)
+
+
+def test_draft_with_another_vocabulary_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab_size": 32000}')
+    with pytest.raises(ValidationError, match="draft vocab_size 32000 differs from target"):
+        Settings(draft_model=tmp_path)
+
+
+def test_env_and_cli(monkeypatch):
+    monkeypatch.setenv("QSERVE_NUM_SPECULATIVE_TOKENS", "3")
+    assert Settings().num_speculative_tokens == 3
+    s = Settings(_cli_parse_args=["--num-speculative-tokens", "2", "--no-speculation"])
+    assert s.num_speculative_tokens == 2 and not s.speculation
+
+
+def test_vllm_args_carry_nf4_draft_lora_and_per_request_metrics():
+    args = vllm_namespace(Settings())
+    assert args.quantization == "bitsandbytes"
+    assert args.speculative_config["method"] == "draft_model"
+    assert args.speculative_config["quantization"] == "bitsandbytes"
+    assert args.speculative_config["num_speculative_tokens"] == 4
+    assert args.enable_lora and args.max_loras >= 2
+    assert args.per_request_spec_decode_metrics == "summary"
+    plain = vllm_argv(Settings(quantization="none", speculation=False, enable_lora=False))
+    assert "--quantization" not in plain and "--speculative-config" not in plain

@@ -1,0 +1,1 @@
+"""Training scripts for the demo models and adapters the project ships."""
