@@ -1,0 +1,169 @@
+"""Serving benchmark for the demo pair: speculation on vs off, NF4 vs bf16 weights, in one run.
+
+Usage: python -m bench.serving_bench [--requests 16] [--max-tokens 64] [--write BENCHMARKS.md]
+
+Starts each server configuration in turn (never two at once, so they do not
+share the 2 CPU cores), drives it over HTTP with held-out prompts and prints:
+
+- output tokens/s at concurrency 1 and 8, speculation on and off (NF4 target);
+- acceptance rate and mean acceptance length, from the engine's own
+  ``vllm:spec_decode_*`` counters over the run;
+- weight memory of target and draft, NF4 against bf16 (bench.weight_memory);
+- the speedup theory allows for the measured acceptance and the measured
+  draft/target cost ratio c (Leviathan et al. 2023, "Fast Inference from
+  Transformers via Speculative Decoding", eq. 1 and Theorem 3.8):
+  expected tokens per target step E = (1 - a^(k+1)) / (1 - a), and walltime
+  improvement E / (k c + 1), where a is the per-token acceptance rate that
+  reproduces the measured mean acceptance length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from bench.weight_memory import weight_bytes
+from server.process import REPO_ROOT, start_server
+from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
+
+LOGS = Path("/tmp/qserve-bench-logs")
+MARK_BEGIN = "<!-- serving_bench:begin -->"
+MARK_END = "<!-- serving_bench:end -->"
+
+
+def spec_counters(base_url: str) -> dict[str, float]:
+    """The engine's speculative-decoding counters (0 when speculation is off)."""
+    values = {"num_drafts": 0.0, "num_draft_tokens": 0.0, "num_accepted_tokens": 0.0}
+    for line in httpx.get(base_url + "/metrics", timeout=10).text.splitlines():
+        m = re.match(r"vllm:spec_decode_(num_drafts|num_draft_tokens|num_accepted_tokens)_total\{.*\} (\S+)", line)
+        if m:
+            values[m.group(1)] = float(m.group(2))
+    return values
+
+
+def run_load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """Send every prompt once with ``concurrency`` in flight; returns tokens/s (output tokens / wall s)."""
+
+    def one(prompt: str) -> int:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(base_url + "/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    one(prompts[0])  # warm-up, not timed
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(one, prompts))
+    wall = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
+def alpha_from_mean_length(mean_len: float, k: int) -> float:
+    """Solve (1 - a^(k+1)) / (1 - a) = mean_len for a in [0, 1) by bisection."""
+    lo, hi = 0.0, 1.0 - 1e-9
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if sum(mid**i for i in range(k + 1)) < mean_len:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def measure(name: str, args: list[str], model: str, prompts: list[str], max_tokens: int, levels: tuple[int, ...]) -> dict:
+    proc = start_server(args, LOGS / f"{name}.log")
+    try:
+        before = spec_counters(proc.base_url)
+        result = {c: run_load(proc.base_url, model, prompts, c, max_tokens) for c in levels}
+        after = spec_counters(proc.base_url)
+    finally:
+        proc.stop()
+    delta = {k: after[k] - before[k] for k in after}
+    result["spec"] = delta
+    print(f"{name}: " + ", ".join(f"c={c} {result[c]['tokens_per_s']:.1f} tok/s" for c in levels), flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
+    a = ap.parse_args()
+    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
+    k = a.k
+    spec = measure("spec-on", ["--num-speculative-tokens", str(k)], "demo-target", prompts, a.max_tokens, (1, 8))
+    plain = measure("spec-off", ["--no-speculation"], "demo-target", prompts, a.max_tokens, (1, 8))
+    # The draft served alone (same NF4 quantization) gives the cost ratio c.
+    draft = measure(
+        "draft-alone",
+        ["--model", str(REPO_ROOT / "models/draft"), "--served-model-name", "demo-draft", "--no-speculation"],
+        "demo-draft",
+        prompts,
+        a.max_tokens,
+        (1,),
+    )
+    s = spec["spec"]
+    acceptance = s["num_accepted_tokens"] / s["num_draft_tokens"]
+    mean_len = 1 + s["num_accepted_tokens"] / s["num_drafts"]
+    alpha = alpha_from_mean_length(mean_len, k)
+    c = plain[1]["tokens_per_s"] / draft[1]["tokens_per_s"]  # draft time per token / target time per token
+    expected_tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+    theory = expected_tokens / (k * c + 1)
+    measured = spec[1]["tokens_per_s"] / plain[1]["tokens_per_s"]
+    mem_t = weight_bytes(REPO_ROOT / "models/target")
+    mem_d = weight_bytes(REPO_ROOT / "models/draft")
+    mib = 1 / 2**20
+
+    cmd = "python -m bench.serving_bench " + f"--requests {a.requests} --max-tokens {a.max_tokens} --k {k}"
+    lines = [
+        MARK_BEGIN,
+        "## Serving: speculation on/off, NF4 vs bf16 (demo pair)",
+        "",
+        f"Command: `{cmd}` (2-core CPU, vLLM 0.32.0 CPU build, NF4 target and draft,"
+        f" {a.requests} held-out prompts, {a.max_tokens} output tokens each, greedy).",
+        "",
+        "| configuration | tokens/s @ concurrency 1 | tokens/s @ concurrency 8 |",
+        "|---|---:|---:|",
+        f"| speculation on (k={k}) | {spec[1]['tokens_per_s']:.1f} | {spec[8]['tokens_per_s']:.1f} |",
+        f"| speculation off | {plain[1]['tokens_per_s']:.1f} | {plain[8]['tokens_per_s']:.1f} |",
+        f"| speedup (on / off) | {measured:.2f}x | {spec[8]['tokens_per_s'] / plain[8]['tokens_per_s']:.2f}x |",
+        "",
+        "| speculation | value |",
+        "|---|---:|",
+        f"| acceptance rate (accepted / draft tokens) | {acceptance:.3f} |",
+        f"| mean acceptance length (tokens per target step) | {mean_len:.3f} |",
+        f"| per-token acceptance a solving (1-a^(k+1))/(1-a) = mean length | {alpha:.3f} |",
+        f"| draft/target cost ratio c (target tok/s / draft tok/s, concurrency 1) | {c:.3f} |",
+        f"| theoretical speedup E/(kc+1) (Leviathan et al. 2023) | {theory:.2f}x |",
+        f"| measured speedup at concurrency 1 | {measured:.2f}x |",
+        f"| measured / theoretical | {measured / theory:.2f} |",
+        "",
+        "| weights | bf16 | NF4 (double quant, as vLLM's bnb loader) | NF4 / bf16 |",
+        "|---|---:|---:|---:|",
+        f"| target | {mem_t['bf16'] * mib:.2f} MiB | {mem_t['nf4'] * mib:.2f} MiB | {mem_t['nf4'] / mem_t['bf16']:.2f} |",
+        f"| draft | {mem_d['bf16'] * mib:.2f} MiB | {mem_d['nf4'] * mib:.2f} MiB | {mem_d['nf4'] / mem_d['bf16']:.2f} |",
+        "",
+        f"Linear layers are {mem_t['quantized_params'] / (mem_t['quantized_params'] + mem_t['kept_params']):.0%}"
+        " of the target's parameters; the tied embedding stays bf16, which caps the saving on a model this small.",
+        MARK_END,
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if a.write:
+        text = a.write.read_text() if a.write.exists() else "# Benchmarks\n"
+        if MARK_BEGIN in text:
+            text = text[: text.index(MARK_BEGIN)] + table + text[text.index(MARK_END) + len(MARK_END) :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + table + "\n"
+        a.write.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
