@@ -8,6 +8,7 @@ module global: routes reach state through ``request.app.state``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -15,10 +16,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.adapters.validate import BaseShape
 from server.engine import open_engine, set_engine_environment, vllm_namespace
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
-from server.routes import health, openai
+from server.routes import adapters, health, openai
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,24 @@ class _CountRequests:
         return await self.app(scope, receive, send_counted)
 
 
+async def open_adapters(settings: Settings, serving_models, engine) -> AdapterRegistry:
+    """Open the adapter store, serve what it holds, then seed the shipped adapters not stored yet."""
+    base_config = json.loads((settings.model / "config.json").read_text())
+    registry = AdapterRegistry(
+        AdapterStore(settings.adapter_store_dir),
+        serving_models,
+        engine,
+        BaseShape.from_config(base_config),
+        settings.served_model_name,
+        settings.max_lora_rank,
+        settings.max_adapter_bytes,
+    )
+    await registry.restore()
+    if settings.seed_adapters_dir is not None:
+        await registry.seed(settings.seed_adapters_dir)
+    return registry
+
+
 def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) -> FastAPI:
     """Build the server app for ``settings``.
 
@@ -65,6 +87,8 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
         async with engine_opener(args) as engine:
             supported = await engine.get_supported_tasks()
             await init_app_state(engine, app.state, args, supported)
+            if settings.enable_lora:
+                app.state.adapters = await open_adapters(settings, app.state.openai_serving_models, engine)
             app.state.ready = True
             log.info("model %s ready", settings.served_model_name)
             yield
@@ -87,6 +111,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai.router)
+    app.include_router(adapters.router)
     paths = {r.path for r in app.routes if hasattr(r, "path")}
     app.add_middleware(_CountRequests, metrics=app.state.metrics, routes=paths)
     return app

@@ -63,6 +63,15 @@ class Settings(BaseSettings):
         4, ge=2, le=64, description="adapters resident in one batch (>=2: see docs/stack-notes)"
     )
     max_lora_rank: int = Field(16, ge=1, le=256, description="largest adapter rank accepted")
+    adapter_store_dir: Path = Field(
+        REPO_ROOT / "var" / "adapters", description="where uploaded adapters are stored (survives restarts)"
+    )
+    seed_adapters_dir: Path | None = Field(
+        REPO_ROOT / "adapters", description="adapter folders stored and served at start if not stored yet"
+    )
+    max_adapter_bytes: int = Field(
+        256 * 2**20, ge=1024, description="largest adapter upload, and largest archive expansion (bytes)"
+    )
     kv_cache_space_gib: int = Field(1, ge=1, le=1024, description="CPU KV cache size (GiB)")
     seed: int = Field(0, description="engine seed")
     host: str = Field("127.0.0.1", description="address to listen on")

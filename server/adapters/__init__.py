@@ -1,0 +1,1 @@
+"""LoRA adapter lifecycle: validation, archive unpacking, the on-disk store, engine registration."""

@@ -1,0 +1,181 @@
+"""The on-disk adapter store: atomic, versioned, verified by sha256.
+
+Layout under the store directory::
+
+    <name>/v<N>/adapter_config.json
+    <name>/v<N>/adapter_model.safetensors
+    <name>/v<N>/record.json          # written last, inside the staging folder
+    .staging/<id>/                   # uploads in progress (wiped at start)
+    .trash/<id>/                     # deletions in progress (wiped at start)
+
+A version becomes visible only by one ``os.rename`` of a complete, fsynced
+staging folder, so a crash at any moment leaves either the whole version or
+none of it. Deletion renames ``<name>`` into ``.trash`` first for the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from server.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo
+
+log = logging.getLogger(__name__)
+RECORD_FILE = "record.json"
+KEEP_VERSIONS = 2  # the current one and the one in-flight requests may still use
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One stored adapter version. ``size_bytes`` is both files together; ``created`` is Unix seconds."""
+
+    name: str
+    version: int
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    base_model: str
+    created: float
+
+    def to_json(self) -> dict:
+        return {"object": "adapter", **asdict(self)}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file at ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterStore:
+    """Versioned adapters under ``root``. Not thread-safe: the registry serialises writes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.staging = self.root / ".staging"
+        self.trash = self.root / ".trash"
+        for d in (self.root, self.staging, self.trash):
+            d.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a crash mid-upload or mid-delete are never visible; drop them.
+        for d in (self.staging, self.trash):
+            for child in d.iterdir():
+                shutil.rmtree(child, ignore_errors=True)
+
+    def new_staging_dir(self) -> Path:
+        """A fresh empty folder to unpack an upload into."""
+        path = self.staging / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def discard(self, staging_dir: Path) -> None:
+        """Remove a staging folder (failed upload)."""
+        shutil.rmtree(staging_dir, ignore_errors=True)
+
+    def versions(self, name: str) -> list[int]:
+        """Committed versions of ``name``, ascending."""
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in d.iterdir() if p.name.startswith("v") and p.name[1:].isdigit())
+
+    def path(self, name: str, version: int) -> Path:
+        return self.root / name / f"v{version}"
+
+    def commit(self, staging_dir: Path, name: str, info: AdapterInfo, base_model: str) -> AdapterRecord:
+        """Write the record into ``staging_dir``, fsync, and rename it to the next version of ``name``.
+
+        Raises:
+            OSError: if the disk write fails (the staging folder is then discarded).
+        """
+        version = (self.versions(name) or [0])[-1] + 1
+        try:
+            weights, config = staging_dir / WEIGHTS_FILE, staging_dir / CONFIG_FILE
+            record = AdapterRecord(
+                name=name,
+                version=version,
+                sha256=sha256_file(weights),
+                rank=info.rank,
+                alpha=info.alpha,
+                target_modules=list(info.target_modules),
+                size_bytes=weights.stat().st_size + config.stat().st_size,
+                base_model=base_model,
+                created=time.time(),
+            )
+            (staging_dir / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
+            for f in (weights, config, staging_dir / RECORD_FILE):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(staging_dir)
+            (self.root / name).mkdir(exist_ok=True)
+            os.rename(staging_dir, self.path(name, version))
+            _fsync_dir(self.root / name)
+        except OSError:
+            self.discard(staging_dir)
+            raise
+        return record
+
+    def remove_version(self, name: str, version: int) -> None:
+        """Delete one version (used to roll back a version the engine refused, and to prune)."""
+        path = self.path(name, version)
+        if path.is_dir():
+            dest = self.trash / uuid.uuid4().hex
+            os.rename(path, dest)
+            shutil.rmtree(dest, ignore_errors=True)
+
+    def prune(self, name: str) -> None:
+        """Keep only the newest ``KEEP_VERSIONS`` versions of ``name``."""
+        for v in self.versions(name)[:-KEEP_VERSIONS]:
+            self.remove_version(name, v)
+
+    def delete(self, name: str) -> None:
+        """Delete every version of ``name`` (one rename makes it invisible at once)."""
+        path = self.root / name
+        if path.is_dir():
+            dest = self.trash / uuid.uuid4().hex
+            os.rename(path, dest)
+            _fsync_dir(self.root)
+            shutil.rmtree(dest, ignore_errors=True)
+
+    def load_all(self) -> list[AdapterRecord]:
+        """The newest intact version of every stored adapter.
+
+        A version whose weights no longer match its recorded sha256 is skipped
+        (and logged), falling back to an older intact version if there is one.
+        """
+        records = []
+        for d in sorted(self.root.iterdir()):
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            for version in reversed(self.versions(d.name)):
+                path = self.path(d.name, version)
+                try:
+                    rec = AdapterRecord(**json.loads((path / RECORD_FILE).read_text()))
+                except (OSError, ValueError, TypeError) as exc:
+                    log.error("adapter %s v%d has no readable record (%s); skipped", d.name, version, exc)
+                    continue
+                if sha256_file(path / WEIGHTS_FILE) != rec.sha256:
+                    log.error("adapter %s v%d fails its sha256 check; skipped", d.name, version)
+                    continue
+                records.append(rec)
+                break
+        return records

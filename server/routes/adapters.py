@@ -1,0 +1,61 @@
+"""Adapter routes: upload (multipart), list, show, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+
+from server.adapters.registry import AdapterRegistry, PayloadTooLarge, Upload
+from server.errors import ServiceUnavailable
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+def _registry(request: Request) -> AdapterRegistry:
+    registry = getattr(request.app.state, "adapters", None)
+    if registry is None:
+        raise ServiceUnavailable("adapters are not available: the engine is loading or LoRA is disabled (--enable-lora)")
+    return registry
+
+
+async def _read(upload: UploadFile, limit: int) -> Upload:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"file {upload.filename!r} is over the upload limit of {limit} bytes", param="files")
+    return Upload(upload.filename or "", data)
+
+
+@router.post("", status_code=201)
+async def upload_adapter(
+    request: Request,
+    name: Annotated[str, Form(description="adapter name, used as the 'model' id in requests")],
+    files: Annotated[
+        list[UploadFile],
+        File(description="adapter_config.json and adapter_model.safetensors, or one .tar.gz/.zip with both"),
+    ],
+):
+    """Upload a PEFT LoRA adapter; the same name again creates a new version."""
+    registry = _registry(request)
+    uploads = [await _read(f, registry.max_upload_bytes) for f in files]
+    record = await registry.upload(name, uploads)
+    return record.to_json()
+
+
+@router.get("")
+async def list_adapters(request: Request):
+    """List stored adapters (current version of each)."""
+    return {"object": "list", "data": [r.to_json() for r in _registry(request).list()]}
+
+
+@router.get("/{name}")
+async def get_adapter(request: Request, name: str):
+    """Show one adapter's stored record."""
+    return _registry(request).get(name).to_json()
+
+
+@router.delete("/{name}")
+async def delete_adapter(request: Request, name: str):
+    """Delete an adapter: new requests for it get 404, running ones finish."""
+    record = await _registry(request).delete(name)
+    return {"id": name, "object": "adapter", "deleted": True, "version": record.version}
