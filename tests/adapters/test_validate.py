@@ -1,0 +1,110 @@
+"""Adapter validation refuses what the engine cannot serve, with a message naming the limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.adapters.validate import AdapterInvalid, check_files, check_name, check_weights, parse_config
+from tests.adapters.helpers import SHAPE, adapter_config, adapter_tensors, write_adapter
+
+
+def _cfg(**kw) -> bytes:
+    return json.dumps(adapter_config(**kw)).encode()
+
+
+def test_good_adapter_passes(tmp_path):
+    folder = write_adapter(tmp_path / "a", r=8, modules=("q_proj", "down_proj"))
+    cfg = parse_config((folder / "adapter_config.json").read_bytes(), max_rank=16)
+    info = check_weights(folder / "adapter_model.safetensors", cfg, SHAPE)
+    assert info.rank == 8 and info.alpha == 16.0
+    assert info.target_modules == ("down_proj", "q_proj")
+    assert info.layers == tuple(range(6))
+
+
+@pytest.mark.parametrize(
+    "cfg, needle",
+    [
+        (adapter_config(r=32), "rank 32 is greater than the server's max_lora_rank 16"),
+        (adapter_config(use_dora=True), "DoRA"),
+        (adapter_config(modules_to_save=["lm_head"]), "modules_to_save"),
+        (adapter_config(modules=("embed_tokens",)), "embedding/output layers (embed_tokens)"),
+        (adapter_config(modules=("c_attn",)), "c_attn do not exist in the base model"),
+        (adapter_config(lora_bias=True), "lora_bias"),
+        (adapter_config(bias="all"), "bias 'all'"),
+        (adapter_config(rank_pattern={"q_proj": 4}), "rank_pattern"),
+        ({**adapter_config(), "target_modules": ".*proj"}, "regular expression"),
+        ({**adapter_config(), "peft_type": "IA3"}, "only LORA"),
+        ({**adapter_config(), "r": 0}, "positive integer"),
+    ],
+)
+def test_unsupported_config_is_refused(cfg, needle):
+    with pytest.raises(AdapterInvalid) as info:
+        parse_config(json.dumps(cfg).encode(), max_rank=16)
+    assert needle in info.value.message
+
+
+def test_not_json_is_refused():
+    with pytest.raises(AdapterInvalid, match="not valid JSON"):
+        parse_config(b"{nope", max_rank=16)
+
+
+def test_shape_that_does_not_fit_the_base_is_refused(tmp_path):
+    tensors = adapter_tensors(8, ("q_proj",))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = tensors[key][:, :256].contiguous()  # as if hidden_size were 256
+    folder = write_adapter(tmp_path / "a", config=adapter_config(8, ("q_proj",)), tensors=tensors)
+    with pytest.raises(AdapterInvalid) as info:
+        check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
+    assert "shape [8, 256]" in info.value.message and "needs [8, 384]" in info.value.message
+
+
+def test_layer_beyond_the_base_is_refused(tmp_path):
+    tensors = adapter_tensors(8, ("q_proj",), layers=[0, 7])
+    folder = write_adapter(tmp_path / "a", config=adapter_config(8, ("q_proj",)), tensors=tensors)
+    with pytest.raises(AdapterInvalid, match="layer 7; the base model has 6 layers"):
+        check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
+
+
+def test_unpaired_and_foreign_tensors_are_refused(tmp_path):
+    tensors = adapter_tensors(8, ("q_proj",))
+    del tensors["base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"]
+    folder = write_adapter(tmp_path / "a", config=adapter_config(8, ("q_proj",)), tensors=tensors)
+    with pytest.raises(AdapterInvalid, match="unpaired: layer 2 q_proj"):
+        check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
+    tensors = adapter_tensors(8, ("q_proj",)) | {"base_model.model.lm_head.weight": adapter_tensors(1, ("q_proj",), layers=[0])["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]}
+    folder = write_adapter(tmp_path / "b", config=adapter_config(8, ("q_proj",)), tensors=tensors)
+    with pytest.raises(AdapterInvalid, match="not a LoRA weight of a decoder layer"):
+        check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
+
+
+def test_module_outside_target_modules_is_refused(tmp_path):
+    folder = write_adapter(tmp_path / "a", config=adapter_config(8, ("q_proj",)), tensors=adapter_tensors(8, ("v_proj",)))
+    with pytest.raises(AdapterInvalid, match="not in target_modules"):
+        check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
+
+
+def test_garbage_weights_are_refused(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(AdapterInvalid, match="not a readable safetensors file"):
+        check_weights(tmp_path / "adapter_model.safetensors", adapter_config(), SHAPE)
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "a/b", "a\\b", ".hidden", "x" * 65, "sp ace", "a..b", "ünï"])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(AdapterInvalid, match="not allowed"):
+        check_name(name, "demo-target")
+
+
+def test_base_name_is_refused():
+    with pytest.raises(AdapterInvalid, match="base model's name"):
+        check_name("demo-target", "demo-target")
+    assert check_name("austen-v2.1_x", "demo-target") == "austen-v2.1_x"
+
+
+def test_pickles_and_missing_files_are_refused():
+    with pytest.raises(AdapterInvalid, match=r"pickle weight files are refused \(adapter_model.bin\)"):
+        check_files(["adapter_config.json", "adapter_model.bin"])
+    with pytest.raises(AdapterInvalid, match="missing adapter_model.safetensors"):
+        check_files(["adapter_config.json"])
