@@ -27,13 +27,12 @@ from pathlib import Path
 
 import httpx
 
+from bench.report import record
 from bench.weight_memory import weight_bytes
 from server.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")
-MARK_BEGIN = "<!-- serving_bench:begin -->"
-MARK_END = "<!-- serving_bench:end -->"
 
 
 def spec_counters(base_url: str) -> dict[str, float]:
@@ -75,7 +74,9 @@ def alpha_from_mean_length(mean_len: float, k: int) -> float:
     return lo
 
 
-def measure(name: str, args: list[str], model: str, prompts: list[str], max_tokens: int, levels: tuple[int, ...]) -> dict:
+def measure(
+    name: str, args: list[str], model: str, prompts: list[str], max_tokens: int, levels: tuple[int, ...]
+) -> dict:
     proc = start_server(args, LOGS / f"{name}.log")
     try:
         before = spec_counters(proc.base_url)
@@ -123,7 +124,6 @@ def main() -> None:
 
     cmd = "python -m bench.serving_bench " + f"--requests {a.requests} --max-tokens {a.max_tokens} --k {k}"
     lines = [
-        MARK_BEGIN,
         "## Serving: speculation on/off, NF4 vs bf16 (demo pair)",
         "",
         f"Command: `{cmd}` (2-core CPU, vLLM 0.32.0 CPU build, NF4 target and draft,"
@@ -152,17 +152,10 @@ def main() -> None:
         "",
         f"Linear layers are {mem_t['quantized_params'] / (mem_t['quantized_params'] + mem_t['kept_params']):.0%}"
         " of the target's parameters; the tied embedding stays bf16, which caps the saving on a model this small.",
-        MARK_END,
     ]
-    table = "\n".join(lines)
-    print(table)
+    print("\n".join(lines))
     if a.write:
-        text = a.write.read_text() if a.write.exists() else "# Benchmarks\n"
-        if MARK_BEGIN in text:
-            text = text[: text.index(MARK_BEGIN)] + table + text[text.index(MARK_END) + len(MARK_END) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + table + "\n"
-        a.write.write_text(text)
+        record(a.write, "serving_bench", lines)
 
 
 if __name__ == "__main__":

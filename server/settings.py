@@ -47,9 +47,7 @@ class Settings(BaseSettings):
 
     model: Path = Field(DEMO_TARGET, description="target model folder (Hugging Face format)")
     served_model_name: str = Field("demo-target", description="model id clients send in 'model'")
-    draft_model: Path | None = Field(
-        DEMO_DRAFT, description="draft model folder for draft-target speculative decoding"
-    )
+    draft_model: Path | None = Field(DEMO_DRAFT, description="draft model folder for draft-target speculative decoding")
     speculation: bool = Field(True, description="draft-target speculative decoding on/off")
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="draft tokens proposed per step (k)")
     quantization: Literal["nf4", "none"] = Field(
@@ -59,9 +57,7 @@ class Settings(BaseSettings):
     max_model_len: int = Field(1024, ge=16, le=1_048_576, description="context length (tokens)")
     max_num_seqs: int = Field(32, ge=1, le=4096, description="most sequences the engine batches")
     enable_lora: bool = Field(True, description="serve LoRA adapters per request")
-    max_loras: int = Field(
-        4, ge=2, le=64, description="adapters resident in one batch (>=2: see docs/stack-notes)"
-    )
+    max_loras: int = Field(4, ge=2, le=64, description="adapters resident in one batch (>=2: see docs/stack-notes)")
     max_lora_rank: int = Field(16, ge=1, le=256, description="largest adapter rank accepted")
     adapter_store_dir: Path = Field(
         REPO_ROOT / "var" / "adapters", description="where uploaded adapters are stored (survives restarts)"
@@ -87,9 +83,7 @@ class Settings(BaseSettings):
     @classmethod
     def _name_ok(cls, v: str) -> str:
         if not v or len(v) > 128 or any(c in v for c in "/\\ \t\n"):
-            raise ValueError(
-                f"served model name {v!r} must be 1-128 characters without spaces or slashes"
-            )
+            raise ValueError(f"served model name {v!r} must be 1-128 characters without spaces or slashes")
         return v
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ session; tests that need other settings start their own per module.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,17 @@ from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOG_DIR = Path(os.environ.get("QSERVE_TEST_LOGS", "/tmp/qserve-test-logs"))
 MODEL = "demo-target"
+ADAPTERS = ("austen", "stdlib-docs")  # shipped in adapters/, seeded into every fresh store
 
 
-def launch(name: str, *args: str) -> ServerProcess:
-    """Start ``python -m server ARGS`` with logs in ``LOG_DIR/name.log``."""
-    return start_server(list(args), LOG_DIR / f"{name}.log")
+def launch(name: str, *args: str, store: Path | None = None) -> ServerProcess:
+    """Start ``python -m server ARGS`` with logs in ``LOG_DIR/name.log``.
+
+    Each server gets its own adapter store (a fresh temporary folder unless
+    ``store`` is given), so tests never touch the repository's ``var/``.
+    """
+    store = store or Path(tempfile.mkdtemp(prefix=f"qserve-store-{name}-"))
+    return start_server(list(args), LOG_DIR / f"{name}.log", env={"QSERVE_ADAPTER_STORE_DIR": str(store)})
 
 
 @pytest.fixture(scope="session")

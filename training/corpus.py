@@ -65,9 +65,7 @@ def heldout_prompts(splits: list[Split], n: int, words: int = 12) -> list[str]:
 
     Each prompt starts at a line beginning so it reads like the corpus.
     """
-    lines_per_split = [
-        [ln.strip() for ln in s.heldout.splitlines() if len(ln.split()) >= words] for s in splits
-    ]
+    lines_per_split = [[ln.strip() for ln in s.heldout.splitlines() if len(ln.split()) >= words] for s in splits]
     prompts: list[str] = []
     i = 0
     while len(prompts) < n:

@@ -83,9 +83,8 @@ def main() -> None:
         "quantization": args.quantization,
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
-        "command": "python -m training.measure_acceptance " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "corpora"
-        ),
+        "command": "python -m training.measure_acceptance "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "corpora"),
     }
     for temperature in (0.0, 1.0):
         started = time.time()

@@ -96,7 +96,9 @@ def main() -> None:
     bar = tqdm(range(args.steps), desc=f"adapter {args.domain} ({'QLoRA, NF4 base' if args.qlora else 'LoRA'})")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+            g["lr"] = (
+                args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+            )
         x = batch_at(train_stream, gen, args.batch, args.seq)  # [B, S+1]
         logits = model(x[:, :-1]).logits  # [B, S, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
@@ -137,7 +139,9 @@ def main() -> None:
         "command": cmd,
     }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    base_kind = "the NF4-quantized demo target (QLoRA, bitsandbytes, double quant)" if args.qlora else "the bf16 demo target"
+    base_kind = (
+        "the NF4-quantized demo target (QLoRA, bitsandbytes, double quant)" if args.qlora else "the bf16 demo target"
+    )
     card = f"""# adapter: {args.out.name}
 
 LoRA adapter for `models/target` (demo-target), trained with PEFT against {base_kind}.

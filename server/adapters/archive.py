@@ -72,7 +72,9 @@ def extract(data: bytes, kind: str, dest: Path, max_bytes: int) -> list[str]:
                     raise AdapterInvalid(f"archive has {len(members)} entries; the limit is {MAX_ENTRIES}")
                 for m in members:
                     if not m.isfile():
-                        raise AdapterInvalid(f"archive entry {m.name!r} is a link or special file; only regular files are allowed")
+                        raise AdapterInvalid(
+                            f"archive entry {m.name!r} is a link or special file; only regular files are allowed"
+                        )
                 names = _strip_common_folder([_member_name(m.name) for m in members])
                 for m in members:
                     target = names[_member_name(m.name)]
@@ -86,7 +88,9 @@ def extract(data: bytes, kind: str, dest: Path, max_bytes: int) -> list[str]:
                 for info in infos:
                     mode = (info.external_attr >> 16) & 0o170000
                     if mode not in (0, 0o100000):
-                        raise AdapterInvalid(f"archive entry {info.filename!r} is a link or special file; only regular files are allowed")
+                        raise AdapterInvalid(
+                            f"archive entry {info.filename!r} is a link or special file; only regular files are allowed"
+                        )
                 names = _strip_common_folder([_member_name(i.filename) for i in infos])
                 for info in infos:
                     target = names[_member_name(info.filename)]

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from http import HTTPStatus
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 from server.adapters import archive

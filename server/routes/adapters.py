@@ -15,7 +15,9 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 def _registry(request: Request) -> AdapterRegistry:
     registry = getattr(request.app.state, "adapters", None)
     if registry is None:
-        raise ServiceUnavailable("adapters are not available: the engine is loading or LoRA is disabled (--enable-lora)")
+        raise ServiceUnavailable(
+            "adapters are not available: the engine is loading or LoRA is disabled (--enable-lora)"
+        )
     return registry
 
 

@@ -33,14 +33,20 @@ def adapter_tensors(r: int = 8, modules=("q_proj", "v_proj"), shape: BaseShape =
     return out
 
 
-def write_adapter(folder: Path, r: int = 8, modules=("q_proj", "v_proj"), config: dict | None = None, tensors=None) -> Path:
+def write_adapter(
+    folder: Path, r: int = 8, modules=("q_proj", "v_proj"), config: dict | None = None, tensors=None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(config or adapter_config(r, modules)))
-    save_file(tensors if tensors is not None else adapter_tensors(r, modules), str(folder / "adapter_model.safetensors"))
+    save_file(
+        tensors if tensors is not None else adapter_tensors(r, modules), str(folder / "adapter_model.safetensors")
+    )
     return folder
 
 
-def adapter_bytes(r: int = 8, modules=("q_proj", "v_proj"), config: dict | None = None, tensors=None) -> dict[str, bytes]:
+def adapter_bytes(
+    r: int = 8, modules=("q_proj", "v_proj"), config: dict | None = None, tensors=None
+) -> dict[str, bytes]:
     return {
         "adapter_config.json": json.dumps(config or adapter_config(r, modules)).encode(),
         "adapter_model.safetensors": save(tensors if tensors is not None else adapter_tensors(r, modules)),

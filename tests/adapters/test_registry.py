@@ -122,7 +122,10 @@ def test_crash_leftovers_are_invisible_and_cleaned(tmp_path):
 @pytest.mark.parametrize(
     "uploads, needle",
     [
-        ([Upload("adapter_config.json", b"{}"), Upload("adapter_model.bin", b"pickle")], "pickle weight files are refused"),
+        (
+            [Upload("adapter_config.json", b"{}"), Upload("adapter_model.bin", b"pickle")],
+            "pickle weight files are refused",
+        ),
         ([Upload("adapter_model.safetensors", b"x")], "missing adapter_config.json"),
         ([Upload("x.tar.gz", b"not a tarball")], "could not be read"),
         ([Upload("x.tar.gz", tar_gz({"../evil": b"x"}))], "would escape the adapter folder"),

@@ -73,14 +73,20 @@ def test_unpaired_and_foreign_tensors_are_refused(tmp_path):
     folder = write_adapter(tmp_path / "a", config=adapter_config(8, ("q_proj",)), tensors=tensors)
     with pytest.raises(AdapterInvalid, match="unpaired: layer 2 q_proj"):
         check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
-    tensors = adapter_tensors(8, ("q_proj",)) | {"base_model.model.lm_head.weight": adapter_tensors(1, ("q_proj",), layers=[0])["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]}
+    tensors = adapter_tensors(8, ("q_proj",)) | {
+        "base_model.model.lm_head.weight": adapter_tensors(1, ("q_proj",), layers=[0])[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        ]
+    }
     folder = write_adapter(tmp_path / "b", config=adapter_config(8, ("q_proj",)), tensors=tensors)
     with pytest.raises(AdapterInvalid, match="not a LoRA weight of a decoder layer"):
         check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
 
 
 def test_module_outside_target_modules_is_refused(tmp_path):
-    folder = write_adapter(tmp_path / "a", config=adapter_config(8, ("q_proj",)), tensors=adapter_tensors(8, ("v_proj",)))
+    folder = write_adapter(
+        tmp_path / "a", config=adapter_config(8, ("q_proj",)), tensors=adapter_tensors(8, ("v_proj",))
+    )
     with pytest.raises(AdapterInvalid, match="not in target_modules"):
         check_weights(folder / "adapter_model.safetensors", adapter_config(8, ("q_proj",)), SHAPE)
 

@@ -1,0 +1,138 @@
+"""Adapters end to end on a real server: shipped adapters, upload, versions, delete, restart, mixed batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.process import REPO_ROOT
+from tests.conftest import ADAPTERS, MODEL, launch
+
+pytestmark = pytest.mark.engine
+
+
+def complete(base_url: str, model: str, prompt: str, max_tokens: int = 16) -> str:
+    r = httpx.post(
+        base_url + "/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def upload(base_url: str, name: str, folder: Path) -> httpx.Response:
+    files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    return httpx.post(base_url + "/v1/adapters", data={"name": name}, files=files, timeout=120)
+
+
+def test_shipped_adapters_are_served_and_listed_with_the_base_as_parent(client, base_url):
+    models = {m.id: m for m in client.models.list().data}
+    for name in ADAPTERS:
+        assert name in models
+        assert models[name].model_extra["parent"] == MODEL
+    listed = httpx.get(base_url + "/v1/adapters").json()["data"]
+    by_name = {a["name"]: a for a in listed}
+    assert by_name["austen"]["rank"] == 16 and by_name["austen"]["base_model"] == MODEL
+    assert set(by_name["austen"]["target_modules"]) >= {"q_proj", "v_proj"}
+
+
+def test_adapters_change_the_output(base_url, prompts):
+    changed = {name: 0 for name in ADAPTERS}
+    for prompt in prompts[:6]:
+        base = complete(base_url, MODEL, prompt)
+        for name in ADAPTERS:
+            changed[name] += complete(base_url, name, prompt) != base
+    assert all(n >= 4 for n in changed.values()), changed
+
+
+def test_mixed_batch_gives_each_request_its_solo_output(base_url, prompts):
+    jobs = [(model, prompt) for prompt in prompts[:4] for model in (MODEL, *ADAPTERS)]
+    solo = {job: complete(base_url, *job) for job in jobs}
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = dict(zip(jobs, pool.map(lambda job: complete(base_url, *job), jobs), strict=True))
+    assert together == solo
+
+
+def test_upload_new_version_delete_and_errors(base_url, tmp_path):
+    austen, stdlib = REPO_ROOT / "adapters/austen", REPO_ROOT / "adapters/stdlib-docs"
+    prompt = "It is a truth universally acknowledged"
+    r = upload(base_url, "mine", austen)
+    assert r.status_code == 201, r.text
+    rec = r.json()
+    assert rec["name"] == "mine" and rec["version"] == 1 and rec["rank"] == 16
+    assert complete(base_url, "mine", prompt) == complete(base_url, "austen", prompt)
+
+    r = upload(base_url, "mine", stdlib)  # same name, other weights: version 2 serves at once
+    assert r.status_code == 201 and r.json()["version"] == 2
+    assert complete(base_url, "mine", prompt) == complete(base_url, "stdlib-docs", prompt)
+    assert httpx.get(base_url + "/v1/adapters/mine").json()["version"] == 2
+
+    bad = tmp_path / "bad"
+    shutil.copytree(austen, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["r"] = 64
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    r = upload(base_url, "mine", bad)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "rank 64 is greater than the server's max_lora_rank 16"
+    assert httpx.get(base_url + "/v1/adapters/mine").json()["version"] == 2  # untouched
+
+    assert httpx.delete(base_url + "/v1/adapters/mine").status_code == 200
+    r = httpx.post(base_url + "/v1/completions", json={"model": "mine", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(base_url + "/v1/adapters/mine").status_code == 404
+    r = httpx.post(base_url + "/v1/adapters", data={"name": "../x"}, files=[("files", ("a.zip", b"x"))])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+
+
+def test_delete_while_streaming_lets_the_stream_finish(base_url):
+    assert upload(base_url, "doomed", REPO_ROOT / "adapters/austen").status_code == 201
+    body = {
+        "model": "doomed",
+        "prompt": "Mr. Darcy",
+        "max_tokens": 48,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    chunks: list[str] = []
+    started = threading.Event()
+
+    def stream():
+        with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append(json.loads(line[6:])["choices"][0]["text"] if json.loads(line[6:])["choices"] else "")
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(60)
+    assert httpx.delete(base_url + "/v1/adapters/doomed").status_code == 200
+    t.join(120)
+    assert len([c for c in chunks if c]) >= 40  # the running request finished its 48 tokens
+    r = httpx.post(base_url + "/v1/completions", json={"model": "doomed", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 404
+
+
+def test_uploaded_adapter_survives_a_restart(tmp_path):
+    store = tmp_path / "store"
+    first = launch("restart-1", "--no-speculation", "--seed-adapters-dir", "null", store=store)
+    try:
+        assert upload(first.base_url, "kept", REPO_ROOT / "adapters/stdlib-docs").status_code == 201
+        before = complete(first.base_url, "kept", "Return the")
+    finally:
+        assert first.stop() == 0
+    second = launch("restart-2", "--no-speculation", "--seed-adapters-dir", "null", store=store)
+    try:
+        assert [a["name"] for a in httpx.get(second.base_url + "/v1/adapters").json()["data"]] == ["kept"]
+        assert complete(second.base_url, "kept", "Return the") == before
+    finally:
+        second.stop()
