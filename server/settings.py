@@ -87,6 +87,15 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _nf4_dtype(self) -> Settings:
+        if self.quantization == "nf4" and self.dtype != "bfloat16":
+            raise ValueError(
+                f"quantization nf4 needs dtype bfloat16 (vLLM's bitsandbytes loader packs NF4 for 16-bit "
+                f"compute), got {self.dtype}; set --dtype bfloat16 or --quantization none"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _draft_ok(self) -> Settings:
         if self.speculation:
             if self.draft_model is None:

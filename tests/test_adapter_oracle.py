@@ -2,9 +2,15 @@
 
 Two comparisons per shipped adapter, 10 held-out prompts x 16 tokens each:
 - unquantized base: a server with ``--quantization none --dtype float32``
-  against PEFT on the float32 checkpoint;
-- NF4 base: the default server (NF4, bf16 compute) against PEFT on a
-  bitsandbytes 4-bit NF4 base (double quant, bf16 compute), as a QLoRA user loads it.
+  against PEFT on the float32 checkpoint. Exact equality.
+- NF4 base: the default server (NF4 weights, bf16 compute) against PEFT on a
+  bitsandbytes 4-bit NF4 base (double quant, bf16 compute), as a QLoRA user
+  loads it. vLLM's bitsandbytes loader cannot run NF4 with float32 compute,
+  so both sides round in bf16 and may part at a near-tie (seen here: one token
+  in 160). The tokens must be equal up to the first difference, and there the
+  server's token must be within ``NEAR_TIE`` nats of the reference's own top
+  token under the reference model; a wrong adapter or a wrong dequantization
+  parts at a clear margin and fails.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from tests.conftest import ADAPTERS, launch
 
 pytestmark = pytest.mark.engine
 TOKENS = 16
+NEAR_TIE = 0.05  # nats: bf16 rounding of logits of magnitude ~10 is ~0.04
 
 
 def server_tokens(base_url: str, model: str, prompts: list[str]) -> list[list[int]]:
@@ -33,7 +40,8 @@ def server_tokens(base_url: str, model: str, prompts: list[str]) -> list[list[in
     return out
 
 
-def peft_tokens(adapter: str, prompts: list[str], nf4: bool) -> list[list[int]]:
+def peft_tokens(adapter: str, prompts: list[str], nf4: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens of transformers + PEFT, and per-step log-probs ``[TOKENS, vocab]`` for each prompt."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -52,13 +60,21 @@ def peft_tokens(adapter: str, prompts: list[str], nf4: bool) -> list[list[int]]:
     else:
         base = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, REPO_ROOT / "adapters" / adapter).eval()
-    out = []
+    out, logprobs = [], []
     with torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt").input_ids  # [1, P], BOS first as the server does
-            gen = model.generate(ids, max_new_tokens=TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-            out.append(gen[0, ids.shape[1] :].tolist())
-    return out
+            gen = model.generate(
+                ids,
+                max_new_tokens=TOKENS,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            out.append(gen.sequences[0, ids.shape[1] :].tolist())
+            logprobs.append(torch.cat(gen.scores).float().log_softmax(-1))  # [TOKENS, vocab]
+    return out, logprobs
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +87,18 @@ def fp32_url():
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_unquantized_base_matches_peft(fp32_url, prompts, adapter):
     ours = server_tokens(fp32_url, adapter, prompts[:10])
-    assert ours == peft_tokens(adapter, prompts[:10], nf4=False)
+    assert ours == peft_tokens(adapter, prompts[:10], nf4=False)[0]
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_nf4_base_matches_peft_on_bitsandbytes_4bit(base_url, prompts, adapter):
     ours = server_tokens(base_url, adapter, prompts[:10])
-    assert ours == peft_tokens(adapter, prompts[:10], nf4=True)
+    ref, logprobs = peft_tokens(adapter, prompts[:10], nf4=True)
+    parted = []
+    for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        first = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if first is not None:
+            gap = float(logprobs[i][first, b[first]] - logprobs[i][first, a[first]])
+            parted.append((i, first, round(gap, 4)))
+            assert gap < NEAR_TIE, f"prompt {i} parts at token {first} by {gap:.3f} nats, not a near-tie"
+    assert len(parted) <= 2, parted  # most prompts agree exactly

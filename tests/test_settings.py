@@ -26,6 +26,7 @@ def test_defaults_are_the_demo_pair_nf4_with_speculation():
         ({"port": 70000}, "less than or equal to 65535"),
         ({"quantization": "int3"}, "'nf4' or 'none'"),
         ({"served_model_name": "a/b"}, "without spaces or slashes"),
+        ({"dtype": "float32"}, "quantization nf4 needs dtype bfloat16"),
     ],
 )
 def test_bad_settings_say_what_to_change(kwargs, needle):
