@@ -136,3 +136,14 @@ def test_uploaded_adapter_survives_a_restart(tmp_path):
         assert complete(second.base_url, "kept", "Return the") == before
     finally:
         second.stop()
+
+
+def test_reupload_after_delete_serves_the_new_weights(base_url):
+    # Long enough to fill KV-cache blocks, so a stale prefix-cache hit would show.
+    prompt = " ".join(["It is a truth universally acknowledged, that a single man in possession of a fortune."] * 4)
+    assert upload(base_url, "again", REPO_ROOT / "adapters/austen").status_code == 201
+    assert complete(base_url, "again", prompt) == complete(base_url, "austen", prompt)
+    assert httpx.delete(base_url + "/v1/adapters/again").status_code == 200
+    r = upload(base_url, "again", REPO_ROOT / "adapters/stdlib-docs")
+    assert r.status_code == 201 and r.json()["version"] == 1
+    assert complete(base_url, "again", prompt) == complete(base_url, "stdlib-docs", prompt)

@@ -2,15 +2,20 @@
 
 Layout under the store directory::
 
-    <name>/v<N>/adapter_config.json
-    <name>/v<N>/adapter_model.safetensors
-    <name>/v<N>/record.json          # written last, inside the staging folder
+    <name>/v<N>-<digest>/adapter_config.json
+    <name>/v<N>-<digest>/adapter_model.safetensors
+    <name>/v<N>-<digest>/record.json # written last, inside the staging folder
     .staging/<id>/                   # uploads in progress (wiped at start)
     .trash/<id>/                     # deletions in progress (wiped at start)
 
 A version becomes visible only by one ``os.rename`` of a complete, fsynced
 staging folder, so a crash at any moment leaves either the whole version or
 none of it. Deletion renames ``<name>`` into ``.trash`` first for the same reason.
+
+``<digest>`` (12 hex digits of the sha256 over both files) makes a folder
+name unique to its content: vLLM keys its prefix cache on the adapter's name
+and path, so a name deleted and uploaded again with other weights (version
+numbers restart) must never come back under a path that cached KV belongs to.
 """
 
 from __future__ import annotations
@@ -91,15 +96,28 @@ class AdapterStore:
         """Remove a staging folder (failed upload)."""
         shutil.rmtree(staging_dir, ignore_errors=True)
 
-    def versions(self, name: str) -> list[int]:
-        """Committed versions of ``name``, ascending."""
+    def _version_dirs(self, name: str) -> dict[int, Path]:
         d = self.root / name
         if not d.is_dir():
-            return []
-        return sorted(int(p.name[1:]) for p in d.iterdir() if p.name.startswith("v") and p.name[1:].isdigit())
+            return {}
+        found = {}
+        for p in d.iterdir():
+            number = p.name[1:].split("-", 1)[0]
+            if p.name.startswith("v") and number.isdigit():
+                found[int(number)] = p
+        return found
+
+    def versions(self, name: str) -> list[int]:
+        """Committed versions of ``name``, ascending."""
+        return sorted(self._version_dirs(name))
 
     def path(self, name: str, version: int) -> Path:
-        return self.root / name / f"v{version}"
+        """The folder of a committed version.
+
+        Raises:
+            KeyError: if that version is not stored.
+        """
+        return self._version_dirs(name)[version]
 
     def commit(self, staging_dir: Path, name: str, info: AdapterInfo, base_model: str) -> AdapterRecord:
         """Write the record into ``staging_dir``, fsync, and rename it to the next version of ``name``.
@@ -126,8 +144,9 @@ class AdapterStore:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             _fsync_dir(staging_dir)
+            digest = hashlib.sha256(config.read_bytes() + bytes.fromhex(record.sha256)).hexdigest()[:12]
             (self.root / name).mkdir(exist_ok=True)
-            os.rename(staging_dir, self.path(name, version))
+            os.rename(staging_dir, self.root / name / f"v{version}-{digest}")
             _fsync_dir(self.root / name)
         except OSError:
             self.discard(staging_dir)
@@ -136,8 +155,8 @@ class AdapterStore:
 
     def remove_version(self, name: str, version: int) -> None:
         """Delete one version (used to roll back a version the engine refused, and to prune)."""
-        path = self.path(name, version)
-        if path.is_dir():
+        path = self._version_dirs(name).get(version)
+        if path is not None:
             dest = self.trash / uuid.uuid4().hex
             os.rename(path, dest)
             shutil.rmtree(dest, ignore_errors=True)

@@ -74,7 +74,7 @@ def test_upload_serves_and_versions_get_fresh_engine_ids(tmp_path):
     second = models.lora_requests["style"]
     assert rec2.version == 2 and rec2.rank == 4
     assert second.lora_int_id != first.lora_int_id  # no engine cache can serve v1 weights as v2
-    assert second.lora_path.endswith("style/v2") and first.lora_path.endswith("style/v1")
+    assert "/style/v2-" in second.lora_path and "/style/v1-" in first.lora_path
     assert [r.lora_int_id for r in engine.loaded] == [first.lora_int_id, second.lora_int_id]
 
 
@@ -100,7 +100,7 @@ def test_corrupted_version_is_skipped_for_the_previous_intact_one(tmp_path):
     reg, _, _ = make(tmp_path)
     run(reg.upload("style", files()))
     run(reg.upload("style", files(r=4)))
-    weights = tmp_path / "store/style/v2/adapter_model.safetensors"
+    weights = reg.store.path("style", 2) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
     reg2, _, _ = make(tmp_path)
     run(reg2.restore())
@@ -142,7 +142,7 @@ def test_bad_uploads_leave_the_store_exactly_as_it_was(tmp_path, uploads, needle
         run(reg.upload("keep", uploads))
     assert needle in info.value.message
     assert snapshot(tmp_path / "store") == before
-    assert reg.get("keep").version == 1 and models.lora_requests["keep"].lora_path.endswith("keep/v1")
+    assert reg.get("keep").version == 1 and "/keep/v1-" in models.lora_requests["keep"].lora_path
 
 
 def test_symlink_in_archive_is_refused(tmp_path):
@@ -198,4 +198,14 @@ def test_old_versions_are_pruned_to_two(tmp_path):
     for _ in range(4):
         run(reg.upload("style", files()))
     assert reg.store.versions("style") == [3, 4]
-    assert os.path.isdir(tmp_path / "store/style/v3")
+    assert os.path.isdir(reg.store.path("style", 3))
+
+
+def test_reupload_after_delete_never_reuses_a_path_for_other_weights(tmp_path):
+    reg, _, models = make(tmp_path)
+    run(reg.upload("style", files(r=8)))
+    old = models.lora_requests["style"].lora_path
+    run(reg.delete("style"))
+    run(reg.upload("style", files(r=4)))  # version numbers restart at 1
+    assert reg.get("style").version == 1
+    assert models.lora_requests["style"].lora_path != old
