@@ -8,7 +8,7 @@ PY=.venv/bin/python
 $PY -m training.tokenizer --out models/tokenizer
 $PY -m training.train_lm --role target --out models/target --steps 1000 --batch 8 --lr 2e-3
 $PY -m training.train_lm --role draft --teacher models/target --out models/draft --steps 600 --batch 8 --lr 3e-3 --threads 1 &
-$PY -m training.train_adapter --domain austen --qlora --out adapters/austen --steps 300 --lr 5e-4 --threads 1
+$PY -m training.train_adapter --domain austen --qlora --out adapters/austen --steps 150 --lr 5e-4 --threads 1
 $PY -m training.train_adapter --domain stdlib --out adapters/stdlib-docs --steps 150 --threads 1
 wait
 $PY -m training.measure_acceptance --quantization none --out models/draft/acceptance_bf16.json

@@ -29,7 +29,6 @@ def vllm_argv(settings: Settings) -> list[str]:
         "--max-model-len", str(settings.max_model_len),
         "--max-num-seqs", str(settings.max_num_seqs),
         "--seed", str(settings.seed),
-        "--per-request-spec-decode-metrics", "summary",
         "--enable-per-request-metrics",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
@@ -45,7 +44,7 @@ def vllm_argv(settings: Settings) -> list[str]:
             # The draft shares the target's loader format; without this the
             # engine refuses NF4 target + draft (docs/stack-notes.md).
             spec["quantization"] = "bitsandbytes"
-        argv += ["--speculative-config", json.dumps(spec)]
+        argv += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary"]
     if settings.enable_lora:
         argv += [
             "--enable-lora",

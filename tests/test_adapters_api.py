@@ -101,15 +101,16 @@ def test_delete_while_streaming_lets_the_stream_finish(base_url):
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    chunks: list[str] = []
+    events: list[dict] = []
     started = threading.Event()
 
     def stream():
         with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    chunks.append(json.loads(line[6:])["choices"][0]["text"] if json.loads(line[6:])["choices"] else "")
+                    events.append(json.loads(line.removeprefix("data: ")))
                     started.set()
 
     t = threading.Thread(target=stream)
@@ -117,7 +118,9 @@ def test_delete_while_streaming_lets_the_stream_finish(base_url):
     assert started.wait(60)
     assert httpx.delete(base_url + "/v1/adapters/doomed").status_code == 200
     t.join(120)
-    assert len([c for c in chunks if c]) >= 40  # the running request finished its 48 tokens
+    finish = [c["finish_reason"] for e in events for c in e["choices"] if c.get("finish_reason")]
+    assert finish == ["length"]  # the running request finished on the deleted adapter
+    assert events[-1]["usage"]["completion_tokens"] == 48
     r = httpx.post(base_url + "/v1/completions", json={"model": "doomed", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 404
 

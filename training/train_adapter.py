@@ -4,11 +4,18 @@ Usage:
     python -m training.train_adapter --domain austen --qlora --out adapters/austen
     python -m training.train_adapter --domain stdlib --out adapters/stdlib-docs
 
-QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs")
-as its users run it: the base loaded 4-bit NF4 with double quantization by
-bitsandbytes through transformers, ``prepare_model_for_kbit_training``, and a
-PEFT LoRA on top; only the LoRA matrices train. Without ``--qlora`` the base
-is the bf16 checkpoint (upcast to fp32) and the rest is the same.
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
+eq. 5): Y = X doubleDequant(c1, c2, W_NF4) + s X L1 L2, only L1, L2 trained.
+With ``--qlora`` every linear weight of the decoder layers is quantized by
+bitsandbytes exactly as its ``Linear4bit`` stores it (NF4, blocksize 64, double
+quantization) and dequantized again, so the LoRA learns against the very
+weights the NF4 base computes with (and that vLLM serves). ``--qlora-impl
+linear4bit`` instead loads the base through transformers' ``BitsAndBytesConfig``
++ ``prepare_model_for_kbit_training`` as most QLoRA scripts do; on this CPU
+build bitsandbytes 0.50.2's ``Linear4bit`` returns wrong input gradients once
+it has run one eval-mode forward (reproduction and numbers:
+docs/upstream/bnb_cpu_linear4bit_grad_after_eval.py), so it is not the default.
+Without ``--qlora`` the base is the bf16 checkpoint (upcast to fp32).
 
 Domains: ``austen`` (Pride and Prejudice from ../shared/corpora, a style the
 base never saw) and ``stdlib`` (the Python standard library's docstrings,
@@ -44,10 +51,28 @@ def domain_text(domain: str, corpora: Path) -> tuple[list[str], list[str], str]:
     return train, heldout, "Python standard library docstrings, extracted with ast (every 20th held out)"
 
 
-def load_base(path: Path, qlora: bool):
-    """The demo target for adapter training: NF4 via bitsandbytes (QLoRA) or bf16 upcast to fp32."""
+def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] as the NF4 base holds it: bitsandbytes NF4 (blocksize 64, double quant), dequantized.
+
+    Returns float32 of the same shape.
+    """
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight.to(torch.bfloat16), quant_type="nf4", compress_statistics=True)
+    return bnbf.dequantize_4bit(packed, state).to(torch.float32)
+
+
+def load_base(path: Path, qlora: bool, impl: str = "dequantized"):
+    """The demo target for adapter training: NF4 base (QLoRA) or bf16 upcast to fp32."""
     if not qlora:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if impl == "dequantized":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            for module in model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(nf4_roundtrip(module.weight))
+        return model
     from peft import prepare_model_for_kbit_training
 
     q = BitsAndBytesConfig(
@@ -68,6 +93,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", type=Path, default=Path("models/target"))
     ap.add_argument("--qlora", action="store_true", help="train against the NF4-quantized base (QLoRA)")
+    ap.add_argument("--qlora-impl", choices=["dequantized", "linear4bit"], default="dequantized")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--steps", type=int, default=150)
@@ -83,7 +109,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     train_texts, heldout_texts, source = domain_text(args.domain, args.corpora)
     train_stream, heldout_stream = encode(tokenizer, train_texts), encode(tokenizer, heldout_texts)
-    model = load_base(args.base, args.qlora)
+    model = load_base(args.base, args.qlora, args.qlora_impl)
     loss_before = heldout_loss(model, heldout_stream, args.seq)
 
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=ALL_MODULES)
@@ -117,7 +143,8 @@ def main() -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     n_params = sum(p.numel() for p in trainable)
     cmd = (
-        f"python -m training.train_adapter --domain {args.domain}{' --qlora' if args.qlora else ''} --out {args.out} "
+        f"python -m training.train_adapter --domain {args.domain}"
+        f"{' --qlora --qlora-impl ' + args.qlora_impl if args.qlora else ''} --out {args.out} "
         f"--rank {args.rank} --alpha {args.alpha:g} --steps {args.steps} --batch {args.batch} --seq {args.seq} --lr {args.lr}"
     )
     report = {
@@ -126,6 +153,7 @@ def main() -> None:
         "train_tokens": len(train_stream),
         "heldout_tokens": len(heldout_stream),
         "qlora": args.qlora,
+        "qlora_impl": args.qlora_impl if args.qlora else None,
         "rank": args.rank,
         "alpha": args.alpha,
         "target_modules": ALL_MODULES,
