@@ -7,6 +7,7 @@ environment variable ``QSERVE_<NAME>``.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal
+    # under the handler that was installed before it started; with the default
+    # handler the process would end "killed by SIGTERM" after a clean shutdown.
+    # A no-op handler here makes a graceful stop exit with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     # uvicorn returns normally when the lifespan failed; report that as failure.
     return 0 if server.started else 1
