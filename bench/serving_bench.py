@@ -104,7 +104,14 @@ def main() -> None:
     # The draft served alone (same NF4 quantization) gives the cost ratio c.
     draft = measure(
         "draft-alone",
-        ["--model", str(REPO_ROOT / "models/draft"), "--served-model-name", "demo-draft", "--no-speculation"],
+        [
+            "--model",
+            str(REPO_ROOT / "models/draft"),
+            "--served-model-name",
+            "demo-draft",
+            "--no-speculation",
+            "--no-enable-lora",
+        ],
         "demo-draft",
         prompts,
         a.max_tokens,

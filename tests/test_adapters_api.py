@@ -150,3 +150,30 @@ def test_reupload_after_delete_serves_the_new_weights(base_url):
     r = upload(base_url, "again", REPO_ROOT / "adapters/stdlib-docs")
     assert r.status_code == 201 and r.json()["version"] == 1
     assert complete(base_url, "again", prompt) == complete(base_url, "stdlib-docs", prompt)
+
+
+def test_new_version_while_streaming_keeps_the_running_request_on_its_version(base_url):
+    prompt = "Mr. Darcy"
+    assert upload(base_url, "swap", REPO_ROOT / "adapters/austen").status_code == 201
+    body = {"model": "swap", "prompt": prompt, "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+    v1_alone = httpx.post(base_url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    pieces: list[str] = []
+    started = threading.Event()
+
+    def stream():
+        with httpx.stream("POST", base_url + "/v1/completions", json=body | {"stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    pieces.extend(c["text"] for c in json.loads(line.removeprefix("data: "))["choices"])
+                    started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(60)
+    r = upload(base_url, "swap", REPO_ROOT / "adapters/stdlib-docs")  # version 2 while v1 streams
+    assert r.status_code == 201 and r.json()["version"] == 2
+    assert t.is_alive(), "the stream ended before version 2 existed; nothing was tested"
+    t.join(120)
+    assert "".join(pieces) == v1_alone  # the running request finished on version 1
+    assert complete(base_url, "swap", prompt, 48) == complete(base_url, "stdlib-docs", prompt, 48)
+    httpx.delete(base_url + "/v1/adapters/swap")

@@ -80,14 +80,21 @@ class AdapterRegistry:
                 log.error("stored adapter %s v%d not served: %s", rec.name, rec.version, exc.message)
 
     async def seed(self, folder: Path) -> None:
-        """Store and serve each adapter folder under ``folder`` whose name is not stored yet."""
+        """Store and serve each adapter folder under ``folder`` whose name is not stored yet.
+
+        An adapter that does not fit this base is logged and skipped, not fatal.
+        """
         if not folder.is_dir():
             return
         for d in sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()):
             if d.name in self.records:
                 continue
             uploads = [Upload(f.name, f.read_bytes()) for f in d.iterdir() if f.name in (CONFIG_FILE, WEIGHTS_FILE)]
-            rec = await self.upload(d.name, uploads)
+            try:
+                rec = await self.upload(d.name, uploads)
+            except AdapterInvalid as exc:  # e.g. the shipped adapters beside another base model
+                log.error("shipped adapter %s not served on %s: %s", d.name, self.base_name, exc.message)
+                continue
             log.info("seeded adapter %s v%d from %s", rec.name, rec.version, d)
 
     def list(self) -> list[AdapterRecord]:

@@ -13,7 +13,7 @@ import pytest
 from server.adapters.registry import AdapterRegistry, PayloadTooLarge, Upload
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterInvalid
-from tests.adapters.helpers import SHAPE, adapter_bytes, tar_gz, zip_bytes
+from tests.adapters.helpers import SHAPE, adapter_bytes, adapter_tensors, tar_gz, zip_bytes
 
 
 class FakeEngine:
@@ -209,3 +209,17 @@ def test_reupload_after_delete_never_reuses_a_path_for_other_weights(tmp_path):
     run(reg.upload("style", files(r=4)))  # version numbers restart at 1
     assert reg.get("style").version == 1
     assert models.lora_requests["style"].lora_path != old
+
+
+def test_seed_skips_shipped_adapters_that_do_not_fit_this_base(tmp_path):
+    from tests.adapters.helpers import write_adapter
+
+    write_adapter(tmp_path / "shipped" / "good")
+    bad = tmp_path / "shipped" / "other-base"
+    write_adapter(
+        bad,
+        tensors={k: v[:, :8].contiguous() if k.endswith("lora_A.weight") else v for k, v in adapter_tensors().items()},
+    )
+    reg, _, models = make(tmp_path)
+    run(reg.seed(tmp_path / "shipped"))
+    assert sorted(models.lora_requests) == ["good"]
