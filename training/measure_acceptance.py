@@ -56,12 +56,18 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
+    ap.add_argument("--draft-sample-method", choices=["probabilistic", "greedy"], default="probabilistic")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    spec = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": args.k}
+    spec = {
+        "method": "draft_model",
+        "model": args.draft,
+        "num_speculative_tokens": args.k,
+        "draft_sample_method": args.draft_sample_method,
+    }
     kwargs = {}
     if args.quantization == "nf4":
         kwargs["quantization"] = "bitsandbytes"

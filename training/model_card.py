@@ -35,10 +35,9 @@ def _acceptance_rows(model_dir: Path) -> list[str]:
         "Made by: " + "; ".join(f"`{c}`" for c in cmds),
         "",
         "Greedy acceptance matches the teacher-forced estimate once compounded over k positions "
-        "(per-position acceptance a^i). At temperature 1 the engine accepts almost nothing although the "
-        "teacher-forced estimate E[1 - TV(p, q)] is far higher: vLLM 0.32.0's CPU build mishandles sampled "
-        "draft-model speculation (docs/stack-notes.md, 'Engine faults seen here'); until that is fixed, "
-        "speculation only pays for greedy requests here.",
+        "(per-position acceptance a^i); at temperature 1 it follows E[1 - TV(p, q)]. Both need the server's "
+        "vLLM patches (server/vllm_patches.py) and `draft_sample_method: probabilistic`: without them vLLM 0.32.0's "
+        "CPU build accepted 0.004 of draft tokens at temperature 1 (docs/upstream/vllm_cpu_speculation_sampling.md).",
         "",
     ]
 
