@@ -102,6 +102,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if not isinstance(first, dict):  # vLLM's content-type check passes plain strings
         return error_response(400, str(first))
+    if first.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+        where = first.get("loc", ("body", "?"))[-1]
+        return error_response(
+            400, f"Request body is not valid JSON ({first.get('msg', 'decode error')} at character {where})"
+        )
     param = _param_of(tuple(first.get("loc", ())))
     where = f"'{param}'" if param else "request body"
     message = f"Invalid {where}: {first.get('msg', 'invalid value')}"
@@ -140,4 +145,9 @@ def install_error_handlers(app: FastAPI) -> None:
     from vllm.exceptions import VLLMError
 
     app.add_exception_handler(VLLMError, _vllm_error)
+    # vLLM's serving layer still raises plain ValueError/TypeError/OverflowError
+    # for bad requests (e.g. an empty prompt list); vLLM's own server maps them
+    # to 400 with the same function, and so do we.
+    for exc_type in (ValueError, TypeError, OverflowError):
+        app.add_exception_handler(exc_type, _vllm_error)
     app.add_exception_handler(Exception, _unexpected)

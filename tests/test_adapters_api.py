@@ -90,6 +90,10 @@ def test_upload_new_version_delete_and_errors(base_url, tmp_path):
     assert httpx.get(base_url + "/v1/adapters/mine").status_code == 404
     r = httpx.post(base_url + "/v1/adapters", data={"name": "../x"}, files=[("files", ("a.zip", b"x"))])
     assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    r = httpx.post(base_url + "/v1/adapters", data={"name": ""}, files=[("files", ("a.zip", b"x"))])
+    assert r.status_code == 400 and "'name' form field is empty" in r.json()["error"]["message"]
+    r = httpx.post(base_url + "/v1/adapters", json={"name": "x"})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
 
 
 def test_delete_while_streaming_lets_the_stream_finish(base_url):

@@ -238,3 +238,14 @@ def test_non_json_body_is_400(base_url):
 def test_server_still_answers_after_bad_inputs(client):
     r = client.completions.create(model=MODEL, prompt="After all that", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
+
+
+def test_empty_prompt_list_and_broken_json_are_400(base_url):
+    r = httpx.post(base_url + "/v1/completions", json={"model": MODEL, "prompt": [], "max_tokens": 2})
+    assert r.status_code == 400 and "at least one prompt" in r.json()["error"]["message"]
+    r = httpx.post(
+        base_url + "/v1/completions", content=b'{"model": "x", "prompt":', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("Request body is not valid JSON")
+    assert r.json()["error"]["param"] is None

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from server.adapters.registry import AdapterRegistry, PayloadTooLarge, Upload
-from server.errors import ServiceUnavailable
+from server.errors import BadRequest, ServiceUnavailable
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -31,14 +31,28 @@ async def _read(upload: UploadFile, limit: int) -> Upload:
 @router.post("", status_code=201)
 async def upload_adapter(
     request: Request,
-    name: Annotated[str, Form(description="adapter name, used as the 'model' id in requests")],
+    name: Annotated[str | None, Form(description="adapter name, used as the 'model' id in requests")] = None,
     files: Annotated[
-        list[UploadFile],
+        list[UploadFile] | None,
         File(description="adapter_config.json and adapter_model.safetensors, or one .tar.gz/.zip with both"),
-    ],
+    ] = None,
 ):
     """Upload a PEFT LoRA adapter; the same name again creates a new version."""
     registry = _registry(request)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise BadRequest(
+            "send multipart/form-data with a 'name' field and 'files' (adapter_config.json and "
+            "adapter_model.safetensors, or one .tar.gz/.zip)",
+            param="files",
+        )
+    if not name:
+        raise BadRequest(
+            "the 'name' form field is empty; give the adapter a name (1-64 of A-Z a-z 0-9 . _ -)", param="name"
+        )
+    if not files:
+        raise BadRequest(
+            "no 'files' were sent; attach adapter_config.json and adapter_model.safetensors", param="files"
+        )
     uploads = [await _read(f, registry.max_upload_bytes) for f in files]
     record = await registry.upload(name, uploads)
     return record.to_json()
