@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from bench.serving_bench import spec_counters
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.engine
@@ -147,13 +148,8 @@ def test_health_ready_and_nf4_really_in_use(base_url):
 
 
 def _spec_counters(base_url: str) -> tuple[float, float, float]:
-    text = httpx.get(base_url + "/metrics").text
-    values = {}
-    for line in text.splitlines():
-        for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
-            if line.startswith(f"vllm:spec_decode_{name}_total{{"):
-                values[name] = float(line.rsplit(" ", 1)[1])
-    return values["num_drafts"], values["num_draft_tokens"], values["num_accepted_tokens"]
+    c = spec_counters(base_url)
+    return c["num_drafts"], c["num_draft_tokens"], c["num_accepted_tokens"]
 
 
 def test_spec_decode_counters_grow_by_per_request_metrics(base_url, prompts):
