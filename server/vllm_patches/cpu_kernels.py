@@ -1,9 +1,4 @@
-"""Narrow start-up patches for faults of the vLLM version we pin, loaded in every vLLM process.
-
-Registered as a vLLM general plugin (entry point group ``vllm.general_plugins``
-in pyproject.toml), so vLLM calls :func:`apply` in the API process and in each
-engine-core and worker process it spawns. Each patch names the vLLM version it
-was written for and is skipped (with a warning) on any other version.
+"""Patches for the CPU sampling kernels of the rejection sampler (vLLM 0.32.0).
 
 Patch ``empty-top-k``: with speculative decoding, a sampled request with
 ``top_k`` killed the engine for good (``max(): Expected reduction dim to be
@@ -33,13 +28,9 @@ platform registers its overrides (vLLM loads general plugins first, see
 from __future__ import annotations
 
 import functools
-import logging
-
-log = logging.getLogger(__name__)
-WRITTEN_FOR = "0.32.0"
 
 
-def _patch_empty_top_k() -> None:
+def patch_empty_top_k() -> None:
     from vllm.v1.sample.ops import topk_topp_sampler as mod
 
     original = mod.apply_top_k_only
@@ -71,18 +62,7 @@ def expand_to_tokens(output, input_val, cu_num_tokens, replace_from, replace_to,
     output[: expanded.shape[0]].copy_(expanded)
 
 
-def _patch_cpu_expand_kernel() -> None:
+def patch_cpu_expand_kernel() -> None:
     from vllm.utils import cpu_triton_utils
 
     cpu_triton_utils._expand_kernel_impl = expand_to_tokens
-
-
-def apply() -> None:
-    """Apply every patch if the running vLLM is the version they were written for."""
-    import vllm
-
-    if vllm.__version__ != WRITTEN_FOR:
-        log.warning("vLLM %s is not %s: start-up patches skipped; re-check them", vllm.__version__, WRITTEN_FOR)
-        return
-    _patch_empty_top_k()
-    _patch_cpu_expand_kernel()

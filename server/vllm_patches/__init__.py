@@ -1,0 +1,42 @@
+"""Narrow start-up patches for faults of the vLLM version we pin, loaded in every vLLM process.
+
+Registered as a vLLM general plugin (entry point group ``vllm.general_plugins``
+in pyproject.toml), so vLLM calls :func:`apply` in the API process and in each
+engine-core and worker process it spawns. Every patch was written for vLLM
+``WRITTEN_FOR`` and is skipped (with a warning) on any other version. Each
+module documents the root cause it fixes; reproductions for upstream are in
+docs/upstream/.
+
+- ``cpu_kernels``: the CPU rejection-sampler kernels (garbage temperature /
+  top-k / top-p per draft position; ``top_k`` killing the engine).
+- ``seeded_drafts``: the draft model ignored ``seed``, so a seeded request was
+  not reproducible with speculation on.
+- ``spec_logits``: ``min_p`` and ``logit_bias`` were refused (400) with
+  speculation on; the rejection sampler now applies them to the target's
+  distribution at every draft position, as the plain sampler does.
+
+To run an engine without them (to reproduce a fault), start it with
+``VLLM_PLUGINS=none`` in the environment: vLLM then loads no general plugin.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from server.vllm_patches import cpu_kernels, seeded_drafts, spec_logits
+
+log = logging.getLogger(__name__)
+WRITTEN_FOR = "0.32.0"
+
+
+def apply() -> None:
+    """Apply every patch if the running vLLM is the version they were written for."""
+    import vllm
+
+    if vllm.__version__ != WRITTEN_FOR:
+        log.warning("vLLM %s is not %s: start-up patches skipped; re-check them", vllm.__version__, WRITTEN_FOR)
+        return
+    cpu_kernels.patch_empty_top_k()
+    cpu_kernels.patch_cpu_expand_kernel()
+    seeded_drafts.patch()
+    spec_logits.patch()
