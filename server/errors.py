@@ -11,7 +11,9 @@ the same envelope as a final ``data:`` event before ``[DONE]``.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -84,9 +86,39 @@ def error_response(status: int, message: str, param: str | None = None, headers:
     return JSONResponse(envelope(status, message, param), status_code=status, headers=headers)
 
 
+@functools.cache
+def _request_fields() -> frozenset[str]:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
+
+
+_LEADING_NAME = re.compile(r"^`?([a-z_]+)`? (?:must|cannot|is|should)\b")
+
+
+def param_named_in(message: str) -> str | None:
+    """The request field a vLLM validation message starts with, e.g. ``"min_p must be in [0, 1]"`` -> ``"min_p"``.
+
+    vLLM's ``SamplingParams`` checks raise plain ``ValueError`` without a
+    ``param``; the OpenAI envelope should still say which field was wrong.
+    Only names of real request fields are returned.
+    """
+    match = _LEADING_NAME.match(message)
+    if match and match.group(1) in _request_fields():
+        return match.group(1)
+    return None
+
+
 def from_vllm(err) -> JSONResponse:
-    """Re-issue a vLLM ``ErrorResponse`` (from its serving layer) in our envelope, keeping status and param."""
-    return error_response(err.error.code, err.error.message, err.error.param)
+    """Re-issue a vLLM ``ErrorResponse`` (from its serving layer) in our envelope, keeping status and param.
+
+    A 400 without ``param`` gets the field its message names (:func:`param_named_in`).
+    """
+    param = err.error.param
+    if param is None and err.error.code == HTTPStatus.BAD_REQUEST:
+        param = param_named_in(err.error.message)
+    return error_response(err.error.code, err.error.message, param)
 
 
 def _param_of(loc: tuple) -> str | None:
