@@ -16,7 +16,8 @@ docs/upstream/.
   distribution at every draft position, as the plain sampler does.
 
 To run an engine without them (to reproduce a fault), start it with
-``VLLM_PLUGINS=none`` in the environment: vLLM then loads no general plugin.
+``VLLM_PLUGINS=bitsandbytes`` in the environment: vLLM then loads only the
+bitsandbytes plugin (NF4 needs it), not ``qserve_patches``.
 """
 
 from __future__ import annotations
