@@ -53,5 +53,8 @@ async def ready(request: Request):
 @router.get("/metrics")
 async def metrics(request: Request):
     """Prometheus text format: vLLM's engine metrics followed by the server's own."""
+    registry = getattr(request.app.state, "adapters", None)
+    if registry is not None and getattr(request.app.state, "ready", False):
+        await registry.refresh_residency()
     body = generate_latest(REGISTRY) + generate_latest(request.app.state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
