@@ -55,8 +55,15 @@ class ServerMetrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.adapter_label = AdapterLabels(max_adapter_labels)
         ma = ["model", "adapter"]
-        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r)
-        self.errors = Counter(f"{PREFIX}_errors", "HTTP error responses by OpenAI error type and status code.", ["type", "status"], registry=r)
+        self.requests = Counter(
+            f"{PREFIX}_http_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.errors = Counter(
+            f"{PREFIX}_errors",
+            "HTTP error responses by OpenAI error type and status code.",
+            ["type", "status"],
+            registry=r,
+        )
         self.info = Gauge(
             f"{PREFIX}_model_info",
             "Served model, quantization and speculation settings (value 1).",

@@ -76,7 +76,10 @@ def test_per_adapter_sums_equal_vllm_engine_counters(base_url, prompts):
         # The non-streamed half, as vLLM reported it in each response, is part of what we counted.
         assert delta(SPEC + "draft_tokens_total", adapter) >= e["draft"] > 0, adapter
         assert delta(SPEC + "steps_total", adapter) >= e["steps"] > 0, adapter
-    ours = {n: sum(delta(SPEC + n, a) for a in expected) for n in ("draft_tokens_total", "accepted_tokens_total", "steps_total")}
+    ours = {
+        n: sum(delta(SPEC + n, a) for a in expected)
+        for n in ("draft_tokens_total", "accepted_tokens_total", "steps_total")
+    }
     vllm = {k: vllm_after[k] - vllm_before[k] for k in vllm_after}
     assert ours["draft_tokens_total"] == vllm["num_draft_tokens"] > 0
     assert ours["accepted_tokens_total"] == vllm["num_accepted_tokens"] > 0
@@ -87,7 +90,10 @@ def test_per_adapter_sums_equal_vllm_engine_counters(base_url, prompts):
             before, SPEC + "accepted_tokens_per_pos_total", position=pos
         )
         assert ours_pos == pos_after[pos] - pos_before.get(pos, 0.0), pos
-    print("per-adapter draft/accepted:", {a: (delta(SPEC + "draft_tokens_total", a), delta(SPEC + "accepted_tokens_total", a)) for a in expected})
+    print(
+        "per-adapter draft/accepted:",
+        {a: (delta(SPEC + "draft_tokens_total", a), delta(SPEC + "accepted_tokens_total", a)) for a in expected},
+    )
 
 
 @pytest.mark.engine
