@@ -20,8 +20,8 @@ BASE_LABEL = "(base)"
 OTHER_LABEL = "(other)"
 # Seconds; LLM latencies span a few ms (one decode step) to minutes (long generations in a queue).
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
 )  # fmt: skip
 ADAPTER_EVENTS = ("upload", "delete", "load", "load_failed", "eviction")
 
