@@ -8,6 +8,7 @@ module global: routes reach state through ``request.app.state``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from server.adapters.validate import BaseShape
 from server.engine import open_engine, set_engine_environment, vllm_namespace
 from server.errors import error_type, install_error_handlers
 from server.metrics import ServerMetrics
+from server.metrics_history import SpecHistory
 from server.observability import ObservedEngine
 from server.routes import adapters, dashboard, health, openai
 from server.settings import Settings
@@ -103,8 +105,12 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
                 )
             app.state.ready = True
             log.info("model %s ready", settings.served_model_name)
-            yield
-            app.state.ready = False
+            sampler = asyncio.create_task(app.state.spec_history.run())
+            try:
+                yield
+            finally:
+                app.state.ready = False
+                sampler.cancel()
 
     app = FastAPI(
         title="qlora-spec-server",
@@ -114,6 +120,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     app.state.settings = settings
     app.state.ready = False
     app.state.metrics = ServerMetrics(settings.max_adapter_labels)
+    app.state.spec_history = SpecHistory(app.state.metrics.registry)
     app.state.metrics.info.labels(
         settings.served_model_name,
         settings.quantization,

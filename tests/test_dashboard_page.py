@@ -58,11 +58,14 @@ class _Cells(HTMLParser):
         self.cells: dict[tuple[str, str], str] = {}
         self.tiles: dict[str, str] = {}
         self.loaded = False
+        self.series: list[str] = []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "body" and a.get("data-loaded") == "1":
             self.loaded = True
+        if "data-series" in a:
+            self.series.append(a["data-series"])
         if "data-field" in a:
             self.cells[(a["data-key"], a["data-field"])] = a["data-value"]
         elif "id" in a and "data-value" in a:
@@ -89,6 +92,12 @@ def test_dashboard_shows_the_numbers_of_metrics(base_url, prompts):
     assert float(parsed.tiles["running"]) == total(served, "vllm:num_requests_running")
     assert float(parsed.tiles["waiting"]) == total(served, "vllm:num_requests_waiting")
     assert float(parsed.tiles["tokens_per_s"]) >= 0
+    # Each adapter that had traffic is drawn in the acceptance-rate chart (history from the server + polls).
+    assert {f"{MODEL} / {a}" for a in ("(base)", *ADAPTERS)} <= set(parsed.series), parsed.series
+    history = httpx.get(base_url + "/dashboard/history", timeout=10).json()
+    assert history["interval_s"] > 0 and history["points"]
+    last = history["points"][-1]["adapters"][f"{MODEL} / austen"]
+    assert last["accepted"] <= last["draft"] <= total(served, "qserve_spec_decode_draft_tokens_total", adapter="austen")
     for adapter in ("(base)", *ADAPTERS):
         key = f"{MODEL} / {adapter}"
         draft = total(served, "qserve_spec_decode_draft_tokens_total", adapter=adapter)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -47,21 +49,29 @@ def test_per_adapter_sums_equal_vllm_engine_counters(base_url, prompts):
     before, vllm_before = scrape(base_url), spec_counters(base_url)
     pos_before = _vllm_per_pos(before)
     expected: dict[str, dict[str, float]] = {}
-    for i, model in enumerate([MODEL, *ADAPTERS] * 2):
+    jobs = []
+    for i, model in enumerate([MODEL, *ADAPTERS] * 3):
         body = {"model": model, "prompt": prompts[i], "max_tokens": 24, "temperature": (0.0, 1.0)[i % 2]}
-        adapter = BASE_LABEL if model == MODEL else model
+        jobs.append((BASE_LABEL if model == MODEL else model, body, i // 3 == 1))  # the second round streams
+
+    def send(job):
+        adapter, body, stream = job
+        if stream:
+            return adapter, _stream(base_url, body), None
+        r = httpx.post(base_url + "/v1/completions", json=body, timeout=120).json()
+        return adapter, r["usage"], r["metrics"]["speculative_decoding"]
+
+    with ThreadPoolExecutor(4) as pool:  # adapters and the base share batches
+        results = list(pool.map(send, jobs))
+    for adapter, usage, sd in results:
         e = expected.setdefault(adapter, {"requests": 0, "prompt": 0, "gen": 0, "draft": 0, "accepted": 0, "steps": 0})
-        if i >= 3:  # the second round streams
-            usage = _stream(base_url, body)
-        else:
-            r = httpx.post(base_url + "/v1/completions", json=body, timeout=120).json()
-            usage, sd = r["usage"], r["metrics"]["speculative_decoding"]
-            e["draft"] += sd["num_draft_tokens"]
-            e["accepted"] += sd["num_accepted_draft_tokens"]
-            e["steps"] += sd["num_spec_steps"]
         e["requests"] += 1
         e["prompt"] += usage["prompt_tokens"]
         e["gen"] += usage["completion_tokens"]
+        if sd is not None:
+            e["draft"] += sd["num_draft_tokens"]
+            e["accepted"] += sd["num_accepted_draft_tokens"]
+            e["steps"] += sd["num_spec_steps"]
     after, vllm_after = scrape(base_url), spec_counters(base_url)
 
     def delta(name: str, adapter: str) -> float:
@@ -94,6 +104,25 @@ def test_per_adapter_sums_equal_vllm_engine_counters(base_url, prompts):
         "per-adapter draft/accepted:",
         {a: (delta(SPEC + "draft_tokens_total", a), delta(SPEC + "accepted_tokens_total", a)) for a in expected},
     )
+
+
+@pytest.mark.engine
+def test_client_disconnect_counts_as_aborted(base_url, prompts):
+    aborted = {"adapter": "austen", "status": "aborted"}
+    before = total(scrape(base_url), "qserve_requests_finished_total", **aborted)
+    body = {"model": "austen", "prompt": prompts[1], "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # the first tokens came; hang up
+    deadline = time.monotonic() + 60  # a bound on the wait, not a timing assertion
+    while (
+        total(scrape(base_url), "qserve_requests_finished_total", **aborted) == before and time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    after = scrape(base_url)
+    assert total(after, "qserve_requests_finished_total", **aborted) == before + 1
+    assert total(after, "qserve_requests_in_flight", adapter="austen") == 0
 
 
 @pytest.mark.engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 router = APIRouter(tags=["observability"])
@@ -17,3 +17,10 @@ async def dashboard() -> HTMLResponse:
     """Live dashboard: acceptance rate per adapter over time, TTFT/ITL percentiles, tokens/s,
     running/waiting requests, adapters resident. The page polls /metrics every 2 s."""
     return HTMLResponse(PAGE.read_text())
+
+
+@router.get("/dashboard/history")
+async def dashboard_history(request: Request) -> dict:
+    """Draft and accepted token totals per model and adapter, sampled every few seconds (last 30 min),
+    from which the dashboard draws acceptance rate over time."""
+    return request.app.state.spec_history.to_json()
