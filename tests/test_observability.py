@@ -41,6 +41,7 @@ def test_break_even_acceptance_matches_the_alert_rule():
     assert break_even_acceptance(4, 0.0) == 0.0 and break_even_acceptance(1, 1.5) == 1.0
     rules = (REPO_ROOT / "deploy/prometheus/alerts.yml").read_text()
     assert f") < {a:.3f}" in rules and f"break-even {a:.3f}" in rules
+    assert f"vector({a:.3f})" in (REPO_ROOT / "deploy/grafana/qserve-dashboard.json").read_text()
 
 
 @pytest.mark.engine
