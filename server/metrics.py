@@ -23,7 +23,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
 )  # fmt: skip
-ADAPTER_EVENTS = ("upload", "delete", "load", "load_failed", "eviction")
+ADAPTER_EVENTS = ("upload", "delete", "load", "load_failed", "eviction", "reload")
 
 
 class AdapterLabels:
@@ -123,7 +123,7 @@ class ServerMetrics:
         self.adapter_events = Counter(
             f"{PREFIX}_adapter_events",
             "Adapter lifecycle events: upload, delete, load (into the engine), load_failed, eviction "
-            "(a loaded adapter version the engine no longer holds).",
+            "(the engine's LoRA cache dropped a version), reload (the engine loaded an evicted version again).",
             ["event"],
             registry=r,
         )

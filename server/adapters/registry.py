@@ -72,7 +72,7 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.records: dict[str, AdapterRecord] = {}
         self.metrics = metrics
-        self._loaded: set[int] = set()  # lora_int_ids this registry loaded and has not seen evicted
+        self._resident: set[int] = set()  # lora_int_ids in the engine at the last look (plus loads since)
         self._lock = asyncio.Lock()  # one writer at a time: versions and engine ids stay ordered
 
     async def restore(self) -> None:
@@ -183,7 +183,7 @@ class AdapterRegistry:
             self._event("load_failed")
             raise AdapterInvalid(f"the engine could not load adapter {rec.name!r}: {exc}") from None
         self._event("load")
-        self._loaded.add(request.lora_int_id)
+        self._resident.add(request.lora_int_id)
         self.models.lora_requests[rec.name] = request
         self.records[rec.name] = rec
         if self.metrics is not None:
@@ -212,12 +212,13 @@ class AdapterRegistry:
             self.metrics.adapter_events.labels(event).inc()
 
     async def refresh_residency(self) -> None:
-        """Ask the engine which adapter versions it still holds: sets ``adapters_resident`` and counts
-        as evictions the versions this registry loaded that the engine's LRU cache has dropped."""
+        """Ask the engine which adapter versions it holds: sets ``adapters_resident``, counts as evictions
+        the versions its LRU cache dropped since the last look and as reloads those it loaded again for a
+        request (from the stored files). So load + reload - eviction = resident after every look."""
         if self.metrics is None:
             return
-        resident = await self.engine.list_loras()
-        evicted = self._loaded - set(resident)
-        self._loaded -= evicted
-        self.metrics.adapter_events.labels("eviction").inc(len(evicted))
+        resident = set(await self.engine.list_loras())
+        self.metrics.adapter_events.labels("eviction").inc(len(self._resident - resident))
+        self.metrics.adapter_events.labels("reload").inc(len(resident - self._resident))
+        self._resident = resident
         self.metrics.adapters_resident.set(len(resident))
