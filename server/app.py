@@ -8,6 +8,7 @@ module global: routes reach state through ``request.app.state``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -20,9 +21,11 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
 from server.engine import open_engine, set_engine_environment, vllm_namespace
-from server.errors import install_error_handlers
+from server.errors import error_type, install_error_handlers
 from server.metrics import ServerMetrics
-from server.routes import adapters, health, openai
+from server.metrics_history import SpecHistory
+from server.observability import ObservedEngine
+from server.routes import adapters, dashboard, health, openai
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,13 +49,16 @@ class _CountRequests:
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(route, str(message["status"])).inc()
+                status = message["status"]
+                self.metrics.requests.labels(route, str(status)).inc()
+                if status >= 400:
+                    self.metrics.errors.labels(error_type(status), str(status)).inc()
             await send(message)
 
         return await self.app(scope, receive, send_counted)
 
 
-async def open_adapters(settings: Settings, serving_models, engine) -> AdapterRegistry:
+async def open_adapters(settings: Settings, serving_models, engine, metrics: ServerMetrics) -> AdapterRegistry:
     """Open the adapter store, serve what it holds, then seed the shipped adapters not stored yet."""
     base_config = json.loads((settings.model / "config.json").read_text())
     registry = AdapterRegistry(
@@ -63,10 +69,12 @@ async def open_adapters(settings: Settings, serving_models, engine) -> AdapterRe
         settings.served_model_name,
         settings.max_lora_rank,
         settings.max_adapter_bytes,
+        metrics,
     )
     await registry.restore()
     if settings.seed_adapters_dir is not None:
         await registry.seed(settings.seed_adapters_dir)
+    await registry.refresh_residency()
     return registry
 
 
@@ -84,15 +92,25 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
 
         set_engine_environment(settings)
         args = vllm_namespace(settings)
-        async with engine_opener(args) as engine:
+        async with engine_opener(args) as raw_engine:
+            # vLLM's serving layer calls generate() on this proxy: per-adapter metrics (server/observability.py).
+            engine = ObservedEngine(raw_engine, app.state.metrics, settings.served_model_name)
+            spec = raw_engine.vllm_config.speculative_config
+            app.state.metrics.touch(settings.served_model_name, None, spec.num_speculative_tokens if spec else 0)
             supported = await engine.get_supported_tasks()
             await init_app_state(engine, app.state, args, supported)
             if settings.enable_lora:
-                app.state.adapters = await open_adapters(settings, app.state.openai_serving_models, engine)
+                app.state.adapters = await open_adapters(
+                    settings, app.state.openai_serving_models, raw_engine, app.state.metrics
+                )
             app.state.ready = True
             log.info("model %s ready", settings.served_model_name)
-            yield
-            app.state.ready = False
+            sampler = asyncio.create_task(app.state.spec_history.run())
+            try:
+                yield
+            finally:
+                app.state.ready = False
+                sampler.cancel()
 
     app = FastAPI(
         title="qlora-spec-server",
@@ -101,7 +119,8 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     )
     app.state.settings = settings
     app.state.ready = False
-    app.state.metrics = ServerMetrics()
+    app.state.metrics = ServerMetrics(settings.max_adapter_labels)
+    app.state.spec_history = SpecHistory(app.state.metrics.registry)
     app.state.metrics.info.labels(
         settings.served_model_name,
         settings.quantization,
@@ -112,6 +131,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
+    app.include_router(dashboard.router)
     paths = {r.path for r in app.routes if hasattr(r, "path")}
     app.add_middleware(_CountRequests, metrics=app.state.metrics, routes=paths)
     return app

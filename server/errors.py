@@ -69,12 +69,17 @@ class ServiceUnavailable(ApiError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` string for an HTTP status code."""
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 def envelope(status: int, message: str, param: str | None = None) -> dict:
     """Return the OpenAI error envelope for ``status`` (an HTTP status code)."""
     return {
         "error": {
             "message": message,
-            "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+            "type": error_type(status),
             "param": param,
             "code": status,
         }

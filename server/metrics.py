@@ -2,29 +2,144 @@
 
 All metric definitions are in this module. Each app gets its own
 ``CollectorRegistry`` so tests can build several apps in one process.
+
+Per-request metrics are labelled by ``model`` (the served base name) and
+``adapter`` (the LoRA adapter's name, ``(base)`` for the base model). The
+number of distinct ``adapter`` values is capped (``--max-adapter-labels``):
+once the cap is reached, further adapters are counted under ``(other)``, so a
+stream of uploads cannot grow the series count without bound. Neither
+placeholder is a valid adapter name (names are ``A-Z a-z 0-9 . _ -``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "qserve"
+BASE_LABEL = "(base)"
+OTHER_LABEL = "(other)"
+# Seconds; LLM latencies span a few ms (one decode step) to minutes (long generations in a queue).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+)  # fmt: skip
+ADAPTER_EVENTS = ("upload", "delete", "load", "load_failed", "eviction", "reload")
+
+
+class AdapterLabels:
+    """Maps adapter names to bounded label values: the first ``cap`` distinct names keep their own."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._seen: set[str] = set()
+
+    def __call__(self, adapter: str | None) -> str:
+        """The label value for ``adapter`` (None = the base model)."""
+        if adapter is None:
+            return BASE_LABEL
+        if adapter in self._seen:
+            return adapter
+        if len(self._seen) < self.cap:
+            self._seen.add(adapter)
+            return adapter
+        return OTHER_LABEL
 
 
 class ServerMetrics:
-    """Counters and gauges of one server instance, in ``self.registry``."""
+    """Counters, gauges and histograms of one server instance, in ``self.registry``.
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    ``max_adapter_labels`` caps the distinct ``adapter`` label values (see the module doc).
+    """
+
+    def __init__(self, max_adapter_labels: int = 32) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.adapter_label = AdapterLabels(max_adapter_labels)
+        ma = ["model", "adapter"]
         self.requests = Counter(
-            f"{PREFIX}_http_requests",
-            "HTTP requests by route and status code.",
-            ["route", "status"],
-            registry=self.registry,
+            f"{PREFIX}_http_requests", "HTTP requests by route and status code.", ["route", "status"], registry=r
+        )
+        self.errors = Counter(
+            f"{PREFIX}_errors",
+            "HTTP error responses by OpenAI error type and status code.",
+            ["type", "status"],
+            registry=r,
         )
         self.info = Gauge(
             f"{PREFIX}_model_info",
             "Served model, quantization and speculation settings (value 1).",
             ["model", "quantization", "draft_model", "num_speculative_tokens"],
-            registry=self.registry,
+            registry=r,
         )
+        # Speculative decoding, per request summed at its end (vLLM's per-request spec-decode metrics).
+        self.draft_tokens = Counter(f"{PREFIX}_spec_decode_draft_tokens", "Draft tokens proposed.", ma, registry=r)
+        self.accepted_tokens = Counter(
+            f"{PREFIX}_spec_decode_accepted_tokens", "Draft tokens accepted by the target.", ma, registry=r
+        )
+        self.spec_steps = Counter(
+            f"{PREFIX}_spec_decode_steps", "Speculation (verify) steps, i.e. drafts proposed.", ma, registry=r
+        )
+        self.accepted_per_pos = Counter(
+            f"{PREFIX}_spec_decode_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0 = first proposed token).",
+            [*ma, "position"],
+            registry=r,
+        )
+        # Latency (seconds) and tokens.
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time to first token (TTFT): request arrival to first generated token, seconds.",
+            ma,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Inter-token latency (ITL): each request's mean time per generated token after the first, seconds.",
+            ma,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "End-to-end request latency in the server: engine call to last output, seconds.",
+            ma,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", ma, registry=r)
+        self.generation_tokens = Counter(
+            f"{PREFIX}_generation_tokens", "Generated tokens of finished requests.", ma, registry=r
+        )
+        self.finished = Counter(
+            f"{PREFIX}_requests_finished",
+            "Engine requests by finish reason (stop, length, abort, ...) and status (ok, aborted, error).",
+            [*ma, "finish_reason", "status"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Engine requests started and not yet finished.", ma, registry=r
+        )
+        # Adapters.
+        self.adapter_events = Counter(
+            f"{PREFIX}_adapter_events",
+            "Adapter lifecycle events: upload, delete, load (into the engine), load_failed, eviction "
+            "(the engine's LoRA cache dropped a version), reload (the engine loaded an evicted version again).",
+            ["event"],
+            registry=r,
+        )
+        self.adapters_resident = Gauge(
+            f"{PREFIX}_adapters_resident", "Adapter versions loaded in the engine.", registry=r
+        )
+        self.adapters_served = Gauge(f"{PREFIX}_adapters_served", "Adapter names clients can request.", registry=r)
+        for event in ADAPTER_EVENTS:
+            self.adapter_events.labels(event)
+
+    def touch(self, model: str, adapter: str | None, num_spec_tokens: int) -> None:
+        """Create the per-request series of (``model``, ``adapter``) at zero, so Prometheus's
+        ``rate()`` sees the first request's increase too."""
+        labels = (model, self.adapter_label(adapter))
+        for metric in (self.draft_tokens, self.accepted_tokens, self.spec_steps, self.prompt_tokens,
+                       self.generation_tokens, self.ttft, self.itl, self.e2e, self.in_flight):  # fmt: skip
+            metric.labels(*labels)
+        for pos in range(num_spec_tokens):
+            self.accepted_per_pos.labels(*labels, str(pos))

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         256 * 2**20, ge=1024, description="largest adapter upload, and largest archive expansion (bytes)"
     )
     kv_cache_space_gib: int = Field(1, ge=1, le=1024, description="CPU KV cache size (GiB)")
+    max_adapter_labels: int = Field(
+        32, ge=1, le=1000, description="distinct adapter label values in metrics; more are counted as '(other)'"
+    )
     seed: int = Field(0, description="engine seed")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")

@@ -30,6 +30,7 @@ from server.adapters.validate import (
     parse_config,
 )
 from server.errors import ApiError, NotFound
+from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class AdapterRegistry:
         base_name: str,
         max_rank: int,
         max_upload_bytes: int,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.store = store
         self.models = serving_models  # vllm OpenAIServingModels
@@ -69,6 +71,8 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
         self.records: dict[str, AdapterRecord] = {}
+        self.metrics = metrics
+        self._resident: set[int] = set()  # lora_int_ids in the engine at the last look (plus loads since)
         self._lock = asyncio.Lock()  # one writer at a time: versions and engine ids stay ordered
 
     async def restore(self) -> None:
@@ -135,6 +139,8 @@ class AdapterRegistry:
                 self.store.remove_version(name, rec.version)
                 raise
             await asyncio.to_thread(self.store.prune, name)
+            self._event("upload")
+            await self.refresh_residency()
             return rec
 
     def _stage(self, staging: Path, files: list[Upload]) -> object:
@@ -174,9 +180,16 @@ class AdapterRegistry:
         try:
             await self.engine.add_lora(request)
         except Exception as exc:  # the engine's loader raises many types; we report its message
+            self._event("load_failed")
             raise AdapterInvalid(f"the engine could not load adapter {rec.name!r}: {exc}") from None
+        self._event("load")
+        self._resident.add(request.lora_int_id)
         self.models.lora_requests[rec.name] = request
         self.records[rec.name] = rec
+        if self.metrics is not None:
+            spec = self.engine.vllm_config.speculative_config
+            self.metrics.touch(self.base_name, rec.name, spec.num_speculative_tokens if spec else 0)
+            self.metrics.adapters_served.set(len(self.records))
 
     async def delete(self, name: str) -> AdapterRecord:
         """Stop serving ``name`` (new requests get 404; running ones finish) and delete it from disk.
@@ -189,4 +202,23 @@ class AdapterRegistry:
             self.models.lora_requests.pop(name, None)
             del self.records[name]
             await asyncio.to_thread(self.store.delete, name)
+            self._event("delete")
+            if self.metrics is not None:
+                self.metrics.adapters_served.set(len(self.records))
             return rec
+
+    def _event(self, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_events.labels(event).inc()
+
+    async def refresh_residency(self) -> None:
+        """Ask the engine which adapter versions it holds: sets ``adapters_resident``, counts as evictions
+        the versions its LRU cache dropped since the last look and as reloads those it loaded again for a
+        request (from the stored files). So load + reload - eviction = resident after every look."""
+        if self.metrics is None:
+            return
+        resident = set(await self.engine.list_loras())
+        self.metrics.adapter_events.labels("eviction").inc(len(self._resident - resident))
+        self.metrics.adapter_events.labels("reload").inc(len(resident - self._resident))
+        self._resident = resident
+        self.metrics.adapters_resident.set(len(resident))

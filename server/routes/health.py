@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server.errors import error_response
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
@@ -53,5 +56,11 @@ async def ready(request: Request):
 @router.get("/metrics")
 async def metrics(request: Request):
     """Prometheus text format: vLLM's engine metrics followed by the server's own."""
+    registry = getattr(request.app.state, "adapters", None)
+    if registry is not None and getattr(request.app.state, "ready", False):
+        try:
+            await registry.refresh_residency()
+        except Exception as exc:  # a dead engine must not take /metrics down with it
+            log.warning("adapter residency not refreshed: %s: %s", type(exc).__name__, exc)
     body = generate_latest(REGISTRY) + generate_latest(request.app.state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,26 @@
+"""GET /dashboard: a one-page live view of the server's metrics for a person with a browser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+router = APIRouter(tags=["observability"])
+
+PAGE = Path(__file__).resolve().parents[1] / "static" / "dashboard.html"
+
+
+@router.get("/dashboard", response_class=HTMLResponse)
+async def dashboard() -> HTMLResponse:
+    """Live dashboard: acceptance rate per adapter over time, TTFT/ITL percentiles, tokens/s,
+    running/waiting requests, adapters resident. The page polls /metrics every 2 s."""
+    return HTMLResponse(PAGE.read_text())
+
+
+@router.get("/dashboard/history")
+async def dashboard_history(request: Request) -> dict:
+    """Draft and accepted token totals per model and adapter, sampled every few seconds (last 30 min),
+    from which the dashboard draws acceptance rate over time."""
+    return request.app.state.spec_history.to_json()
