@@ -8,6 +8,7 @@ module global: routes reach state through ``request.app.state``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -19,11 +20,14 @@ from fastapi import FastAPI
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
+from server.auth import BearerAuth, KeyRing
 from server.engine import open_engine, set_engine_environment, vllm_namespace
 from server.errors import install_error_handlers
+from server.limits import AdmissionGate, BodyLimit
 from server.metrics import ServerMetrics
 from server.routes import adapters, health, openai
 from server.settings import Settings
+from server.watchdog import watch_engine
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,9 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     ``engine_opener(vllm_args)`` is an async context manager yielding a vLLM
     ``EngineClient``; tests may pass their own. Engine start-up errors
     propagate out of the lifespan, so uvicorn exits non-zero.
+
+    Raises:
+        ValueError: a malformed API keys file (server/auth.py).
     """
 
     @asynccontextmanager
@@ -91,7 +98,9 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
                 app.state.adapters = await open_adapters(settings, app.state.openai_serving_models, engine)
             app.state.ready = True
             log.info("model %s ready", settings.served_model_name)
+            watchdog = asyncio.create_task(watch_engine(app.state, engine, settings.exit_on_engine_death))
             yield
+            watchdog.cancel()
             app.state.ready = False
 
     app = FastAPI(
@@ -101,6 +110,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     )
     app.state.settings = settings
     app.state.ready = False
+    app.state.engine_dead = False
     app.state.metrics = ServerMetrics()
     app.state.metrics.info.labels(
         settings.served_model_name,
@@ -113,5 +123,9 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     app.include_router(openai.router)
     app.include_router(adapters.router)
     paths = {r.path for r in app.routes if hasattr(r, "path")}
+    # Outermost last: count every response, then auth, body size, admission (server/auth.py, limits.py).
+    app.add_middleware(AdmissionGate, settings=settings)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(BearerAuth, settings=settings, keys=KeyRing.from_settings(settings))
     app.add_middleware(_CountRequests, metrics=app.state.metrics, routes=paths)
     return app

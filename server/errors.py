@@ -11,6 +11,7 @@ the same envelope as a final ``data:`` event before ``[DONE]``.
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 
@@ -82,6 +83,15 @@ def envelope(status: int, message: str, param: str | None = None) -> dict:
 def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
     """A JSONResponse carrying :func:`envelope`."""
     return JSONResponse(envelope(status, message, param), status_code=status, headers=headers)
+
+
+async def send_envelope(send, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+    """Send :func:`envelope` as a whole response through an ASGI ``send`` (for pure ASGI middleware)."""
+    body = json.dumps(envelope(status, message, param)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def from_vllm(err) -> JSONResponse:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,25 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # --- hardening: auth (server/auth.py), limits (server/limits.py), shutdown (server/__main__.py) ---
+    api_keys: SecretStr | None = Field(None, description="comma-separated inference API keys (bearer tokens)")
+    admin_api_keys: SecretStr | None = Field(None, description="comma-separated admin API keys (may also manage adapters)")
+    api_keys_file: Path | None = Field(None, description="file of keys, one 'inference KEY' or 'admin KEY' a line")
+    open_metrics: bool = Field(True, description="/metrics answers without a key (when keys are set)")
+    open_dashboard: bool = Field(True, description="/dashboard answers without a key (when keys are set)")
+    max_request_bytes: int = Field(2**20, ge=1024, description="largest JSON request body (bytes)")
+    max_n: int = Field(8, ge=1, le=128, description="largest 'n' (choices per request)")
+    max_queue: int = Field(64, ge=0, description="generation requests allowed to wait beyond max_num_seqs; past it 429")
+    retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After header of a 429 (seconds)")
+    shutdown_grace_s: int = Field(30, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests may finish")
+    exit_on_engine_death: bool = Field(True, description="exit non-zero when the engine dies (a supervisor restarts us)")
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"API keys file {v} does not exist; set QSERVE_API_KEYS_FILE / --api-keys-file to a file")
+        return v
 
     @field_validator("model")
     @classmethod
