@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(
         256 * 2**20, ge=1024, description="largest adapter upload, and largest archive expansion (bytes)"
     )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="devices each layer is split over (docs/scaling.md)")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="stages the layers are split into (docs/scaling.md)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM's executor for parallel engines: mp (one node) or ray (several nodes)"
+    )
     kv_cache_space_gib: int = Field(1, ge=1, le=1024, description="CPU KV cache size (GiB)")
     seed: int = Field(0, description="engine seed")
     host: str = Field("127.0.0.1", description="address to listen on")
