@@ -40,14 +40,14 @@ def _metric(url: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def term_server():
-    proc = launch("faults-term", "--no-enable-lora")
+    proc = launch("faults-term", "--no-enable-lora", "--shutdown-grace-s", "300")
     yield proc
     proc.stop()
 
 
 def test_client_disconnect_mid_stream_aborts_its_engine_request(term_server):
     url = term_server.base_url
-    aborted = _metric(url, "vllm:request_success_total", finished_reason="abort")
+    generated = _metric(url, "vllm:generation_tokens_total")
     with httpx.stream("POST", url + "/v1/completions", json=LONG, timeout=120) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
@@ -57,16 +57,14 @@ def test_client_disconnect_mid_stream_aborts_its_engine_request(term_server):
     while _metric(url, "vllm:num_requests_running") > 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _metric(url, "vllm:num_requests_running") == 0
-    while (
-        _metric(url, "vllm:request_success_total", finished_reason="abort") == aborted and time.monotonic() < deadline
-    ):
-        time.sleep(0.2)
-    assert _metric(url, "vllm:request_success_total", finished_reason="abort") == aborted + 1
+    # It stopped generating well before its max_tokens (vLLM does not count client aborts
+    # in vllm:request_success_total, so the token counter is the evidence).
+    assert _metric(url, "vllm:generation_tokens_total") - generated < LONG["max_tokens"]
 
 
 def test_sigterm_stops_accepting_finishes_the_stream_and_exits_0(term_server):
     url = term_server.base_url
-    body = LONG | {"stream_options": {"include_usage": True}}
+    body = LONG | {"max_tokens": 300, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -82,7 +80,7 @@ def test_sigterm_stops_accepting_finishes_the_stream_and_exits_0(term_server):
         events = [line for line in lines if line.startswith("data: ")]
     assert refused
     assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == LONG["max_tokens"]
+    assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 300
     assert term_server.proc.wait(60) == 0
 
 

@@ -20,9 +20,7 @@ MAX_EXAMPLES = 20
 
 @pytest.fixture(scope="session")
 def api_schema(hardened):
-    schema = schemathesis.openapi.from_url(hardened.base_url + "/openapi.json")
-    schema.config.base_url = hardened.base_url
-    return schema
+    return schemathesis.openapi.from_url(hardened.base_url + "/openapi.json")
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
