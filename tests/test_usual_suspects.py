@@ -16,8 +16,6 @@ from tests.conftest import MODEL
 pytestmark = pytest.mark.engine
 
 PROMPT = "Call me Ishmael. Some years ago, never mind how long precisely,"
-# "日" and "本" are three byte-level tokens each in the demo tokenizer (models/tokenizer).
-CJK_TOKENS = [165, 248, 101, 253, 108]
 
 
 def _stream_text(client, **kwargs) -> tuple[list[str], str | None]:
@@ -49,12 +47,21 @@ def test_stop_string_across_a_token_boundary_never_leaks_into_the_stream(client)
 
 
 def test_multibyte_utf8_split_over_tokens_streams_whole_characters(client):
-    body = {"prompt": "日本" * 40, "max_tokens": 24, "temperature": 0, "extra_body": {"allowed_token_ids": CJK_TOKENS}}
-    full = client.completions.create(model=MODEL, **body).choices[0].text
-    assert "日" in full or "本" in full, repr(full)  # whole characters were generated, 3 tokens each
+    # vLLM's structured outputs force a text whose characters are 2-4 byte-level tokens each.
+    text = "日本語 café 🙂"
+    body = {
+        "prompt": "Say:",
+        "max_tokens": 30,
+        "temperature": 0,
+        "extra_body": {"structured_outputs": {"choice": [text]}},
+    }
+    full = client.completions.create(model=MODEL, **body)
+    assert full.choices[0].text == text
+    assert full.usage.completion_tokens > len(text)  # the characters really were split over tokens
     chunks, _ = _stream_text(client, **body)
-    assert "".join(chunks) == full
-    assert not any("\ufffd" in c for c in chunks if "\ufffd" not in full)  # no half character in any chunk
+    assert "".join(chunks) == text
+    assert len([c for c in chunks if c]) > 1
+    assert not any("\ufffd" in c for c in chunks)  # no chunk carries half a character
 
 
 def test_max_tokens_zero_one_and_huge(client):
@@ -72,6 +79,12 @@ def test_max_tokens_zero_one_and_huge(client):
         assert zero.status_code == 400 and zero.json()["error"]["param"] == "max_tokens", zero.text
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug found here: vLLM 0.32's probabilistic draft sampling (llm_base_proposer."
+    "compute_probs_and_sample_next_token) draws its noise from the global RNG, not the request's seeded "
+    "generator, so with speculation on (our default, server/engine.py) a seed does not reproduce the output",
+)
 def test_n_with_a_seed_is_reproducible_and_the_choices_differ(client):
     kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "n": 3, "seed": 11}
     a = client.completions.create(**kwargs)
