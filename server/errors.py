@@ -12,6 +12,7 @@ the same envelope as a final ``data:`` event before ``[DONE]``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from http import HTTPStatus
@@ -113,6 +114,15 @@ def param_named_in(message: str) -> str | None:
     if match and match.group(1) in _request_fields():
         return match.group(1)
     return None
+
+
+async def send_envelope(send, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+    """Send :func:`envelope` as a whole response through an ASGI ``send`` (for pure ASGI middleware)."""
+    body = json.dumps(envelope(status, message, param)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def from_vllm(err) -> JSONResponse:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(
         256 * 2**20, ge=1024, description="largest adapter upload, and largest archive expansion (bytes)"
     )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="devices each layer is split over (docs/scaling.md)")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="stages the layers are split into (docs/scaling.md)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM's executor for parallel engines: mp (one node) or ray (several nodes)"
+    )
     kv_cache_space_gib: int = Field(1, ge=1, le=1024, description="CPU KV cache size (GiB)")
     max_adapter_labels: int = Field(
         32, ge=1, le=1000, description="distinct adapter label values in metrics; more are counted as '(other)'"
@@ -76,6 +81,25 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # --- hardening: auth (server/auth.py), limits (server/limits.py), shutdown (server/__main__.py) ---
+    api_keys: SecretStr | None = Field(None, description="comma-separated inference API keys (bearer tokens)")
+    admin_api_keys: SecretStr | None = Field(None, description="comma-separated admin API keys (may also manage adapters)")
+    api_keys_file: Path | None = Field(None, description="file of keys, one 'inference KEY' or 'admin KEY' a line")
+    open_metrics: bool = Field(True, description="/metrics answers without a key (when keys are set)")
+    open_dashboard: bool = Field(True, description="/dashboard answers without a key (when keys are set)")
+    max_request_bytes: int = Field(2**20, ge=1024, description="largest JSON request body (bytes)")
+    max_n: int = Field(8, ge=1, le=128, description="largest 'n' (choices per request)")
+    max_queue: int = Field(64, ge=0, description="generation requests allowed to wait beyond max_num_seqs; past it 429")
+    retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After header of a 429 (seconds)")
+    shutdown_grace_s: int = Field(30, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests may finish")
+    exit_on_engine_death: bool = Field(True, description="exit non-zero when the engine dies (a supervisor restarts us)")
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"API keys file {v} does not exist; set QSERVE_API_KEYS_FILE / --api-keys-file to a file")
+        return v
 
     @field_validator("model")
     @classmethod

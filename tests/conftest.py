@@ -56,3 +56,21 @@ def client(base_url: str):
 def prompts() -> list[str]:
     """Held-out prompts (never trained on) from the shared corpora."""
     return heldout_prompts(load_splits(DEFAULT_CORPORA), 24)
+
+
+# --- the hardened server: keys and small limits (tests/test_auth_limits.py, tests/test_fuzz.py) ---
+
+INFERENCE_KEY = "sk-test-inference-7f3a9c"
+ADMIN_KEY = "sk-test-admin-52be10"
+HARDENED_LIMITS = {"max_num_seqs": 2, "max_queue": 1, "max_request_bytes": 8192, "max_n": 2, "max_model_len": 256}
+
+
+@pytest.fixture(scope="session")
+def hardened(tmp_path_factory) -> ServerProcess:
+    """A server with API keys from a file, /metrics keyed, and small limits (``HARDENED_LIMITS``)."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# test keys\ninference {INFERENCE_KEY}\nadmin {ADMIN_KEY}\n")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in HARDENED_LIMITS.items()]
+    proc = launch("hardened", f"--api-keys-file={keys}", "--no-open-metrics", *flags)
+    yield proc
+    proc.stop()

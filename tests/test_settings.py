@@ -58,3 +58,15 @@ def test_vllm_args_carry_nf4_draft_lora_and_per_request_metrics():
     assert args.per_request_spec_decode_metrics == "summary"
     plain = vllm_argv(Settings(quantization="none", speculation=False, enable_lora=False))
     assert "--quantization" not in plain and "--speculative-config" not in plain
+
+
+def test_parallelism_reaches_vllm_unchanged():
+    args = vllm_namespace(Settings(tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray"))
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (2, 2)
+    assert args.distributed_executor_backend == "ray"
+    assert "--tensor-parallel-size" not in vllm_argv(Settings())  # one device: vLLM's defaults
+
+
+def test_keys_file_must_exist(tmp_path):
+    with pytest.raises(ValueError, match="--api-keys-file"):
+        Settings(api_keys_file=tmp_path / "missing.txt")

@@ -145,7 +145,9 @@ class AdapterStore:
                     os.fsync(fh.fileno())
             _fsync_dir(staging_dir)
             digest = hashlib.sha256(config.read_bytes() + bytes.fromhex(record.sha256)).hexdigest()[:12]
-            (self.root / name).mkdir(exist_ok=True)
+            if not (self.root / name).is_dir():
+                (self.root / name).mkdir()
+                _fsync_dir(self.root)  # the new name's folder entry is durable before the version is
             os.rename(staging_dir, self.root / name / f"v{version}-{digest}")
             _fsync_dir(self.root / name)
         except OSError:

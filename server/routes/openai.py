@@ -17,12 +17,17 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from server.errors import ServiceUnavailable, from_vllm
+from server.limits import check_sampling
 
 router = APIRouter(tags=["openai"])
 
 _ERRORS = {
     HTTPStatus.BAD_REQUEST.value: {"model": ErrorResponse},
+    HTTPStatus.UNAUTHORIZED.value: {"model": ErrorResponse},
+    HTTPStatus.FORBIDDEN.value: {"model": ErrorResponse},
     HTTPStatus.NOT_FOUND.value: {"model": ErrorResponse},
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE.value: {"model": ErrorResponse},
+    HTTPStatus.TOO_MANY_REQUESTS.value: {"model": ErrorResponse},
     HTTPStatus.SERVICE_UNAVAILABLE.value: {"model": ErrorResponse},
 }
 
@@ -52,6 +57,7 @@ def _respond(result) -> JSONResponse | StreamingResponse:
 @with_cancellation
 async def create_completion(request: CompletionRequest, raw_request: Request):
     """Create a text completion (OpenAI Completions API), streamed with ``stream: true``."""
+    check_sampling(request.n, raw_request.app.state.settings)
     handler = _handler(raw_request, "openai_serving_completion")
     return _respond(await handler.create_completion(request, raw_request))
 
@@ -60,6 +66,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
 @with_cancellation
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
     """Create a chat completion (OpenAI Chat Completions API), streamed with ``stream: true``."""
+    check_sampling(request.n, raw_request.app.state.settings)
     handler = _handler(raw_request, "openai_serving_chat")
     return _respond(await handler.create_chat_completion(request, raw_request))
 
