@@ -45,11 +45,17 @@ def spec_counters(base_url: str) -> dict[str, float]:
     return values
 
 
-def run_load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """Send every prompt once with ``concurrency`` in flight; returns tokens/s (output tokens / wall s)."""
+def run_load(
+    base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, sampling: dict | None = None
+) -> dict:
+    """Send every prompt once with ``concurrency`` in flight; returns tokens/s (output tokens / wall s).
+
+    ``sampling`` overrides the request's sampling parameters (default greedy, ``temperature`` 0).
+    """
 
     def one(prompt: str) -> int:
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        body |= sampling or {}
         r = httpx.post(base_url + "/v1/completions", json=body, timeout=600)
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]

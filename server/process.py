@@ -51,6 +51,10 @@ class ServerProcess:
         return self.proc.returncode
 
 
+class PortTaken(RuntimeError):
+    """The chosen port was taken by another process between choosing it and binding it."""
+
+
 def start_server(
     args: list[str],
     log_path: Path,
@@ -59,15 +63,35 @@ def start_server(
     ready_path: str = "/ready",
     timeout_s: float = 420.0,
     env: dict[str, str] | None = None,
+    attempts: int = 3,
 ) -> ServerProcess:
     """Start ``python -m server ARGS`` (or vLLM's own OpenAI server with ``vllm_own``) and wait for readiness.
 
     ``args`` must not contain ``--port``/``--host``; a free port on 127.0.0.1 is chosen.
-    Polls ``ready_path`` every 0.5 s for at most ``timeout_s`` seconds.
+    The port is bound only after the engine has loaded (tens of seconds), so another
+    process can take it meanwhile; then the start is retried on a new port, at most
+    ``attempts`` times. Polls ``ready_path`` every 0.5 s for at most ``timeout_s`` seconds.
 
     Raises:
         RuntimeError: if the process exits or is not ready in time (with the log tail).
     """
+    for attempt in range(attempts):
+        try:
+            return _start_once(args, log_path, vllm_own, ready_path, timeout_s, env)
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(
+    args: list[str],
+    log_path: Path,
+    vllm_own: bool,
+    ready_path: str,
+    timeout_s: float,
+    env: dict[str, str] | None,
+) -> ServerProcess:
     port = free_port()
     if vllm_own:
         cmd = [
@@ -92,6 +116,8 @@ def start_server(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if "address already in use" in server.log_tail(20):
+                raise PortTaken(f"port {port} was taken before the server bound it")
             raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{server.log_tail()}")
         try:
             if httpx.get(server.base_url + ready_path, timeout=2.0).status_code == 200:

@@ -69,7 +69,9 @@ class Settings(BaseSettings):
         256 * 2**20, ge=1024, description="largest adapter upload, and largest archive expansion (bytes)"
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="devices each layer is split over (docs/scaling.md)")
-    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="stages the layers are split into (docs/scaling.md)")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=64, description="stages the layers are split into (docs/scaling.md)"
+    )
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="vLLM's executor for parallel engines: mp (one node) or ray (several nodes)"
     )
@@ -83,7 +85,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # --- hardening: auth (server/auth.py), limits (server/limits.py), shutdown (server/__main__.py) ---
     api_keys: SecretStr | None = Field(None, description="comma-separated inference API keys (bearer tokens)")
-    admin_api_keys: SecretStr | None = Field(None, description="comma-separated admin API keys (may also manage adapters)")
+    admin_api_keys: SecretStr | None = Field(
+        None, description="comma-separated admin API keys (may also manage adapters)"
+    )
     api_keys_file: Path | None = Field(None, description="file of keys, one 'inference KEY' or 'admin KEY' a line")
     open_metrics: bool = Field(True, description="/metrics answers without a key (when keys are set)")
     open_dashboard: bool = Field(True, description="/dashboard answers without a key (when keys are set)")
@@ -92,7 +96,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="generation requests allowed to wait beyond max_num_seqs; past it 429")
     retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After header of a 429 (seconds)")
     shutdown_grace_s: int = Field(30, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests may finish")
-    exit_on_engine_death: bool = Field(True, description="exit non-zero when the engine dies (a supervisor restarts us)")
+    exit_on_engine_death: bool = Field(
+        True, description="exit non-zero when the engine dies (a supervisor restarts us)"
+    )
 
     @field_validator("api_keys_file")
     @classmethod

@@ -52,3 +52,30 @@ def test_sampled_speculation_accepts_like_speculative_sampling(url, prompts):
         accepted += spec["num_accepted_draft_tokens"]
     assert drafted > 0
     assert accepted / drafted > 0.3, (accepted, drafted)
+
+
+# Every sampling parameter the API accepts, at edge values, with speculation on. A value may be
+# served (200) or refused (400 naming the parameter, in the OpenAI envelope); never a 5xx, and the
+# engine must answer the next request with the same text as before.
+EDGE_PARAMS = [
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "allowed_token_ids", "stop", "max_tokens", "n", "logprobs",
+    "min_tokens", "bad_words", "stream",
+]  # fmt: skip
+EDGE_VALUES = [0, 1, -1, 2**63, 1e308, "nan", "", [], {}, "x", None, [1, "a"]]
+
+
+@pytest.mark.parametrize("param", EDGE_PARAMS)
+def test_no_parameter_value_kills_the_engine(url, param):
+    check = {"model": MODEL, "prompt": "The sea was", "max_tokens": 6, "temperature": 0}
+    reference = httpx.post(url + "/v1/completions", json=check, timeout=60).json()["choices"][0]["text"]
+    for value in EDGE_VALUES:
+        body = {"model": MODEL, "prompt": "The sea was", "max_tokens": 4, "temperature": 0.8, param: value}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code in (200, 400), (param, value, r.status_code, r.text)
+        if r.status_code == 400:
+            error = r.json()["error"]
+            assert error["code"] == 400 and error["type"] == "invalid_request_error" and error["message"]
+            assert error["param"] == param, (value, error)
+        after = httpx.post(url + "/v1/completions", json=check, timeout=60)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == reference, (param, value)

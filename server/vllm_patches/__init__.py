@@ -17,17 +17,23 @@ docs/upstream/.
 
 To run an engine without them (to reproduce a fault), start it with
 ``VLLM_PLUGINS=bitsandbytes`` in the environment: vLLM then loads only the
-bitsandbytes plugin (NF4 needs it), not ``qserve_patches``.
+bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
+(bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
+to a comma-separated subset of ``cpu_kernels,seeded_drafts,spec_logits``
+(read here because the plugin runs in vLLM's own processes, before our
+Settings exist there).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 from server.vllm_patches import cpu_kernels, seeded_drafts, spec_logits
 
 log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
+PATCHES = ("cpu_kernels", "seeded_drafts", "spec_logits")
 
 
 def apply() -> None:
@@ -37,7 +43,14 @@ def apply() -> None:
     if vllm.__version__ != WRITTEN_FOR:
         log.warning("vLLM %s is not %s: start-up patches skipped; re-check them", vllm.__version__, WRITTEN_FOR)
         return
-    cpu_kernels.patch_empty_top_k()
-    cpu_kernels.patch_cpu_expand_kernel()
-    seeded_drafts.patch()
-    spec_logits.patch()
+    wanted = os.environ.get("QSERVE_VLLM_PATCHES", ",".join(PATCHES)).split(",")
+    unknown = set(wanted) - set(PATCHES) - {""}
+    if unknown:
+        raise ValueError(f"QSERVE_VLLM_PATCHES names unknown patches {sorted(unknown)}; allowed: {', '.join(PATCHES)}")
+    if "cpu_kernels" in wanted:
+        cpu_kernels.patch_empty_top_k()
+        cpu_kernels.patch_cpu_expand_kernel()
+    if "seeded_drafts" in wanted:
+        seeded_drafts.patch()
+    if "spec_logits" in wanted:
+        spec_logits.patch()
