@@ -60,7 +60,7 @@ def test_sampled_speculation_accepts_like_speculative_sampling(url, prompts):
 EDGE_PARAMS = [
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "allowed_token_ids", "stop", "max_tokens", "n", "logprobs",
-    "min_tokens", "bad_words", "stream",
+    "min_tokens", "bad_words", "stream", "best_of",
 ]  # fmt: skip
 EDGE_VALUES = [0, 1, -1, 2**63, 1e308, "nan", "", [], {}, "x", None, [1, "a"]]
 

@@ -16,7 +16,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
-from server.errors import ServiceUnavailable, from_vllm
+from server.errors import BadRequest, ServiceUnavailable, from_vllm
 from server.limits import check_sampling
 
 router = APIRouter(tags=["openai"])
@@ -53,10 +53,29 @@ def _respond(result) -> JSONResponse | StreamingResponse:
     return StreamingResponse(result, media_type="text/event-stream")
 
 
+def refuse_ignored_fields(request: CompletionRequest) -> None:
+    """Refuse OpenAI Completions fields that vLLM 0.32 would accept and silently ignore.
+
+    vLLM's request models allow unknown fields (logged, then dropped); ``best_of``
+    was removed from vLLM, so ``best_of: 3`` would quietly return one candidate.
+
+    Raises:
+        BadRequest: ``best_of`` other than 1 (param ``best_of``).
+    """
+    best_of = (request.model_extra or {}).get("best_of")
+    if best_of is not None and best_of != 1:
+        raise BadRequest(
+            f"best_of is {best_of!r}; this server does not support best_of (vLLM removed it): "
+            "omit it or send 1, and use n for several choices",
+            param="best_of",
+        )
+
+
 @router.post("/v1/completions", dependencies=[Depends(validate_json_request)], responses=_ERRORS)
 @with_cancellation
 async def create_completion(request: CompletionRequest, raw_request: Request):
     """Create a text completion (OpenAI Completions API), streamed with ``stream: true``."""
+    refuse_ignored_fields(request)
     check_sampling(request.n, raw_request.app.state.settings)
     handler = _handler(raw_request, "openai_serving_completion")
     return _respond(await handler.create_completion(request, raw_request))
