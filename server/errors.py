@@ -136,11 +136,16 @@ def from_vllm(err) -> JSONResponse:
     return error_response(err.error.code, err.error.message, param)
 
 
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict"})
+
+
 def _param_of(loc: tuple) -> str | None:
     """``("body", "max_tokens")`` -> ``"max_tokens"``; nested locations are dotted."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     # Union members add their type name to the location; drop those.
-    parts = [p for p in parts if not p.startswith(("function-", "constrained-", "list[", "str", "int"))]
+    parts = [
+        p for p in parts if p not in _TYPE_NAMES and not p.startswith(("function-", "constrained-", "list[", "dict["))
+    ]
     return ".".join(parts) or None
 
 

@@ -61,7 +61,9 @@ def test_vllm_args_carry_nf4_draft_lora_and_per_request_metrics():
 
 
 def test_parallelism_reaches_vllm_unchanged():
-    args = vllm_namespace(Settings(tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray"))
+    args = vllm_namespace(
+        Settings(tensor_parallel_size=2, pipeline_parallel_size=2, distributed_executor_backend="ray")
+    )
     assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (2, 2)
     assert args.distributed_executor_backend == "ray"
     assert "--tensor-parallel-size" not in vllm_argv(Settings())  # one device: vLLM's defaults

@@ -102,7 +102,7 @@ SETTINGS = {
     "t0.7_top_p0.9": {"temperature": 0.7, "top_p": 0.9},
     "t1_min_p_logit_bias": {"temperature": 1.0, "min_p": 0.05, "logit_bias": {"262": 2.0, "290": -2.0}},
 }
-PER_REQUEST, REQUESTS = 25, 24
+PER_REQUEST, REQUESTS = 8, 75  # n=8 is the server's default --max-n
 N_SAMPLES = PER_REQUEST * REQUESTS
 POSITIONS = 3
 ALPHA = 0.01 / (len(SETTINGS) * 2 * POSITIONS)
