@@ -171,6 +171,13 @@ def run(base_url: str, jobs: list[Job], load: Load, churn: Churn | None = None, 
     check_local(base_url)
     before = scrape.snapshot(base_url)
     outcomes, wall, churn_log, cancelled = asyncio.run(_drive(base_url, jobs, load, churn, seed))
-    server = scrape.deltas(before, scrape.snapshot(base_url))
+    # vLLM records a finished request's stats just after handing out its last
+    # chunk; read again (briefly) until every request the client saw is counted.
+    seen = sum(o.out.success for o in outcomes) + churn_log["request"].count(200)
+    for _ in range(50):
+        server = scrape.deltas(before, scrape.snapshot(base_url))
+        if server["requests_success"] >= seen:
+            break
+        time.sleep(0.1)
     server["cancelled"] = cancelled
     return RunResult(outcomes, wall, server, churn_log if churn else {})
