@@ -90,8 +90,8 @@ def markdown(reports: list[dict]) -> list[str]:
 def write(reports: list[dict], out_dir: Path, plot_key: str = "scenario") -> None:
     """Write ``report.json``, ``report.md`` and ``latency_vs_load.png`` into ``out_dir``.
 
-    The plot has one line per value of ``r[plot_key]`` (e.g. the server or the
-    speculation setting), x = achieved output tokens/s, y = TTFT and E2E p50 (ms).
+    The plot has one colour per value of ``r[plot_key]`` (e.g. the server or the
+    speculation setting); see ``plot``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(reports, indent=1, default=str))
@@ -100,7 +100,8 @@ def write(reports: list[dict], out_dir: Path, plot_key: str = "scenario") -> Non
 
 
 def plot(reports: list[dict], path: Path, key: str) -> None:
-    """PNG of TTFT p50 and E2E p50 (ms) against achieved output tokens/s, one line per ``r[key]``."""
+    """PNG: TTFT and E2E p50/p90 (ms) and output tokens/s against load (requests/s or concurrency),
+    one colour per ``r[key]``; repeats at one level are shown as their median."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,13 +111,18 @@ def plot(reports: list[dict], path: Path, key: str) -> None:
     series: dict[str, list[dict]] = {}
     for r in reports:
         series.setdefault(str(r[key]), []).append(r)
-    for name, rs in series.items():
-        rs = sorted(rs, key=lambda r: r["load"]["value"])
-        x = [r["load"]["value"] for r in rs]
+    for i, (name, rs) in enumerate(series.items()):
+        color = f"C{i}"
+        x = sorted({r["load"]["value"] for r in rs})  # repeats at one level: their median
+
+        def med(get, level, rs=rs) -> float:
+            return float(np.median([get(r) for r in rs if r["load"]["value"] == level]))
+
         for ax, metric in zip(axes, ("ttft_ms", "e2e_ms"), strict=False):
-            ax.plot(x, [r["total"][metric]["p50"] for r in rs], marker="o", label=f"{name} p50")
-            ax.plot(x, [r["total"][metric]["p90"] for r in rs], marker="x", linestyle="--", label=f"{name} p90")
-        axes[2].plot(x, [r["total"]["output_tokens_per_s"] for r in rs], marker="o", label=name)
+            for q, style in (("p50", "-"), ("p90", "--")):
+                y = [med(lambda r: r["total"][metric][q], v) for v in x]  # noqa: B023
+                ax.plot(x, y, marker="o", linestyle=style, color=color, label=f"{name} {q}")
+        axes[2].plot(x, [med(lambda r: r["total"]["output_tokens_per_s"], v) for v in x], "o-", color=color, label=name)
     mode = reports[0]["load"]["mode"] if reports else ""
     for ax, title in zip(axes, ("TTFT (ms)", "end-to-end latency (ms)", "output tokens/s"), strict=True):
         ax.set_title(title)
