@@ -28,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # No per-request access log line unless debugging: vLLM's own server runs with
+    # --disable-uvicorn-access-log in our argv (server.engine.vllm_argv), and the
+    # load comparison (loadtests/compare_vllm.py) holds both to the same work.
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+    )  # fmt: skip
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal
     # under the handler that was installed before it started; with the default
