@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.report import record
 from loadtests import report, runner, scenarios
 from server.process import start_server
 
@@ -23,6 +24,32 @@ def run_scenario(base_url: str, sc: scenarios.Scenario) -> dict:
     """Run one built scenario and return its report (see ``loadtests.report.run_report``)."""
     result = runner.run(base_url, sc.jobs, sc.load, sc.churn)
     return report.run_report(sc.name, {"mode": sc.load.mode, "value": sc.load.value}, result)
+
+
+def _section(a: argparse.Namespace, reports: list[dict], levels: list[float]) -> list[str]:
+    cmd = (
+        f"python -m loadtests {a.command} --scenario {a.scenario} --adapters {a.adapters} --requests {a.requests}"
+        + (f" --levels {a.levels}" if a.command == "sweep" else f" --rate {a.rate}")
+        + f" --max-seconds {a.max_seconds:g} --output-tokens {a.output_tokens}"
+    )
+    churn = {k: sum(len(r["churn"].get(k, [])) for r in reports) for k in ("upload", "request", "delete")}
+    ok = {
+        k: sum(sum(s in (200, 201) for s in r["churn"].get(k, [])) for r in reports)
+        for k in ("upload", "request", "delete")
+    }
+    lines = [
+        f"## Load: scenario `{a.scenario}`",
+        "",
+        f"Command: `{cmd}` (our server, default settings; 2 shared CPU cores, noisy). Streamed requests,"
+        " half chat half completions, greedy, ignore_eos. Acceptance = accepted / draft tokens from /metrics"
+        " over each run (not per adapter: vLLM's counters carry no adapter label).",
+        "",
+        *report.markdown(reports),
+    ]
+    if a.scenario == "churn":
+        lines += ["", "Churn client over all levels (upload, one request, delete, every second): "
+                  + ", ".join(f"{k} {ok[k]}/{churn[k]} ok" for k in churn) + "."]  # fmt: skip
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-seconds", type=float, default=120.0, help="time bound per run, seconds")
     ap.add_argument("--output-tokens", default="48,64", help="output length range, tokens")
     ap.add_argument("--out", type=Path, default=Path("/tmp/qserve-loadtests"))
+    ap.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
     a = ap.parse_args(argv)
     out_tokens = tuple(int(x) for x in a.output_tokens.split(","))
     proc = None
@@ -62,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(report.markdown(reports[-1:])[2:]), flush=True)
         report.write(reports, a.out)
         print(f"wrote {a.out}/report.json, report.md, latency_vs_load.png")
+        if a.write:
+            record(a.write, f"loadtest_{a.scenario}", _section(a, reports, levels))
     finally:
         if proc:
             proc.stop()
