@@ -15,6 +15,7 @@ seeded jobs, so machine contention (2 shared cores) hits all alike.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -124,6 +125,32 @@ def tables(reports: list[dict], levels: list[int], cmd: str, repeats: int) -> li
             f"{_med(reports, 'ours-nospec', c, ttft):.1f} | {_med(reports, 'ours', c, e2e):.0f} | "
             f"{_med(reports, 'ours-nospec', c, e2e):.0f} | {_med(reports, 'ours', c, acc):.3f} |"
         )
+    ratios = [_med(reports, "ours", c, tps) / _med(reports, "vllm", c, tps) for c in levels]
+    diffs = [_med(reports, "ours", c, ttft) - _med(reports, "vllm", c, ttft) for c in levels]
+    speedups = [_med(reports, "ours", c, tps) / _med(reports, "ours-nospec", c, tps) for c in levels]
+    spreads = []
+    for arm in ARMS:
+        for c in levels:
+            vals = [tps(r) for r in reports if r["arm"] == arm and r["load"]["value"] == c]
+            spreads.append((max(vals) - min(vals)) / statistics.median(vals))
+    spread = statistics.median(spreads)
+    losing = [c for c, s in zip(levels, speedups, strict=True) if s < 1.0]
+    lines += [
+        "",
+        f"Overhead: throughput ours/vLLM {min(ratios):.3f}-{max(ratios):.3f} over the levels"
+        f" (median {statistics.median(ratios):.3f}; target >= 0.97); TTFT p50 ours minus vLLM"
+        f" {min(diffs):+.1f} to {max(diffs):+.1f} ms (median {statistics.median(diffs):+.1f}; target <= +5 ms)."
+        f" Noise: repeats of one server at one level spread by a median {spread:.0%} in tokens/s"
+        " ((max - min) / median), so smaller gaps are not resolved by this run.",
+        "",
+        "Speculation: "
+        + (
+            f"slower than no speculation at concurrency {', '.join(map(str, losing))} in this run"
+            f" (speedup on/off {min(speedups):.2f}-{max(speedups):.2f}x)."
+            if losing
+            else f"pays at every level measured (speedup {min(speedups):.2f}-{max(speedups):.2f}x)."
+        ),
+    ]
     return lines
 
 
@@ -136,16 +163,20 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--output-tokens", default="48,64", help="output length range, tokens")
     ap.add_argument("--out", type=Path, default=Path("/tmp/qserve-compare"))
     ap.add_argument("--write", type=Path, help="Markdown file to record the tables in (e.g. BENCHMARKS.md)")
+    ap.add_argument("--from-json", type=Path, help="rebuild the tables from an earlier run's report.json")
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",")]
     out_tokens = tuple(int(x) for x in a.output_tokens.split(","))
-    procs = start_arms(a.out / "logs")
-    try:
-        reports = sweep(procs, levels, a.repeats, a.per_slot, out_tokens)
-    finally:
-        for p in procs.values():
-            p.stop()
-    report.write(reports, a.out, plot_key="arm")
+    if a.from_json:
+        reports = json.loads(a.from_json.read_text())
+    else:
+        procs = start_arms(a.out / "logs")
+        try:
+            reports = sweep(procs, levels, a.repeats, a.per_slot, out_tokens)
+        finally:
+            for p in procs.values():
+                p.stop()
+        report.write(reports, a.out, plot_key="arm")
     cmd = (
         f"python -m loadtests compare --levels {a.levels} --repeats {a.repeats} --per-slot {a.per_slot}"
         f" --output-tokens {a.output_tokens}"
