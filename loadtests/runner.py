@@ -151,9 +151,13 @@ async def _drive(base_url: str, jobs: list[Job], load: Load, churn: Churn | None
             tasks = [asyncio.create_task(worker()) for _ in range(int(load.value))]
         else:
             raise ValueError(f"load mode must be 'rate' or 'concurrency', got {load.mode!r}")
-        _, not_done = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()) + load.grace_s)
+        not_done: set[asyncio.Task] = set()
+        if tasks:
+            wait_s = max(0.0, deadline - time.perf_counter()) + load.grace_s
+            _, not_done = await asyncio.wait(tasks, timeout=wait_s)
         for t in not_done:
             t.cancel()
+        await asyncio.gather(*not_done, return_exceptions=True)
         wall = time.perf_counter() - started
         stop.set()
         if churner:
