@@ -34,13 +34,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # On SIGTERM uvicorn stops accepting, lets in-flight requests (streams included) finish for up
-    # to shutdown_grace_s, then runs the lifespan's shutdown (engine closed).
+    # to shutdown_grace_s, then runs the lifespan's shutdown (engine closed). No per-request access
+    # log line unless debugging: vLLM's own server runs with --disable-uvicorn-access-log in our argv
+    # (server.engine.vllm_argv), and the load comparison (loadtests/compare_vllm.py) holds both to
+    # the same work.
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
+        access_log=settings.log_level == "debug",
     )
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal

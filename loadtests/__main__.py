@@ -1,0 +1,101 @@
+"""CLI: run one scenario, or a sweep of load levels, against a server on 127.0.0.1.
+
+    python -m loadtests run --scenario adapters --rate 2 --requests 48 --out /tmp/lt
+    python -m loadtests sweep --scenario concurrency --levels 1,2,4,8,16 --requests 32 --out /tmp/lt
+    python -m loadtests compare ...   (see loadtests/compare_vllm.py)
+
+Without ``--base-url`` the command starts our server (default settings, a fresh
+adapter store) for the run and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.report import record
+from loadtests import report, runner, scenarios
+from server.process import start_server
+
+
+def run_scenario(base_url: str, sc: scenarios.Scenario) -> dict:
+    """Run one built scenario and return its report (see ``loadtests.report.run_report``)."""
+    result = runner.run(base_url, sc.jobs, sc.load, sc.churn)
+    return report.run_report(sc.name, {"mode": sc.load.mode, "value": sc.load.value}, result)
+
+
+def _section(a: argparse.Namespace, reports: list[dict], levels: list[float]) -> list[str]:
+    cmd = (
+        f"python -m loadtests {a.command} --scenario {a.scenario} --adapters {a.adapters} --requests {a.requests}"
+        + (f" --levels {a.levels}" if a.command == "sweep" else f" --rate {a.rate}")
+        + f" --max-seconds {a.max_seconds:g} --output-tokens {a.output_tokens}"
+    )
+    churn = {k: sum(len(r["churn"].get(k, [])) for r in reports) for k in ("upload", "request", "delete")}
+    ok = {
+        k: sum(sum(s in (200, 201) for s in r["churn"].get(k, [])) for r in reports)
+        for k in ("upload", "request", "delete")
+    }
+    lines = [
+        f"## Load: scenario `{a.scenario}`",
+        "",
+        f"Command: `{cmd}` (our server, default settings; 2 shared CPU cores, noisy). Streamed requests,"
+        " half chat half completions, greedy, ignore_eos. Acceptance = accepted / draft tokens from /metrics"
+        " over each run (not per adapter: vLLM's counters carry no adapter label).",
+        "",
+        *report.markdown(reports),
+    ]
+    if a.scenario == "churn":
+        lines += ["", "Churn client over all levels (upload, one request, delete, every second): "
+                  + ", ".join(f"{k} {ok[k]}/{churn[k]} ok" for k in churn) + "."]  # fmt: skip
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "compare":
+        from loadtests import compare_vllm
+
+        return compare_vllm.main(sys.argv[2:])
+    ap = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=("run", "sweep"))
+    ap.add_argument("--scenario", choices=scenarios.NAMES, default="smoke")
+    ap.add_argument("--base-url", help="a running server on 127.0.0.1 (default: start ours)")
+    ap.add_argument("--model", default="demo-target", help="the base model's served name")
+    ap.add_argument("--adapters", type=int, default=2, help="adapters in the Zipf mix (extra ones are uploaded)")
+    ap.add_argument("--requests", type=int, default=48, help="requests per run (bound)")
+    ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson) or, for 'concurrency', in flight")
+    ap.add_argument("--levels", default="1,2,4,8,16", help="sweep: comma-separated rates or concurrencies")
+    ap.add_argument("--max-seconds", type=float, default=120.0, help="time bound per run, seconds")
+    ap.add_argument("--output-tokens", default="48,64", help="output length range, tokens")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/qserve-loadtests"))
+    ap.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
+    a = ap.parse_args(argv)
+    out_tokens = tuple(int(x) for x in a.output_tokens.split(","))
+    proc = None
+    if a.base_url is None:
+        store = tempfile.mkdtemp(prefix="qserve-lt-store-")
+        proc = start_server([], a.out / "server.log", env={"QSERVE_ADAPTER_STORE_DIR": store})
+    base_url = a.base_url or proc.base_url
+    try:
+        runner.check_local(base_url)
+        names = scenarios.ensure_adapters(base_url, a.adapters) if a.scenario in ("adapters", "churn") else ()
+        levels = [float(x) for x in a.levels.split(",")] if a.command == "sweep" else [a.rate]
+        reports = []
+        for v in levels:
+            sc = scenarios.build(
+                a.scenario, a.model, names or scenarios.SHIPPED, a.requests, v, a.max_seconds, out_tokens
+            )
+            reports.append(run_scenario(base_url, sc))
+            print("\n".join(report.markdown(reports[-1:])[2:]), flush=True)
+        report.write(reports, a.out)
+        print(f"wrote {a.out}/report.json, report.md, latency_vs_load.png")
+        if a.write:
+            record(a.write, f"loadtest_{a.scenario}", _section(a, reports, levels))
+    finally:
+        if proc:
+            proc.stop()
+
+
+if __name__ == "__main__":
+    main()
