@@ -172,7 +172,8 @@ def main() -> None:
     base_kind = (
         f"`{args.base}` NF4-quantized (QLoRA, bitsandbytes, double quant)" if args.qlora else f"`{args.base}` in bf16"
     )
-    card = f"""# adapter: {args.out.name}
+    title = f"{args.out.parent.name}/draft (draft adapter)" if args.out.name == "draft" else args.out.name
+    card = f"""# adapter: {title}
 
 LoRA adapter for `{args.base}`, trained with PEFT against {base_kind}.
 
