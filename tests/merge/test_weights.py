@@ -96,3 +96,16 @@ def test_scale_and_refusals():
         merge_lora({"a.weight": torch.zeros(2, 2)}, {"b.weight": LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1), 1)})
     with pytest.raises(MergeRefused, match="base weight is"):
         merge_lora({"a.weight": torch.zeros(3, 2)}, {"a.weight": LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1), 1)})
+
+
+@pytest.mark.parametrize("adapter", ["austen", "stdlib-docs"])
+def test_each_shipped_adapter_has_a_draft_adapter_that_merges_into_the_draft(adapter):
+    from server.merge.checkpoint import read_state
+
+    draft = read_state(REPO_ROOT / "models/draft")
+    lora = load_lora(REPO_ROOT / "adapters" / adapter / "draft")
+    assert len(lora) == 3 * 7  # every projection of the draft's 3 layers
+    base = base_weights(draft, MergeBase.NF4)
+    merged = merge_lora(base, lora)
+    assert merged.keys() == draft.keys()
+    assert all(not torch.equal(merged[k], base[k]) for k in lora)  # a trained B is not 0
