@@ -1,9 +1,9 @@
 """Merged adapter + merged draft served by vLLM vs the adapter served per request, side by side in one run.
 
-For each adapter: merge it into the target (delta added to the NF4-dequantized
-base, stored bf16, served NF4 re-quantized in flight) and its draft adapter into
+For each adapter: merge it into the target with the default option (delta added
+to the NF4-dequantized base, stored and served bf16) and its draft adapter into
 the draft (same option), start ``python -m server --model MERGED --draft-model
-MERGED_DRAFT``, and send the same greedy requests as to the default server
+MERGED_DRAFT --quantization none``, and send the same greedy requests as to the default server
 (NF4 target, plain draft, the adapter per request). Reports acceptance
 (accepted / draft tokens, from each response's ``metrics.speculative_decoding``),
 output tokens/s at concurrency 1, and how many greedy continuations equal the
@@ -75,6 +75,7 @@ def main() -> None:
         target = merge_model(REPO_ROOT / "models/target", adapter, work / f"{name}-target", MergeBase.NF4)
         draft = merge_model(REPO_ROOT / "models/draft", adapter / "draft", work / f"{name}-draft", MergeBase.NF4)
         args = ["--model", str(target), "--served-model-name", f"{name}-merged", "--draft-model", str(draft)]
+        args += ["--quantization", "none"]  # the default option: served bf16
         proc = start_server(args, LOGS / f"merge-{name}.log", env={"QSERVE_ADAPTER_STORE_DIR": str(work / name)})
         try:
             merged = run(proc.base_url, f"{name}-merged", prompts, a.max_tokens)
@@ -88,10 +89,10 @@ def main() -> None:
     lines = [
         "## Merged adapter + merged draft vs adapter per request (vLLM)",
         "",
-        f"Command: `{cmd}` (2-core CPU, shared; vLLM 0.32.0 CPU build, NF4 target and draft, speculation k=4,"
-        f" greedy, concurrency 1, {a.requests} held-out prompts x {a.max_tokens} tokens). Merge option: delta"
-        " added to the NF4-dequantized base, stored bf16, served NF4 (re-quantized in flight); the draft adapter"
-        " merged into the draft the same way.",
+        f"Command: `{cmd}` (2-core CPU, shared; vLLM 0.32.0 CPU build, speculation k=4,"
+        f" greedy, concurrency 1, {a.requests} held-out prompts x {a.max_tokens} tokens). Merge option (the"
+        " default): delta added to the NF4-dequantized base, stored and served bf16 (target and draft; the"
+        " per-request rows serve both NF4); the draft adapter merged into the draft the same way.",
         "",
         "| model | acceptance (accepted / draft tokens) | output tokens/s | greedy continuations equal to per-request |",
         "|---|---:|---:|---:|",
