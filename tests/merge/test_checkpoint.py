@@ -87,3 +87,28 @@ def test_a_write_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         merge_model(TARGET, REPO_ROOT / "adapters/austen", tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_adapter_folder_merges_into_a_bit_identical_checkpoint(tmp_path):
+    """A PEFT adapter with B = 0 (PEFT's own initialisation) merged into bf16 gives the base's tensors bit for bit."""
+    from safetensors.torch import save_file
+
+    from server.merge.nf4 import is_quantized
+
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    cfg = json.loads((REPO_ROOT / "adapters/austen/adapter_config.json").read_text())
+    (zero / "adapter_config.json").write_text(json.dumps(cfg))
+    state = read_state(TARGET)
+    factors = {}
+    for k, w in state.items():
+        if is_quantized(k):
+            module = "base_model.model." + k.removesuffix(".weight")
+            factors[module + ".lora_A.weight"] = torch.randn(cfg["r"], w.shape[1])
+            factors[module + ".lora_B.weight"] = torch.zeros(w.shape[0], cfg["r"])
+    save_file(factors, zero / "adapter_model.safetensors")
+    for merge_base in MergeBase:
+        out = merge_model(TARGET, zero, tmp_path / f"merged-{merge_base.value}", base=merge_base)
+        merged, expected = read_state(out), base_weights(state, merge_base)
+        assert merged.keys() == expected.keys()
+        assert all(merged[k].view(torch.int16).equal(expected[k].view(torch.int16)) for k in merged)
