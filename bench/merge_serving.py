@@ -9,7 +9,10 @@ MERGED_DRAFT --quantization none``, and send the same greedy requests as to the 
 output tokens/s at concurrency 1, and how many greedy continuations equal the
 per-request adapter's. The base model's own acceptance is the reference row.
 
-Usage: python -m bench.merge_serving [--adapters austen] [--requests 8] [--max-tokens 32] [--write BENCHMARKS.md]
+``--serve nf4`` instead merges into the bf16 base and serves target and draft NF4.
+
+Usage: python -m bench.merge_serving [--adapters austen] [--requests 8] [--max-tokens 32] [--serve bf16|nf4]
+       [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def main() -> None:
     ap.add_argument("--adapters", nargs="+", default=["austen", "stdlib-docs"])
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--serve",
+        choices=["bf16", "nf4"],
+        default="bf16",
+        help="bf16: the default option; nf4: bf16 base, re-quantized",
+    )
     ap.add_argument("--write", type=Path)
     a = ap.parse_args()
     prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
@@ -72,10 +81,13 @@ def main() -> None:
     rows.append(("base model, plain draft (reference)", results["base"], None))
     for name in a.adapters:
         adapter = REPO_ROOT / "adapters" / name
-        target = merge_model(REPO_ROOT / "models/target", adapter, work / f"{name}-target", MergeBase.NF4)
-        draft = merge_model(REPO_ROOT / "models/draft", adapter / "draft", work / f"{name}-draft", MergeBase.NF4)
+        base = MergeBase.NF4 if a.serve == "bf16" else MergeBase.BF16  # the better option for each (BENCHMARKS.md)
+        target = merge_model(REPO_ROOT / "models/target", adapter, work / f"{name}-target", base, a.serve == "nf4")
+        draft = merge_model(
+            REPO_ROOT / "models/draft", adapter / "draft", work / f"{name}-draft", base, a.serve == "nf4"
+        )
         args = ["--model", str(target), "--served-model-name", f"{name}-merged", "--draft-model", str(draft)]
-        args += ["--quantization", "none"]  # the default option: served bf16
+        args += ["--quantization", "none" if a.serve == "bf16" else "nf4"]
         proc = start_server(args, LOGS / f"merge-{name}.log", env={"QSERVE_ADAPTER_STORE_DIR": str(work / name)})
         try:
             merged = run(proc.base_url, f"{name}-merged", prompts, a.max_tokens)
@@ -85,14 +97,17 @@ def main() -> None:
         rows.append((f"{name}: adapter per request, plain draft", results[name], None))
         rows.append((f"{name}: merged target + merged draft", merged, same))
         print(rows[-2][0], round(results[name]["acceptance"], 3), "|", rows[-1][0], round(merged["acceptance"], 3))
-    cmd = f"python -m bench.merge_serving --adapters {' '.join(a.adapters)} --requests {a.requests} --max-tokens {a.max_tokens}"
+    cmd = f"python -m bench.merge_serving --adapters {' '.join(a.adapters)} --requests {a.requests} --max-tokens {a.max_tokens} --serve {a.serve}"
+    option = {
+        "bf16": "the default: delta added to the NF4-dequantized base, stored and served bf16, target and draft",
+        "nf4": "delta added to the bf16 base, served NF4 (re-quantized in flight), target and draft",
+    }[a.serve]
     lines = [
         "## Merged adapter + merged draft vs adapter per request (vLLM)",
         "",
         f"Command: `{cmd}` (2-core CPU, shared; vLLM 0.32.0 CPU build, speculation k=4,"
-        f" greedy, concurrency 1, {a.requests} held-out prompts x {a.max_tokens} tokens). Merge option (the"
-        " default): delta added to the NF4-dequantized base, stored and served bf16 (target and draft; the"
-        " per-request rows serve both NF4); the draft adapter merged into the draft the same way.",
+        f" greedy, concurrency 1, {a.requests} held-out prompts x {a.max_tokens} tokens). Merge option: {option};"
+        " the per-request rows serve target and draft NF4. The draft adapter is merged into the draft.",
         "",
         "| model | acceptance (accepted / draft tokens) | output tokens/s | greedy continuations equal to per-request |",
         "|---|---:|---:|---:|",
