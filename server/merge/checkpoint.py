@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from server.merge.lora import load_lora, merge_lora
+from server.merge.memory import weight_bytes
 from server.merge.nf4 import MergeBase, base_weights
 
 WEIGHTS_FILE = "model.safetensors"
@@ -125,5 +126,6 @@ def merge_model(
         "serve": "nf4" if serve_nf4 else "bf16",
         "stored_dtype": "bfloat16",
         "merged_modules": len(lora),
+        "served_weight_bytes": weight_bytes({k: v.numel() for k, v in merged.items()}, serve_nf4),
     }
     return write_checkpoint(base_dir, merged, out_dir, manifest)

@@ -14,6 +14,12 @@ from server.process import REPO_ROOT
 TARGET = REPO_ROOT / "models/target"
 
 
+def len_header(folder) -> int:
+    """Bytes of the safetensors JSON header (the rest of the file is the bf16 tensor data)."""
+    with open(folder / "model.safetensors", "rb") as f:
+        return int.from_bytes(f.read(8), "little")
+
+
 def peft_logits(adapter: str, merge_base: MergeBase, ids: torch.Tensor) -> torch.Tensor:
     """PEFT's own LoRA forward on the chosen base (fp32 compute): logits [1, S, V]."""
     from peft import PeftModel
@@ -32,7 +38,9 @@ def test_merged_folder_matches_peft_on_the_same_base(tmp_path, merge_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = merge_model(TARGET, REPO_ROOT / "adapters/austen", tmp_path / "merged", base=merge_base)
-    assert json.loads((out / "merge.json").read_text())["merge_base"] == merge_base.value
+    manifest = json.loads((out / "merge.json").read_text())
+    assert manifest["merge_base"] == merge_base.value and manifest["serve"] == "bf16"
+    assert manifest["served_weight_bytes"] == (out / "model.safetensors").stat().st_size - 8 - len_header(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("It is a truth universally acknowledged, that a single man", return_tensors="pt").input_ids
