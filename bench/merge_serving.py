@@ -103,7 +103,7 @@ def main() -> None:
         "nf4": "delta added to the bf16 base, served NF4 (re-quantized in flight), target and draft",
     }[a.serve]
     lines = [
-        "## Merged adapter + merged draft vs adapter per request (vLLM)",
+        f"## Merged adapter + merged draft vs adapter per request (vLLM, merge served {a.serve})",
         "",
         f"Command: `{cmd}` (2-core CPU, shared; vLLM 0.32.0 CPU build, speculation k=4,"
         f" greedy, concurrency 1, {a.requests} held-out prompts x {a.max_tokens} tokens). Merge option: {option};"
@@ -118,7 +118,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if a.write:
-        record(a.write, "merge_serving", lines)
+        record(a.write, f"merge_serving_{a.serve}", lines)
 
 
 if __name__ == "__main__":
