@@ -3,6 +3,7 @@
 Usage:
     python -m training.train_adapter --domain austen --qlora --out adapters/austen
     python -m training.train_adapter --domain stdlib --out adapters/stdlib-docs
+    python -m training.train_adapter --domain austen --qlora --base models/draft --out adapters/austen/draft
 
 QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
 eq. 5): Y = X doubleDequant(c1, c2, W_NF4) + s X L1 L2, only L1, L2 trained.
@@ -139,16 +140,17 @@ def main() -> None:
     model.save_pretrained(args.out, safe_serialization=True)
     cfg_path = args.out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = "models/target"
+    cfg["base_model_name_or_path"] = str(args.base)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     n_params = sum(p.numel() for p in trainable)
     cmd = (
         f"python -m training.train_adapter --domain {args.domain}"
-        f"{' --qlora --qlora-impl ' + args.qlora_impl if args.qlora else ''} --out {args.out} "
+        f"{' --qlora --qlora-impl ' + args.qlora_impl if args.qlora else ''} --base {args.base} --out {args.out} "
         f"--rank {args.rank} --alpha {args.alpha:g} --steps {args.steps} --batch {args.batch} --seq {args.seq} --lr {args.lr}"
     )
     report = {
         "domain": args.domain,
+        "base": str(args.base),
         "data": source,
         "train_tokens": len(train_stream),
         "heldout_tokens": len(heldout_stream),
@@ -168,17 +170,18 @@ def main() -> None:
     }
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     base_kind = (
-        "the NF4-quantized demo target (QLoRA, bitsandbytes, double quant)" if args.qlora else "the bf16 demo target"
+        f"`{args.base}` NF4-quantized (QLoRA, bitsandbytes, double quant)" if args.qlora else f"`{args.base}` in bf16"
     )
-    card = f"""# adapter: {args.out.name}
+    title = f"{args.out.parent.name}/draft (draft adapter)" if args.out.name == "draft" else args.out.name
+    card = f"""# adapter: {title}
 
-LoRA adapter for `models/target` (demo-target), trained with PEFT against {base_kind}.
+LoRA adapter for `{args.base}`, trained with PEFT against {base_kind}.
 
 | | |
 |---|---|
 | rank r | {args.rank} |
 | alpha | {args.alpha:g} (scale alpha/r = {args.alpha / args.rank:g}) |
-| target modules | {", ".join(ALL_MODULES)} (all 6 layers) |
+| target modules | {", ".join(ALL_MODULES)} (all {model.config.num_hidden_layers} layers) |
 | trainable parameters | {n_params:,} |
 | data | {source} |
 | steps | {args.steps} x {args.batch} x {args.seq} tokens ({report["tokens_seen"]:,} tokens seen) |

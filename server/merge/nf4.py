@@ -1,0 +1,78 @@
+"""The base weights a LoRA delta is added to: the original bf16, or the NF4 base as served.
+
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
+section 3, eq. 5) trains the adapter against ``doubleDequant(c1, c2, W_NF4)``:
+the 4-bit NormalFloat weights, blocks of 64 with one absmax each, the absmaxes
+themselves quantized to 8 bits in blocks of 256 ("double quantization"). A
+QLoRA adapter therefore fits the dequantized NF4 weights, not the bf16 weights
+they came from; merging it into bf16 adds it to the wrong base.
+
+vLLM's bitsandbytes loader (``vllm_bnb_plugin`` 0.0.3,
+``BitsAndBytesModelLoader._unquantized_generator``) quantizes each decoder
+linear weight of a bf16 checkpoint in flight with
+``quantize_4bit(w, compress_statistics=True, quant_type="nf4")`` (default
+blocksize 64) and computes with its dequantization. :func:`nf4_roundtrip` is
+exactly that pair, so it gives the weights the served NF4 base computes with,
+and applied to a merged weight it emulates serving the merge re-quantized.
+NF4 is not idempotent here: ``nf4_roundtrip(nf4_roundtrip(w)) != nf4_roundtrip(w)``
+in general (the double-quantized absmax is re-quantized; seen: max |diff|
+5e-4 on a 384 x 384 weight), so re-quantizing a merge rounds twice.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+import torch
+
+# Weights vLLM's bitsandbytes loader quantizes in a Llama decoder (embeddings,
+# norms and the tied lm_head stay in the checkpoint dtype).
+QUANTIZED_WEIGHT_RE = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
+NF4_BLOCKSIZE = 64
+
+
+class MergeBase(StrEnum):
+    """Which base weights the LoRA delta is added to."""
+
+    NF4 = "nf4"  # the NF4-dequantized base (what a QLoRA adapter was trained against)
+    BF16 = "bf16"  # the original checkpoint weights
+
+
+def is_quantized(name: str) -> bool:
+    """True if vLLM's in-flight NF4 quantization quantizes the checkpoint tensor ``name``."""
+    return QUANTIZED_WEIGHT_RE.match(name) is not None
+
+
+def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] quantized to NF4 and dequantized, as bitsandbytes and vLLM do.
+
+    ``bitsandbytes.functional.quantize_4bit(w, blocksize=64, compress_statistics=True,
+    quant_type="nf4")`` then ``dequantize_4bit``. The input is cast to bf16 first
+    (the checkpoint dtype vLLM quantizes from); the result is bf16, same shape.
+
+    Raises:
+        ValueError: if ``weight`` is not a 2-D floating tensor.
+    """
+    import bitsandbytes.functional as bnbf
+
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ValueError(f"expected a 2-D float weight [out, in], got {tuple(weight.shape)} {weight.dtype}")
+    w = weight.detach().to(torch.bfloat16).contiguous()  # [out, in]
+    packed, state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state)  # [out, in] bf16
+
+
+def base_weights(state: dict[str, torch.Tensor], base: MergeBase) -> dict[str, torch.Tensor]:
+    """The checkpoint ``state`` (name -> tensor) as the chosen merge ``base``.
+
+    ``MergeBase.BF16`` returns the tensors unchanged (the same objects);
+    ``MergeBase.NF4`` replaces every weight vLLM quantizes by its
+    :func:`nf4_roundtrip` (bf16) and keeps the rest. ``state`` is not modified.
+    """
+    return dict(state) if base is MergeBase.BF16 else requantize(state)
+
+
+def requantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Emulate serving ``state`` with vLLM's in-flight NF4: every quantized weight round-tripped."""
+    return {k: nf4_roundtrip(v) if is_quantized(k) else v for k, v in state.items()}

@@ -1,0 +1,15 @@
+"""Served weight bytes from the header equal what bitsandbytes holds (bench/weight_memory.py quantizes for real)."""
+
+import pytest
+
+from bench.weight_memory import weight_bytes
+from server.merge.memory import served_weight_bytes
+from server.process import REPO_ROOT
+
+
+@pytest.mark.parametrize("model", ["target", "draft"])
+def test_served_bytes_match_bitsandbytes(model):
+    folder = REPO_ROOT / "models" / model
+    measured = weight_bytes(folder)
+    assert served_weight_bytes(folder, serve_nf4=False) == measured["bf16"]
+    assert served_weight_bytes(folder, serve_nf4=True) == measured["nf4"]
