@@ -27,11 +27,11 @@ from bench.serving_bench import LOGS, run_load, spec_counters
 from server.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
-ALL = "cpu_kernels,seeded_drafts,spec_logits"
+ALL = "cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits"
 SERVERS = {
     "spec, all guards": (["--no-enable-lora"], ALL),
-    "spec, no seeded_drafts": (["--no-enable-lora"], "cpu_kernels,spec_logits"),
-    "spec, no cpu_kernels": (["--no-enable-lora"], "seeded_drafts,spec_logits"),
+    "spec, no seeded_drafts": (["--no-enable-lora"], "cpu_kernels,cpu_lora_index,spec_logits"),
+    "spec, no cpu_kernels": (["--no-enable-lora"], "cpu_lora_index,seeded_drafts,spec_logits"),
     "no speculation": (["--no-enable-lora", "--no-speculation"], ALL),
 }
 WORKLOADS = {

@@ -11,6 +11,9 @@ docs/upstream/.
   top-k / top-p per draft position; ``top_k`` killing the engine).
 - ``seeded_drafts``: the draft model ignored ``seed``, so a seeded request was
   not reproducible with speculation on.
+- ``cpu_lora_index``: a base request batched with adapter requests was
+  computed with the last LoRA slot's adapter once all slots were full
+  (index -1 wrapped around in the CPU LoRA ops).
 - ``spec_logits``: ``min_p`` and ``logit_bias`` were refused (400) with
   speculation on; the rejection sampler now applies them to the target's
   distribution at every draft position, as the plain sampler does.
@@ -19,7 +22,7 @@ To run an engine without them (to reproduce a fault), start it with
 ``VLLM_PLUGINS=bitsandbytes`` in the environment: vLLM then loads only the
 bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
-to a comma-separated subset of ``cpu_kernels,seeded_drafts,spec_logits``
+to a comma-separated subset of ``cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -29,11 +32,11 @@ from __future__ import annotations
 import logging
 import os
 
-from server.vllm_patches import cpu_kernels, seeded_drafts, spec_logits
+from server.vllm_patches import cpu_kernels, cpu_lora_index, seeded_drafts, spec_logits
 
 log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
-PATCHES = ("cpu_kernels", "seeded_drafts", "spec_logits")
+PATCHES = ("cpu_kernels", "cpu_lora_index", "seeded_drafts", "spec_logits")
 
 
 def apply() -> None:
@@ -50,6 +53,8 @@ def apply() -> None:
     if "cpu_kernels" in wanted:
         cpu_kernels.patch_empty_top_k()
         cpu_kernels.patch_cpu_expand_kernel()
+    if "cpu_lora_index" in wanted:
+        cpu_lora_index.patch()
     if "seeded_drafts" in wanted:
         seeded_drafts.patch()
     if "spec_logits" in wanted:
