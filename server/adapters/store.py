@@ -64,7 +64,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (new names, renames) durable on disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -143,13 +144,13 @@ class AdapterStore:
             for f in (weights, config, staging_dir / RECORD_FILE):
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            _fsync_dir(staging_dir)
+            fsync_dir(staging_dir)
             digest = hashlib.sha256(config.read_bytes() + bytes.fromhex(record.sha256)).hexdigest()[:12]
             if not (self.root / name).is_dir():
                 (self.root / name).mkdir()
-                _fsync_dir(self.root)  # the new name's folder entry is durable before the version is
+                fsync_dir(self.root)  # the new name's folder entry is durable before the version is
             os.rename(staging_dir, self.root / name / f"v{version}-{digest}")
-            _fsync_dir(self.root / name)
+            fsync_dir(self.root / name)
         except OSError:
             self.discard(staging_dir)
             raise
@@ -174,7 +175,7 @@ class AdapterStore:
         if path.is_dir():
             dest = self.trash / uuid.uuid4().hex
             os.rename(path, dest)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(dest, ignore_errors=True)
 
     def load_all(self) -> list[AdapterRecord]:

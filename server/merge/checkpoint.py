@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from server.adapters.store import fsync_dir
 from server.merge.lora import load_lora, merge_lora
 from server.merge.memory import weight_bytes
 from server.merge.nf4 import MergeBase, base_weights
@@ -45,14 +46,6 @@ def read_state(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(model_dir / WEIGHTS_FILE)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(base_dir: Path, state: dict[str, torch.Tensor], out_dir: Path, manifest: dict) -> Path:
@@ -80,9 +73,9 @@ def write_checkpoint(base_dir: Path, state: dict[str, torch.Tensor], out_dir: Pa
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         os.rename(staging, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
