@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from bench.merge_fidelity import model_with
 from bench.report import record
 from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_overlap
 from server.merge.nf4 import MergeBase, base_weights
+from server.merge.probe import model_with
 from server.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA
 from training.train_adapter import domain_text

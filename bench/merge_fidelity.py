@@ -33,39 +33,11 @@ from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_kl
 from server.merge.lora import load_lora, merge_lora
 from server.merge.nf4 import MergeBase, base_weights, requantize
+from server.merge.probe import continuation_logits, greedy, model_with
 from server.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 ADAPTERS = ("austen", "stdlib-docs")
-
-
-def model_with(base_dir: Path, weights: dict[str, torch.Tensor], adapter: Path | None = None):
-    """``base_dir``'s architecture in float32 holding ``weights`` (name -> tensor), PEFT ``adapter`` on top."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)  # tied lm_head
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
-
-
-@torch.no_grad()
-def greedy(model, prompt_ids: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
-    """Each prompt [1, P] followed by ``tokens`` greedy tokens: [1, P + tokens]."""
-    return [
-        model.generate(ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens, pad_token_id=0)
-        for ids in prompt_ids
-    ]
-
-
-@torch.no_grad()
-def continuation_logits(model, seqs: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
-    """Teacher-forced logits predicting the last ``tokens`` tokens of each sequence: [tokens, V] each."""
-    return [model(s).logits[0, -tokens - 1 : -1] for s in seqs]
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pytest
 
-from bench.merge_fidelity import continuation_logits, greedy, model_with
 from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_kl
 from server.merge.lora import load_lora, merge_lora
 from server.merge.nf4 import MergeBase, base_weights, requantize
+from server.merge.probe import continuation_logits, greedy, model_with
 from server.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
