@@ -1,17 +1,17 @@
-"""Merged adapter + merged draft served by vLLM vs the adapter served per request, side by side in one run.
+"""Adapter per request vs merged through the API, side by side in one server run.
 
-For each adapter: merge it into the target with the default option (delta added
-to the NF4-dequantized base, stored and served bf16) and its draft adapter into
-the draft (same option), start ``python -m server --model MERGED --draft-model
-MERGED_DRAFT --quantization none``, and send the same greedy requests as to the default server
-(NF4 target, plain draft, the adapter per request). Reports acceptance
-(accepted / draft tokens, from each response's ``metrics.speculative_decoding``),
-output tokens/s at concurrency 1, and how many greedy continuations equal the
-per-request adapter's. The base model's own acceptance is the reference row.
+One server (default settings: NF4 target, plain NF4 draft, speculation k=4, LoRA).
+For each shipped adapter: ``POST /v1/adapters/{name}/merge`` twice, once with the
+default option (delta added to the NF4-dequantized base, served bf16) and once
+served NF4 (delta added to the bf16 base, re-quantized in flight), each merging the
+adapter's draft adapter into the draft; then the same greedy requests go, one at a
+time, to the base model, the adapter served per request, and both merged models;
+then both merged models are deleted. Reports acceptance (accepted / draft tokens,
+from each response's ``metrics.speculative_decoding``), output tokens/s at
+concurrency 1, how many greedy continuations equal the per-request adapter's, and
+each merge job's fidelity report (probe prompts, server/merge/probe.py) and memory.
 
-``--serve nf4`` instead merges into the bf16 base and serves target and draft NF4.
-
-Usage: python -m bench.merge_serving [--adapters austen] [--requests 8] [--max-tokens 32] [--serve bf16|nf4]
+Usage: python -m bench.merge_serving [--adapters austen stdlib-docs] [--requests 8] [--max-tokens 32]
        [--write BENCHMARKS.md]
 """
 
@@ -25,12 +25,14 @@ from pathlib import Path
 import httpx
 
 from bench.report import record
-from server.merge.checkpoint import merge_model
-from server.merge.nf4 import MergeBase
-from server.process import REPO_ROOT, start_server
+from server.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")
+OPTIONS = {  # label -> merge request body
+    "merged, default (NF4-dequantized base, served bf16)": {"merge_base": "nf4", "precision": "bf16"},
+    "merged, served NF4 (bf16 base, re-quantized)": {"merge_base": "bf16", "precision": "nf4"},
+}
 
 
 def run(base_url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
@@ -55,70 +57,93 @@ def run(base_url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
     }
 
 
+def mib_cell(memory: dict | None, key: str, digits: int) -> str:
+    """``memory[key]`` bytes as MiB with ``digits`` decimals, or an empty cell."""
+    return "" if memory is None else f"{memory[key] / 2**20:.{digits}f}"
+
+
+def merge(base_url: str, adapter: str, model: str, body: dict) -> dict:
+    """Merge through the API and wait for the job; returns the finished job."""
+    r = httpx.post(f"{base_url}/v1/adapters/{adapter}/merge", json={"model": model, **body}, timeout=30)
+    r.raise_for_status()
+    job = r.json()
+    for _ in range(1800):
+        job = httpx.get(f"{base_url}/v1/merges/{job['id']}", timeout=30).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(1)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"merge of {adapter} as {model} ended {job['status']}: {job['error']}")
+    print(f"merged {adapter} -> {model} in {job['finished_at'] - job['started_at']} s", flush=True)
+    return job
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapters", nargs="+", default=["austen", "stdlib-docs"])
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument(
-        "--serve",
-        choices=["bf16", "nf4"],
-        default="bf16",
-        help="bf16: the default option; nf4: bf16 base, re-quantized",
-    )
     ap.add_argument("--write", type=Path)
     a = ap.parse_args()
     prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
     work = Path(tempfile.mkdtemp(prefix="qserve-merge-bench-"))
-    rows, results = [], {}
-    default = start_server([], LOGS / "merge-default.log", env={"QSERVE_ADAPTER_STORE_DIR": str(work / "store")})
+    env = {"QSERVE_ADAPTER_STORE_DIR": str(work / "store"), "QSERVE_MERGED_MODELS_DIR": str(work / "merged")}
+    proc = start_server(["--max-merged-models", str(len(OPTIONS))], LOGS / "merge-serving.log", env=env)
+    rows, fidelity = [], []  # (label, result, equal continuations, memory); (adapter, job)
     try:
-        results["base"] = run(default.base_url, "demo-target", prompts, a.max_tokens)
+        base = run(proc.base_url, "demo-target", prompts, a.max_tokens)
+        rows.append(("base model, plain draft (reference)", base, None, None))
         for name in a.adapters:
-            results[name] = run(default.base_url, name, prompts, a.max_tokens)
+            per_request = run(proc.base_url, name, prompts, a.max_tokens)
+            rows.append((f"{name}: adapter per request, plain draft", per_request, None, None))
+            for i, (label, body) in enumerate(OPTIONS.items()):
+                job = merge(proc.base_url, name, f"{name}-m{i}", body)
+                if i == 0:
+                    fidelity.append((name, job))
+                got = run(proc.base_url, job["model"], prompts, a.max_tokens)
+                same = sum(x == y for x, y in zip(got["ids"], per_request["ids"], strict=True))
+                rows.append((f"{name}: {label}, merged draft", got, same, job["memory"]))
+            for i in range(len(OPTIONS)):
+                httpx.delete(f"{proc.base_url}/v1/models/{name}-m{i}", timeout=120).raise_for_status()
     finally:
-        default.stop()
-    rows.append(("base model, plain draft (reference)", results["base"], None))
-    for name in a.adapters:
-        adapter = REPO_ROOT / "adapters" / name
-        base = MergeBase.NF4 if a.serve == "bf16" else MergeBase.BF16  # the better option for each (BENCHMARKS.md)
-        target = merge_model(REPO_ROOT / "models/target", adapter, work / f"{name}-target", base, a.serve == "nf4")
-        draft = merge_model(
-            REPO_ROOT / "models/draft", adapter / "draft", work / f"{name}-draft", base, a.serve == "nf4"
-        )
-        args = ["--model", str(target), "--served-model-name", f"{name}-merged", "--draft-model", str(draft)]
-        args += ["--quantization", "none" if a.serve == "bf16" else "nf4"]
-        proc = start_server(args, LOGS / f"merge-{name}.log", env={"QSERVE_ADAPTER_STORE_DIR": str(work / name)})
-        try:
-            merged = run(proc.base_url, f"{name}-merged", prompts, a.max_tokens)
-        finally:
-            proc.stop()
-        same = sum(x == y for x, y in zip(merged["ids"], results[name]["ids"], strict=True))
-        rows.append((f"{name}: adapter per request, plain draft", results[name], None))
-        rows.append((f"{name}: merged target + merged draft", merged, same))
-        print(rows[-2][0], round(results[name]["acceptance"], 3), "|", rows[-1][0], round(merged["acceptance"], 3))
-    cmd = f"python -m bench.merge_serving --adapters {' '.join(a.adapters)} --requests {a.requests} --max-tokens {a.max_tokens} --serve {a.serve}"
-    option = {
-        "bf16": "the default: delta added to the NF4-dequantized base, stored and served bf16, target and draft",
-        "nf4": "delta added to the bf16 base, served NF4 (re-quantized in flight), target and draft",
-    }[a.serve]
+        proc.stop()
+    cmd = f"python -m bench.merge_serving --adapters {' '.join(a.adapters)} --requests {a.requests} --max-tokens {a.max_tokens}"
     lines = [
-        f"## Merged adapter + merged draft vs adapter per request (vLLM, merge served {a.serve})",
+        "## Merged adapter + merged draft vs adapter per request (through the merge API)",
         "",
-        f"Command: `{cmd}` (2-core CPU, shared; vLLM 0.32.0 CPU build, speculation k=4,"
-        f" greedy, concurrency 1, {a.requests} held-out prompts x {a.max_tokens} tokens). Merge option: {option};"
-        " the per-request rows serve target and draft NF4. The draft adapter is merged into the draft.",
+        f"Command: `{cmd}` (2-core CPU, shared; vLLM 0.32.0 CPU build, speculation k=4, greedy, concurrency 1,"
+        f" {a.requests} held-out prompts x {a.max_tokens} tokens). One server: the base and the per-request adapter"
+        " rows are its NF4 target with the plain NF4 draft; each merged row is a model id made by"
+        " `POST /v1/adapters/{name}/merge` (its own engine, no LoRA), its draft the adapter's draft adapter merged"
+        " into the draft. Memory: the merge job's report (served weights target + draft; resident memory of the"
+        " merged model's engine processes).",
         "",
-        "| model | acceptance (accepted / draft tokens) | output tokens/s | greedy continuations equal to per-request |",
-        "|---|---:|---:|---:|",
+        "| model | acceptance (accepted / draft tokens) | output tokens/s | greedy continuations equal to per-request"
+        " | weights MiB | engine RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
         *[
-            f"| {label} | {r['acceptance']:.3f} | {r['tokens_per_s']:.1f} | {'' if s is None else f'{s}/{a.requests}'} |"
-            for label, r, s in rows
+            f"| {label} | {r['acceptance']:.3f} | {r['tokens_per_s']:.1f} | {'' if s is None else f'{s}/{a.requests}'}"
+            f" | {mib_cell(m, 'weight_bytes', 1)} | {mib_cell(m, 'engine_rss_bytes', 0)} |"
+            for label, r, s, m in rows
+        ],
+        "",
+        "Fidelity reports of the default merges above, as the API returned them (probe prompts of"
+        " server/merge/probe.py, reference: the adapter unmerged on the NF4-dequantized base; KL in nats/token):",
+        "",
+        "| adapter | model | option | greedy agreement | mean KL |",
+        "|---|---|---|---:|---:|",
+        *[
+            f"| {name} | {part} | {key}{' (chosen)' if key == job['fidelity']['chosen'] else ''}"
+            f" | {o['greedy_agreement']:.4f} | {o['mean_kl']:.2e} |"
+            for name, job in fidelity
+            for part in ("target", "draft")
+            if part in job["fidelity"]
+            for key, o in job["fidelity"][part]["options"].items()
         ],
     ]
     print("\n".join(lines))
     if a.write:
-        record(a.write, f"merge_serving_{a.serve}", lines)
+        record(a.write, "merge_serving", lines)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ from server.auth import BearerAuth, KeyRing
 from server.engine import open_engine, set_engine_environment, vllm_namespace
 from server.errors import error_type, install_error_handlers
 from server.limits import AdmissionGate, BodyLimit
+from server.merge.service import MergeService
+from server.merge.store import MergedStore
 from server.metrics import ServerMetrics
 from server.metrics_history import SpecHistory
 from server.observability import ObservedEngine
-from server.routes import adapters, dashboard, health, openai
+from server.routes import adapters, dashboard, health, merges, openai
 from server.settings import Settings
 from server.watchdog import watch_engine
 
@@ -109,6 +111,11 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
                 app.state.adapters = await open_adapters(
                     settings, app.state.openai_serving_models, raw_engine, app.state.metrics
                 )
+                if settings.max_merged_models > 0:
+                    app.state.merges = MergeService(
+                        settings, MergedStore(settings.merged_models_dir), app.state.adapters, app.state.metrics
+                    )
+                    app.state.merges.restore()  # merged models on disk come up in the background
             app.state.ready = True
             log.info("model %s ready", settings.served_model_name)
             sampler = asyncio.create_task(app.state.spec_history.run())
@@ -119,6 +126,8 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
                 app.state.ready = False
                 watchdog.cancel()
                 sampler.cancel()
+                if getattr(app.state, "merges", None) is not None:
+                    await app.state.merges.close()
 
     app = FastAPI(
         title="qlora-spec-server",
@@ -140,6 +149,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     app.include_router(health.router)
     app.include_router(openai.router)
     app.include_router(adapters.router)
+    app.include_router(merges.router)
     app.include_router(dashboard.router)
     paths = {r.path for r in app.routes if hasattr(r, "path")}
     # Outermost last: count every response, then auth, body size, admission (server/auth.py, limits.py).

@@ -1,7 +1,7 @@
 """API keys: who may call what. Bearer tokens with two scopes, checked by one ASGI middleware.
 
 - ``inference`` keys may call the OpenAI endpoints and read adapters (``GET /v1/adapters``);
-- ``admin`` keys may do all of that and also upload and delete adapters.
+- ``admin`` keys may do all of that and also upload and delete adapters, merge them and delete merged models.
 
 Keys come from the settings (``--api-keys``, ``--admin-api-keys``, comma-separated) and/or a
 file (``--api-keys-file``: one ``inference KEY`` or ``admin KEY`` a line, ``#`` comments).
@@ -104,7 +104,9 @@ def required_scope(method: str, path: str, settings: Settings) -> Scope | None:
         return None
     if (path == "/dashboard" or path.startswith("/dashboard/")) and settings.open_dashboard:
         return None
-    if (path == "/v1/adapters" or path.startswith("/v1/adapters/")) and method not in ("GET", "HEAD"):
+    if method not in ("GET", "HEAD") and (
+        path == "/v1/adapters" or path.startswith(("/v1/adapters/", "/v1/merges/", "/v1/models/"))
+    ):  # upload/delete adapters, merge, cancel a merge, delete (unmerge) a model
         return Scope.ADMIN
     return Scope.INFERENCE
 

@@ -133,6 +133,36 @@ class ServerMetrics:
         self.adapters_served = Gauge(f"{PREFIX}_adapters_served", "Adapter names clients can request.", registry=r)
         for event in ADAPTER_EVENTS:
             self.adapter_events.labels(event)
+        # Merged models (server/merge/service.py).
+        self.merge_jobs = Counter(
+            f"{PREFIX}_merge_jobs", "Merge jobs finished, by status (succeeded, failed, cancelled).", ["status"],
+            registry=r,
+        )  # fmt: skip
+        self.merged_model_bytes = Gauge(
+            f"{PREFIX}_merged_model_bytes",
+            "What a served merged model costs, bytes: weight (served weights, target + draft), kv_cache "
+            "(reserved KV cache), engine_rss (resident memory of its engine processes), disk.",
+            ["model", "kind"],
+            registry=r,
+        )
+        for status in ("succeeded", "failed", "cancelled"):
+            self.merge_jobs.labels(status)
+
+    MERGED_KINDS = {"weight": "weight_bytes", "kv_cache": "kv_cache_bytes", "engine_rss": "engine_rss_bytes",
+                    "disk": "disk_bytes"}  # fmt: skip
+
+    def set_merged(self, model: str, memory: dict) -> None:
+        """Export merged model ``model``'s memory report (server/merge/service.py, bytes)."""
+        for kind, key in self.MERGED_KINDS.items():
+            self.merged_model_bytes.labels(model, kind).set(memory[key])
+
+    def forget_merged(self, model: str) -> None:
+        """Drop merged model ``model``'s memory series (it was deleted, or never came up)."""
+        for kind in self.MERGED_KINDS:
+            try:
+                self.merged_model_bytes.remove(model, kind)
+            except KeyError:
+                pass
 
     def touch(self, model: str, adapter: str | None, num_spec_tokens: int) -> None:
         """Create the per-request series of (``model``, ``adapter``) at zero, so Prometheus's

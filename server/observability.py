@@ -69,6 +69,7 @@ class ObservedEngine:
         self._engine = engine
         self._metrics = metrics
         self._model = model
+        self.active = 0  # generate() calls running now (a merged model is shut down only when 0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -83,6 +84,7 @@ class ObservedEngine:
         req = _Request(getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA)
         status = "aborted"  # until the engine says finished; a client disconnect closes us early
         self._metrics.in_flight.labels(*labels).inc()
+        self.active += 1
         try:
             async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
                 req.see(out)
@@ -93,6 +95,7 @@ class ObservedEngine:
             status = "error"
             raise
         finally:
+            self.active -= 1
             self._metrics.in_flight.labels(*labels).dec()
             self._record(labels, req, status)
 

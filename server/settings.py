@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     seed_adapters_dir: Path | None = Field(
         REPO_ROOT / "adapters", description="adapter folders stored and served at start if not stored yet"
     )
+    merged_models_dir: Path = Field(
+        REPO_ROOT / "var" / "merged", description="where merged models are stored (survives restarts)"
+    )
+    max_merged_models: int = Field(
+        2, ge=0, le=64, description="merged models served at once, each on its own engine (0: merging off)"
+    )
     max_adapter_bytes: int = Field(
         256 * 2**20, ge=1024, description="largest adapter upload, and largest archive expansion (bytes)"
     )

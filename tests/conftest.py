@@ -24,11 +24,13 @@ ADAPTERS = ("austen", "stdlib-docs")  # shipped in adapters/, seeded into every 
 def launch(name: str, *args: str, store: Path | None = None) -> ServerProcess:
     """Start ``python -m server ARGS`` with logs in ``LOG_DIR/name.log``.
 
-    Each server gets its own adapter store (a fresh temporary folder unless
-    ``store`` is given), so tests never touch the repository's ``var/``.
+    Each server gets its own adapter store and merged-model folder (fresh
+    temporary folders; ``store`` is the adapter store, its merged models go
+    beside it in ``<store>-merged``), so tests never touch the repository's ``var/``.
     """
     store = store or Path(tempfile.mkdtemp(prefix=f"qserve-store-{name}-"))
-    return start_server(list(args), LOG_DIR / f"{name}.log", env={"QSERVE_ADAPTER_STORE_DIR": str(store)})
+    env = {"QSERVE_ADAPTER_STORE_DIR": str(store), "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
+    return start_server(list(args), LOG_DIR / f"{name}.log", env=env)
 
 
 @pytest.fixture(scope="session")

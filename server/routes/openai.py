@@ -7,6 +7,7 @@ state, and turn its result into a response with our error envelope.
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, Request
@@ -16,7 +17,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
-from server.errors import BadRequest, ServiceUnavailable, from_vllm
+from server.errors import BadRequest, NotFound, ServiceUnavailable, from_vllm
 from server.limits import check_sampling
 
 router = APIRouter(tags=["openai"])
@@ -32,13 +33,15 @@ _ERRORS = {
 }
 
 
-def _handler(raw_request: Request, attr: str):
-    """The vLLM serving object stored under ``attr`` in the app state.
+def _handler(raw_request: Request, attr: str, model: str | None = None):
+    """The vLLM serving object stored under ``attr`` for ``model``: a merged model's own, else the app's.
 
     Raises:
-        ServiceUnavailable: while the engine is still loading.
+        ServiceUnavailable: while the engine (or ``model``'s merge) is still loading.
     """
-    handler = getattr(raw_request.app.state, attr, None)
+    merges = getattr(raw_request.app.state, "merges", None)
+    state = merges.serving_state(model) if merges is not None else None
+    handler = getattr(state if state is not None else raw_request.app.state, attr, None)
     if handler is None:
         raise ServiceUnavailable("the engine is still loading; retry when GET /ready returns 200")
     return handler
@@ -77,7 +80,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
     """Create a text completion (OpenAI Completions API), streamed with ``stream: true``."""
     refuse_ignored_fields(request)
     check_sampling(request.n, raw_request.app.state.settings)
-    handler = _handler(raw_request, "openai_serving_completion")
+    handler = _handler(raw_request, "openai_serving_completion", request.model)
     return _respond(await handler.create_completion(request, raw_request))
 
 
@@ -86,12 +89,32 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
 async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
     """Create a chat completion (OpenAI Chat Completions API), streamed with ``stream: true``."""
     check_sampling(request.n, raw_request.app.state.settings)
-    handler = _handler(raw_request, "openai_serving_chat")
+    handler = _handler(raw_request, "openai_serving_chat", request.model)
     return _respond(await handler.create_chat_completion(request, raw_request))
 
 
 @router.get("/v1/models")
 async def list_models(raw_request: Request):
-    """List the served models: the base model and every loaded adapter."""
+    """List the served models: the base model, every loaded adapter and every merged model."""
     handler = _handler(raw_request, "openai_serving_models")
-    return JSONResponse((await handler.show_available_models()).model_dump())
+    listing = (await handler.show_available_models()).model_dump()
+    merges = getattr(raw_request.app.state, "merges", None)
+    if merges is not None:
+        listing["data"] += await merges.cards()
+    return JSONResponse(listing)
+
+
+@router.get("/v1/models/{model}")
+async def retrieve_model(raw_request: Request, model: str):
+    """One entry of :func:`list_models` (OpenAI's retrieve model).
+
+    Raises:
+        NotFound: ``model`` is not served (the served ids are named).
+    """
+    listing = (await list_models(raw_request)).body
+    data = json.loads(listing)["data"]
+    for card in data:
+        if card["id"] == model:
+            return card
+    known = ", ".join(c["id"] for c in data)
+    raise NotFound(f"model {model!r} does not exist (served models: {known})", param="model")

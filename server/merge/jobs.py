@@ -1,0 +1,119 @@
+"""Merge jobs: the resource a client polls while an adapter is merged (``/v1/merges``).
+
+Modelled on OpenAI's fine-tuning jobs (``status``, ``created_at``,
+``finished_at``, ``error``, ``POST .../cancel``). A job moves
+``queued -> running -> succeeded | failed | cancelled``; while running,
+``stage`` names the step and ``progress`` is its fraction done (0..1).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.merge.nf4 import MergeBase
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class Precision(StrEnum):
+    """How a merged model is served."""
+
+    BF16 = "bf16"  # the stored bf16 merge as is
+    NF4 = "nf4"  # re-quantized in flight by vLLM's bitsandbytes loader
+
+
+class MergeCancelled(Exception):
+    """Raised inside a merge step when its job was cancelled."""
+
+
+class MergeRequest(BaseModel):
+    """Body of ``POST /v1/adapters/{name}/merge``.
+
+    ``precision``: how the merged target (and draft) are served: ``bf16`` (the
+    stored merge as is) or ``nf4`` (re-quantized in flight by vLLM's bitsandbytes
+    loader, blocksize 64). ``merge_base``: the base weights the LoRA delta is added
+    to: ``nf4`` (the NF4-dequantized base, which a QLoRA adapter was trained
+    against) or ``bf16`` (the original checkpoint). Defaults: the option the
+    fidelity numbers pick (BENCHMARKS.md, "Merge fidelity").
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="model id of the merged model (default '<adapter>-merged')", pattern=r"^[A-Za-z0-9._-]{1,64}$"
+    )
+    precision: Precision = Field(Precision.BF16, description="serving precision: bf16 or nf4")
+    merge_base: MergeBase = Field(MergeBase.NF4, description="base weights the delta is added to: nf4 or bf16")
+
+
+@dataclass
+class MergeJob:
+    """One merge: what is merged, how, and how far it got."""
+
+    adapter: str
+    adapter_version: int
+    model: str
+    merge_base: MergeBase
+    precision: Precision
+    restored: bool = False  # a merged model found on disk at start: only its engine is started
+    id: str = field(default_factory=lambda: "merge-" + uuid.uuid4().hex[:16])
+    status: JobStatus = JobStatus.QUEUED
+    stage: str = "queued"
+    progress: float = 0.0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    draft: str | None = None  # what the merged model's draft is
+    fidelity: dict | None = None
+    memory: dict | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def check(self) -> None:
+        """Raise :class:`MergeCancelled` if the job was cancelled (called between steps, from any thread)."""
+        if self.cancel_event.is_set():
+            raise MergeCancelled(f"merge job {self.id} was cancelled")
+
+    def advance(self, stage: str, progress: float) -> None:
+        """Enter ``stage`` at ``progress`` (0..1)."""
+        self.stage, self.progress = stage, progress
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as the API returns it (times in Unix seconds)."""
+        return {
+            "id": self.id,
+            "object": "merge.job",
+            "adapter": self.adapter,
+            "adapter_version": self.adapter_version,
+            "model": self.model,
+            "merge_base": self.merge_base.value,
+            "precision": self.precision.value,
+            "restored": self.restored,
+            "status": self.status.value,
+            "stage": self.stage,
+            "progress": round(self.progress, 3),
+            "cancel_requested": self.cancel_event.is_set() and self.status not in FINAL,
+            "created_at": int(self.created_at),
+            "started_at": None if self.started_at is None else int(self.started_at),
+            "finished_at": None if self.finished_at is None else int(self.finished_at),
+            "error": None if self.error is None else {"message": self.error},
+            "draft": self.draft,
+            "fidelity": self.fidelity,
+            "memory": self.memory,
+        }

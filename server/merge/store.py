@@ -1,0 +1,108 @@
+"""Merged models on disk: one folder per merged model id, written whole or not at all.
+
+Layout under ``root`` (``--merged-models-dir``)::
+
+    <model id>/merge.json          what was merged, how, the fidelity report
+    <model id>/adapter/            the adapter files merged (a copy: the adapter may change later)
+    <model id>/target/             merged target checkpoint (server/merge/checkpoint.py)
+    <model id>/draft/              merged draft checkpoint, when the adapter has a draft adapter
+    .staging/<job id>/             a merge being built; renamed to <model id> when complete
+    .trash/                        a merged model being deleted
+
+A folder appears under its model id only by one ``rename`` of a complete staging
+folder (its ``merge.json`` written last), so a crash, failure or cancellation at
+any point leaves either the whole merged model or nothing; staging and trash
+leftovers are removed when the store is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from server.adapters.store import fsync_dir
+
+log = logging.getLogger(__name__)
+MANIFEST_FILE = "merge.json"
+
+
+class MergedStore:
+    """Merged model folders under ``root``. Not thread-safe: the merge service serialises writes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.staging = self.root / ".staging"
+        self.trash = self.root / ".trash"
+        for d in (self.root, self.staging, self.trash):
+            d.mkdir(parents=True, exist_ok=True)
+        for d in (self.staging, self.trash):  # a crash mid-merge or mid-delete: never visible, drop it
+            for child in d.iterdir():
+                log.info("removing leftover %s", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+    def new_staging_dir(self, job_id: str) -> Path:
+        """A fresh empty folder to build job ``job_id``'s merged model in."""
+        path = self.staging / job_id
+        path.mkdir()
+        return path
+
+    def discard(self, staging_dir: Path) -> None:
+        """Remove a staging folder (failed or cancelled merge)."""
+        shutil.rmtree(staging_dir, ignore_errors=True)
+
+    def path(self, model_id: str) -> Path:
+        """The folder of merged model ``model_id`` (it may not exist)."""
+        return self.root / model_id
+
+    def commit(self, staging_dir: Path, model_id: str, manifest: dict) -> Path:
+        """Write ``manifest`` into ``staging_dir``, make it durable, rename it to ``model_id``'s folder.
+
+        Returns the final folder.
+
+        Raises:
+            FileExistsError: if ``model_id`` already has a folder (nothing is changed then).
+            OSError: if the disk write fails.
+        """
+        final = self.path(model_id)
+        if final.exists():
+            raise FileExistsError(f"merged model folder {final} already exists")
+        manifest_path = staging_dir / MANIFEST_FILE
+        with open(manifest_path, "w") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(staging_dir)
+        os.rename(staging_dir, final)
+        fsync_dir(self.root)
+        return final
+
+    def delete(self, model_id: str) -> None:
+        """Remove ``model_id``'s folder: renamed into the trash first (one atomic step), then deleted."""
+        src = self.path(model_id)
+        if not src.exists():
+            return
+        dst = self.trash / f"{model_id}-{uuid.uuid4().hex[:8]}"
+        os.rename(src, dst)
+        fsync_dir(self.root)
+        shutil.rmtree(dst, ignore_errors=True)
+
+    def load_all(self) -> list[dict]:
+        """The manifests of every complete merged model, by model id; unreadable ones are logged and skipped."""
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            try:
+                out.append(json.loads((d / MANIFEST_FILE).read_text()))
+            except (OSError, ValueError) as exc:
+                log.error("merged model folder %s not served: unreadable %s (%s)", d, MANIFEST_FILE, exc)
+        return out
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of all files under ``path`` (disk use of a merged model)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -1,0 +1,197 @@
+"""The merge service's job lifecycle on real merges of the demo models, with the engine start and the
+fidelity report faked (tests/merge/service_fakes.py); tests/test_merge_api.py runs the real ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.errors import BadRequest, NotFound
+from server.merge import probe
+from server.merge.checkpoint import read_state
+from server.merge.jobs import JobStatus, MergeRequest
+from server.merge.nf4 import MergeBase, base_weights
+from server.merge.service import Conflict, MergeService
+from server.merge.store import MANIFEST_FILE, MergedStore
+from server.metrics import ServerMetrics
+from server.process import REPO_ROOT
+from server.settings import Settings
+from tests.merge.service_fakes import BlockingReport, FakeRegistry, fake_report, fake_serve
+
+AUSTEN = REPO_ROOT / "adapters" / "austen"
+
+
+@pytest.fixture
+def zero_adapter(tmp_path):
+    """austen's config and A factors with every B = 0 (and no draft adapter): a delta of exactly zero."""
+    d = tmp_path / "zero"
+    d.mkdir()
+    shutil.copyfile(AUSTEN / "adapter_config.json", d / "adapter_config.json")
+    t = load_file(AUSTEN / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in t.items()}, d / "adapter_model.safetensors")
+    return d
+
+
+def make_service(tmp_path, monkeypatch, adapters, serve_fails=False, report=fake_report, **settings):
+    engines = []
+    monkeypatch.setattr(probe, "fidelity_report", report)
+    monkeypatch.setattr(MergeService, "_serve", fake_serve(engines, fail=serve_fails))
+    s = Settings(merged_models_dir=tmp_path / "merged", adapter_store_dir=tmp_path / "store", **settings)
+    service = MergeService(s, MergedStore(s.merged_models_dir), FakeRegistry(adapters), ServerMetrics())
+    return service, engines
+
+
+async def finished(service: MergeService) -> None:
+    await asyncio.wait_for(asyncio.gather(*service._tasks), timeout=300)
+
+
+def left_behind(service: MergeService) -> list[str]:
+    """Everything under the merged-models folder (hidden staging/trash contents included)."""
+    root = service.store.root
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name not in (".staging", ".trash"))
+
+
+def test_merge_commits_a_whole_folder_and_serves_it(tmp_path, monkeypatch):
+    async def go():
+        service, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        job = service.submit("austen", MergeRequest())
+        assert job.to_json()["status"] == "queued" and job.model == "austen-merged"
+        await finished(service)
+        assert job.status is JobStatus.SUCCEEDED and job.progress == 1.0, job.error
+        folder = service.store.path("austen-merged")
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        assert manifest["merge_base"] == "nf4" and manifest["precision"] == "bf16"
+        assert (folder / "target" / "model.safetensors").is_file() and (
+            folder / "draft" / "model.safetensors"
+        ).is_file()
+        assert job.draft.startswith("merged") and job.fidelity["chosen"] == "merge_base=nf4,precision=bf16"
+        assert job.fidelity["within_bound"] is True and set(job.fidelity) >= {"target", "draft", "bound"}
+        assert service.serving_state("austen-merged") is None  # the fake engine has no handler state
+        assert "austen-merged" in service.models and len(engines) == 1
+        assert service.serving_state("demo-target") is None and service.serving_state("nope") is None
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("merge_base", [MergeBase.BF16, MergeBase.NF4])
+def test_zero_adapter_merge_is_bit_identical_to_its_base(tmp_path, monkeypatch, zero_adapter, merge_base):
+    """B = 0: the merged target is the base bit for bit: the bf16 checkpoint, or the NF4-dequantized base."""
+
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"zero": zero_adapter})
+        job = service.submit("zero", MergeRequest(merge_base=merge_base))
+        await finished(service)
+        assert job.status is JobStatus.SUCCEEDED, job.error
+        assert job.draft.startswith("plain")  # no draft adapter: the base draft serves it
+        merged = read_state(service.store.path("zero-merged") / "target")
+        base = base_weights(read_state(REPO_ROOT / "models" / "target"), merge_base)
+        assert merged.keys() == base.keys()
+        for name, w in base.items():
+            assert merged[name].dtype == w.dtype and torch.equal(merged[name].view(torch.int16), w.view(torch.int16)), (
+                name
+            )
+
+    asyncio.run(go())
+
+
+def test_cancel_while_running_leaves_nothing(tmp_path, monkeypatch):
+    report = BlockingReport()
+
+    async def go():
+        service, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN}, report=report)
+        job = service.submit("austen", MergeRequest())
+        for _ in range(600):
+            if report.entered.is_set():
+                break
+            await asyncio.sleep(0.1)
+        assert job.status is JobStatus.RUNNING and job.stage.startswith("fidelity")
+        assert service.cancel(job.id).to_json()["cancel_requested"] is True
+        await finished(service)
+        assert job.status is JobStatus.CANCELLED
+        assert left_behind(service) == [] and service.models == {} and engines == []
+        with pytest.raises(Conflict, match="already cancelled"):
+            service.cancel(job.id)
+
+    asyncio.run(go())
+
+
+def test_cancel_queued_job_and_the_first_still_finishes(tmp_path, monkeypatch):
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN, "b": AUSTEN})
+        first = service.submit("austen", MergeRequest())
+        second = service.submit("b", MergeRequest())
+        assert service.cancel(second.id).status is JobStatus.CANCELLED  # queued: cancelled at once
+        await finished(service)
+        assert first.status is JobStatus.SUCCEEDED and second.status is JobStatus.CANCELLED
+        assert sorted(p.name for p in service.store.root.iterdir()) == [".staging", ".trash", "austen-merged"]
+
+    asyncio.run(go())
+
+
+def test_failed_engine_start_leaves_nothing(tmp_path, monkeypatch):
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN}, serve_fails=True)
+        job = service.submit("austen", MergeRequest())
+        await finished(service)
+        assert job.status is JobStatus.FAILED and "engine core initialization failed" in job.error
+        assert left_behind(service) == [] and service.models == {}
+        assert job.to_json()["error"] == {"message": job.error}
+
+    asyncio.run(go())
+
+
+def test_delete_frees_the_model_and_its_folder(tmp_path, monkeypatch):
+    async def go():
+        service, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        service.submit("austen", MergeRequest(model="m1"))
+        await finished(service)
+        out = await service.delete("m1")
+        assert out["deleted"] is True and out["freed"]["weight_bytes"] == 1
+        assert engines[0].shutdowns == 1 and service.models == {} and left_behind(service) == []
+        with pytest.raises(NotFound, match="not a merged model"):
+            await service.delete("m1")
+        with pytest.raises(NotFound, match="base model cannot be deleted"):
+            await service.delete("demo-target")
+        with pytest.raises(NotFound, match="it is an adapter"):
+            await service.delete("austen")
+
+    asyncio.run(go())
+
+
+def test_submit_refuses_what_cannot_be_merged(tmp_path, monkeypatch):
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN, "b": AUSTEN}, max_merged_models=1)
+        with pytest.raises(NotFound):
+            service.submit("nope", MergeRequest())
+        for taken in ("demo-target", "b"):
+            with pytest.raises(BadRequest, match="already the base model's or an adapter's name"):
+                service.submit("austen", MergeRequest(model=taken))
+        service.submit("austen", MergeRequest())
+        with pytest.raises(Conflict, match="already a merged model or being merged"):
+            service.submit("b", MergeRequest(model="austen-merged"))
+        with pytest.raises(Conflict, match="--max-merged-models is 1"):
+            service.submit("b", MergeRequest())
+        await finished(service)
+
+    asyncio.run(go())
+
+
+def test_restart_restores_merged_models(tmp_path, monkeypatch):
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        service.submit("austen", MergeRequest(precision="nf4", merge_base="bf16"))
+        await finished(service)
+        again, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        again.restore()
+        await finished(again)
+        (job,) = again.list()
+        assert job.restored and job.status is JobStatus.SUCCEEDED and job.precision == "nf4"
+        assert list(again.models) == ["austen-merged"] and len(engines) == 1
+        assert job.fidelity["chosen"] == "merge_base=bf16,precision=nf4"
+
+    asyncio.run(go())
