@@ -44,14 +44,14 @@ def test_kubernetes_pieces_fit_together():
     assert server["livenessProbe"]["httpGet"]["path"] == "/health"
     assert pod["securityContext"]["runAsNonRoot"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert (
-        volumes["adapters"]["persistentVolumeClaim"]["claimName"]
-        == by_kind["PersistentVolumeClaim"]["metadata"]["name"]
-    )
+    claims = {d["metadata"]["name"] for d in _manifests() if d["kind"] == "PersistentVolumeClaim"}
+    assert {volumes[v]["persistentVolumeClaim"]["claimName"] for v in ("adapters", "merged")} == claims
+    assert len(claims) == 2  # adapters and merged models each on their own claim
     assert volumes["keys"]["secret"]["secretName"] == by_kind["Secret"]["metadata"]["name"]
     mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
     config = next(d for d in _manifests() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "qserve-config")
     assert config["data"]["QSERVE_ADAPTER_STORE_DIR"] == mounts["adapters"]
+    assert config["data"]["QSERVE_MERGED_MODELS_DIR"] == mounts["merged"]
     assert config["data"]["QSERVE_API_KEYS_FILE"].startswith(mounts["keys"] + "/")
     assert pod["terminationGracePeriodSeconds"] > int(config["data"]["QSERVE_SHUTDOWN_GRACE_S"])
     hpa = by_kind["HorizontalPodAutoscaler"]["spec"]
@@ -98,6 +98,10 @@ def test_compose_wires_server_prometheus_grafana():
         server["secrets"] == ["api_keys"] and server["environment"]["QSERVE_API_KEYS_FILE"] == "/run/secrets/api_keys"
     )
     assert any(v.startswith("adapters:") for v in server["volumes"])
+    assert (
+        "merged:/data/merged" in server["volumes"]
+        and server["environment"]["QSERVE_MERGED_MODELS_DIR"] == "/data/merged"
+    )
     assert "/health" in " ".join(server["healthcheck"]["test"])
     assert (DEPLOY / "secrets" / "api_keys.example.txt").is_file()
     prometheus, grafana = services["prometheus"], services["grafana"]
