@@ -7,11 +7,11 @@
 FROM python:3.11-slim
 ARG VARIANT=cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 VLLM_CPU_KVCACHE_SPACE=1 \
-    QSERVE_HOST=0.0.0.0 QSERVE_PORT=8000 QSERVE_ADAPTER_STORE_DIR=/data/adapters
+    QSERVE_HOST=0.0.0.0 QSERVE_PORT=8000 QSERVE_ADAPTER_STORE_DIR=/data/adapters QSERVE_MERGED_MODELS_DIR=/data/merged
 RUN apt-get update && apt-get install -y --no-install-recommends curl libnuma1 libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 app \
-    && mkdir -p /data/adapters && chown -R app:app /data
+    && mkdir -p /data/adapters /data/merged && chown -R app:app /data
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
@@ -22,7 +22,7 @@ RUN pip install ".[${VARIANT}]" \
     && (pip uninstall -y torchvision torchaudio torchcodec || true)
 # Non-root from here on; the adapter store is a volume the app user owns.
 USER app
-VOLUME ["/data/adapters"]
+VOLUME ["/data/adapters", "/data/merged"]
 EXPOSE 8000
 # SIGTERM (docker stop): stop accepting, finish in-flight requests for QSERVE_SHUTDOWN_GRACE_S, exit 0.
 # A dead engine exits 3: run with a restart policy.
