@@ -41,8 +41,10 @@ def _section(a: argparse.Namespace, reports: list[dict], levels: list[float]) ->
         f"## Load: scenario `{a.scenario}`",
         "",
         f"Command: `{cmd}` (our server, default settings; 2 shared CPU cores, noisy). Streamed requests,"
-        " half chat half completions, greedy, ignore_eos. Acceptance = accepted / draft tokens from /metrics"
-        " over each run (not per adapter: vLLM's counters carry no adapter label).",
+        " half chat half completions, greedy, ignore_eos. Acceptance = accepted / draft tokens, /metrics deltas"
+        " over each run: on the `all` row engine-wide (vLLM's `vllm:spec_decode_*`, churn client included), on"
+        " a model row that model's own (our `qserve_spec_decode_*_tokens_total` by `adapter`; empty where the"
+        " server has no such series).",
         "",
         *report.markdown(reports),
     ]

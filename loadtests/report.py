@@ -40,17 +40,39 @@ def model_group(model: str) -> str:
     return "churn" if model.startswith("churn-") else model
 
 
+def acceptance(models: set[str], spec_per_model: dict[str, dict]) -> dict:
+    """Draft and accepted tokens and acceptance rate of ``models`` summed, from our per-model counter deltas
+    (``server["spec_per_model"]``, see ``loadtests.scrape.spec_per_model``).
+
+    All three are None when any of ``models`` has no series of its own (vLLM's
+    server; an adapter counted under ``(other)``): unknown, not 0. The rate alone
+    is None when nothing was drafted (speculation off).
+    """
+    if not models or not models <= spec_per_model.keys():
+        return {"spec_draft_tokens": None, "spec_accepted_tokens": None, "acceptance_rate": None}
+    draft = sum(spec_per_model[m]["draft_tokens"] for m in models)
+    accepted = sum(spec_per_model[m]["accepted_tokens"] for m in models)
+    rate = accepted / draft if draft else None
+    return {"spec_draft_tokens": draft, "spec_accepted_tokens": accepted, "acceptance_rate": rate}
+
+
 def run_report(name: str, load: dict, result: RunResult) -> dict:
-    """One scenario's report: totals, a breakdown per model, /metrics deltas (incl. acceptance rate), churn."""
+    """One scenario's report: totals, a breakdown per model (incl. its acceptance rate from our per-adapter
+    counters), /metrics deltas (incl. the engine-wide acceptance rate from vLLM's counters), churn."""
     by_model: dict[str, list[Outcome]] = {}
     for o in result.outcomes:
         by_model.setdefault(model_group(o.job.model), []).append(o)
+    spec = result.server.get("spec_per_model", {})
+    per_model = {
+        m: summarize(os, result.wall_s) | acceptance({o.job.model for o in os}, spec)
+        for m, os in sorted(by_model.items())
+    }
     return {
         "scenario": name,
         "load": load,
         "wall_s": result.wall_s,
         "total": summarize(result.outcomes, result.wall_s),
-        "per_model": {m: summarize(os, result.wall_s) for m, os in sorted(by_model.items())},
+        "per_model": per_model,
         "server": result.server,
         "churn": result.churn,
         "errors_sample": sorted({o.out.error.splitlines()[-1][:200] for o in result.outcomes if o.out.error})[:5],
@@ -65,8 +87,17 @@ def _pc(s: dict, key: str) -> str:
     return "/".join(_f(s[key][q], ".0f") for q in ("p50", "p90", "p99"))
 
 
+def _acc_cell(s: dict) -> str:
+    """A model row's acceptance: empty when the server has no per-adapter counters for it, "-" when nothing
+    was drafted."""
+    return "" if s.get("spec_draft_tokens") is None else _f(s["acceptance_rate"], ".3f")
+
+
 def markdown(reports: list[dict]) -> list[str]:
-    """Markdown table lines: one row per scenario (and per model within it when there are several)."""
+    """Markdown table lines: one row per scenario (and per model within it when there are several).
+
+    Acceptance on the "all" row is engine-wide (vLLM's counters); on a model row it is that model's (ours).
+    """
     lines = [
         "| scenario | load | model | requests | errors | out tok/s | req/s | TTFT p50/p90/p99 ms"
         " | ITL p50/p90/p99 ms | E2E p50/p90/p99 ms | acceptance |",
@@ -78,7 +109,7 @@ def markdown(reports: list[dict]) -> list[str]:
         if len(r["per_model"]) > 1:
             rows += list(r["per_model"].items())
         for model, s in rows:
-            acc = _f(r["server"]["acceptance_rate"], ".3f") if model == "all" else ""
+            acc = _f(r["server"]["acceptance_rate"], ".3f") if model == "all" else _acc_cell(s)
             lines.append(
                 f"| {r['scenario']} | {load} | {model} | {s['requests']} | {s['errors']} | "
                 f"{s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | {_pc(s, 'ttft_ms')} | "
