@@ -11,12 +11,14 @@ Layout under the store directory::
 
 A version becomes visible only by one ``os.rename`` of a complete, fsynced
 staging folder, so a crash at any moment leaves either the whole version or
-none of it (the draft adapter included: it is in the same folder). Deletion renames ``<name>`` into ``.trash`` first for the same reason.
+none of it, its draft adapter included. Deletion renames ``<name>`` into
+``.trash`` first for the same reason.
 
-``<digest>`` (12 hex digits of a sha256 over the config and weights, the draft's too) makes a folder
-name unique to its content: vLLM keys its prefix cache on the adapter's name
-and path, so a name deleted and uploaded again with other weights (version
-numbers restart) must never come back under a path that cached KV belongs to.
+``<digest>`` (12 hex digits of a sha256 over the config and weights, and the
+draft's when there is one) makes a folder name unique to its content: vLLM
+keys its prefix cache on the adapter's name and path, so a name deleted and
+uploaded again with other weights (version numbers restart) must never come
+back under a path that cached KV belongs to.
 """
 
 from __future__ import annotations
