@@ -64,8 +64,14 @@ class _CountRequests:
 
 
 async def open_adapters(settings: Settings, serving_models, engine, metrics: ServerMetrics) -> AdapterRegistry:
-    """Open the adapter store, serve what it holds, then seed the shipped adapters not stored yet."""
+    """Open the adapter store, serve what it holds, then seed the shipped adapters not stored yet.
+
+    Draft adapters must fit the draft model; without one (speculation off) they are refused.
+    """
     base_config = json.loads((settings.model / "config.json").read_text())
+    draft_shape = None
+    if settings.speculation and settings.draft_model is not None:
+        draft_shape = BaseShape.from_config(json.loads((settings.draft_model / "config.json").read_text()))
     registry = AdapterRegistry(
         AdapterStore(settings.adapter_store_dir),
         serving_models,
@@ -75,6 +81,7 @@ async def open_adapters(settings: Settings, serving_models, engine, metrics: Ser
         settings.max_lora_rank,
         settings.max_adapter_bytes,
         metrics,
+        draft_shape=draft_shape,
     )
     await registry.restore()
     if settings.seed_adapters_dir is not None:

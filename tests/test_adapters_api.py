@@ -1,4 +1,5 @@
-"""Adapters end to end on a real server: shipped adapters, upload, versions, delete, restart, mixed batches."""
+"""Adapters end to end on a real server: shipped adapters, upload (with a draft adapter), versions, delete,
+restart, mixed batches."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.adapters.store import sha256_file
 from server.process import REPO_ROOT
 from tests.conftest import ADAPTERS, MODEL, launch
 
@@ -27,9 +29,25 @@ def complete(base_url: str, model: str, prompt: str, max_tokens: int = 16) -> st
     return r.json()["choices"][0]["text"]
 
 
-def upload(base_url: str, name: str, folder: Path) -> httpx.Response:
-    files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def upload(base_url: str, name: str, folder: Path, draft: Path | None = None) -> httpx.Response:
+    """POST the adapter in ``folder`` as ``files`` and, if given, the one in ``draft`` as ``draft_files``."""
+    files = [("files", (f, (folder / f).read_bytes())) for f in PEFT_FILES]
+    files += [("draft_files", (f, (draft / f).read_bytes())) for f in PEFT_FILES if draft is not None]
     return httpx.post(base_url + "/v1/adapters", data={"name": name}, files=files, timeout=120)
+
+
+def draft_of(folder: Path) -> dict:
+    """What the server should report as the ``draft`` of the shipped adapter in ``folder``."""
+    return {
+        "rank": 16,
+        "alpha": 32.0,
+        "target_modules": sorted(json.loads((folder / "draft/adapter_config.json").read_text())["target_modules"]),
+        "size_bytes": sum((folder / "draft" / f).stat().st_size for f in PEFT_FILES),
+        "sha256": sha256_file(folder / "draft/adapter_model.safetensors"),
+    }
 
 
 def test_shipped_adapters_are_served_and_listed_with_the_base_as_parent(client, base_url):
@@ -41,6 +59,32 @@ def test_shipped_adapters_are_served_and_listed_with_the_base_as_parent(client, 
     by_name = {a["name"]: a for a in listed}
     assert by_name["austen"]["rank"] == 16 and by_name["austen"]["base_model"] == MODEL
     assert set(by_name["austen"]["target_modules"]) >= {"q_proj", "v_proj"}
+
+
+def test_shipped_adapters_report_their_draft(base_url):
+    by_name = {a["name"]: a for a in httpx.get(base_url + "/v1/adapters").json()["data"]}
+    for name in ADAPTERS:
+        assert by_name[name]["draft"] == draft_of(REPO_ROOT / "adapters" / name)
+
+
+def test_upload_with_draft_files_shows_the_draft_and_serves(base_url):
+    austen, stdlib = REPO_ROOT / "adapters/austen", REPO_ROOT / "adapters/stdlib-docs"
+    prompt = "It is a truth universally acknowledged"
+    r = upload(base_url, "paired", stdlib, draft=austen / "draft")  # any draft-shaped adapter will do
+    assert r.status_code == 201, r.text
+    assert r.json()["draft"] == draft_of(austen) and r.json()["sha256"] == sha256_file(stdlib / PEFT_FILES[1])
+    assert httpx.get(base_url + "/v1/adapters/paired").json()["draft"] == draft_of(austen)
+    # vLLM loads the adapter from the version folder; the draft/ beside it changes nothing
+    assert complete(base_url, "paired", prompt) == complete(base_url, "stdlib-docs", prompt)
+
+    r = upload(base_url, "paired", austen, draft=stdlib)  # the target's shapes as a draft: refused
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "draft_files" and error["message"].startswith("draft adapter: ")
+    assert "the draft model (hidden_size 192" in error["message"]
+    assert httpx.get(base_url + "/v1/adapters/paired").json()["version"] == 1  # untouched
+    assert complete(base_url, "paired", prompt) == complete(base_url, "stdlib-docs", prompt)
+    assert httpx.delete(base_url + "/v1/adapters/paired").status_code == 200
 
 
 def test_adapters_change_the_output(base_url, prompts):
@@ -134,6 +178,10 @@ def test_uploaded_adapter_survives_a_restart(tmp_path):
     first = launch("restart-1", "--no-speculation", "--seed-adapters-dir", "null", store=store)
     try:
         assert upload(first.base_url, "kept", REPO_ROOT / "adapters/stdlib-docs").status_code == 201
+        austen = REPO_ROOT / "adapters/austen"
+        r = upload(first.base_url, "with-draft", austen, draft=austen / "draft")  # no draft model here
+        assert r.status_code == 400 and r.json()["error"]["param"] == "draft_files"
+        assert "speculation is off" in r.json()["error"]["message"]
         before = complete(first.base_url, "kept", "Return the")
     finally:
         assert first.stop() == 0

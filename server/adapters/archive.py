@@ -3,7 +3,9 @@
 Refused: entries that escape the folder (absolute paths, ``..``), links and
 devices, more than ``MAX_ENTRIES`` entries, and archives whose files expand
 past ``max_bytes`` in total (checked while extracting, not trusted from headers).
-Nested folders are flattened only when every file sits in one top-level folder.
+One top-level folder shared by every entry is dropped. Below it, files sit at
+the top level or in one of the named ``subfolders`` (``draft/`` for a paired
+draft adapter); any other nesting is refused.
 """
 
 from __future__ import annotations
@@ -36,18 +38,30 @@ def _member_name(name: str) -> str:
     return str(path)
 
 
-def _strip_common_folder(names: list[str]) -> dict[str, str]:
-    """Map archive names to file names, dropping one shared top-level folder if present."""
+def _layout(names: list[str], subfolders: tuple[str, ...]) -> dict[str, str]:
+    """Map archive names to the relative paths written (``name`` or ``sub/name``).
+
+    One top-level folder shared by every entry is dropped first.
+
+    Raises:
+        AdapterInvalid: an entry nested other than in one of ``subfolders``, or a file named like one.
+    """
     parts = [PurePosixPath(n).parts for n in names]
-    if parts and all(len(p) == 2 for p in parts) and len({p[0] for p in parts}) == 1:
-        return {n: p[1] for n, p in zip(names, parts, strict=True)}
-    nested = [n for n, p in zip(names, parts, strict=True) if len(p) != 1]
-    if nested:
-        raise AdapterInvalid(f"archive entries must be files at the top level or in one folder; got {nested[0]!r}")
-    return {n: n for n in names}
+    if parts and all(len(p) >= 2 for p in parts) and len({p[0] for p in parts}) == 1:
+        parts = [p[1:] for p in parts]
+    allowed = f"files at the top level{''.join(f' or in {s}/' for s in subfolders)}, optionally inside one folder"
+    layout = {}
+    for name, p in zip(names, parts, strict=True):
+        if len(p) == 1 and p[0] in subfolders:
+            raise AdapterInvalid(f"archive entry {name!r} is a file where the {p[0]}/ folder belongs; refused")
+        if not (len(p) == 1 or (len(p) == 2 and p[0] in subfolders)):
+            raise AdapterInvalid(f"archive entries must be {allowed}; got {name!r}")
+        layout[name] = "/".join(p)
+    return layout
 
 
 def _copy_limited(src, dst: Path, budget: list[int], max_bytes: int) -> None:
+    dst.parent.mkdir(exist_ok=True)  # a subfolder such as draft/
     with open(dst, "wb") as out:
         while chunk := src.read(CHUNK):
             budget[0] += len(chunk)
@@ -56,8 +70,11 @@ def _copy_limited(src, dst: Path, budget: list[int], max_bytes: int) -> None:
             out.write(chunk)
 
 
-def extract(data: bytes, kind: str, dest: Path, max_bytes: int) -> list[str]:
-    """Extract archive ``data`` of ``kind`` into ``dest``; returns the file names written.
+def extract(data: bytes, kind: str, dest: Path, max_bytes: int, subfolders: tuple[str, ...] = ()) -> list[str]:
+    """Extract archive ``data`` of ``kind`` into ``dest``; returns the relative paths written.
+
+    A path is a file name, or ``sub/name`` for a file in one of ``subfolders`` (see the module docstring).
+    ``max_bytes`` bounds the expansion of all entries together.
 
     Raises:
         AdapterInvalid: unreadable archive, unsafe entry, too many entries, or expansion past ``max_bytes``.
@@ -75,7 +92,7 @@ def extract(data: bytes, kind: str, dest: Path, max_bytes: int) -> list[str]:
                         raise AdapterInvalid(
                             f"archive entry {m.name!r} is a link or special file; only regular files are allowed"
                         )
-                names = _strip_common_folder([_member_name(m.name) for m in members])
+                names = _layout([_member_name(m.name) for m in members], subfolders)
                 for m in members:
                     target = names[_member_name(m.name)]
                     _copy_limited(tar.extractfile(m), dest / target, budget, max_bytes)
@@ -91,7 +108,7 @@ def extract(data: bytes, kind: str, dest: Path, max_bytes: int) -> list[str]:
                         raise AdapterInvalid(
                             f"archive entry {info.filename!r} is a link or special file; only regular files are allowed"
                         )
-                names = _strip_common_folder([_member_name(i.filename) for i in infos])
+                names = _layout([_member_name(i.filename) for i in infos], subfolders)
                 for info in infos:
                     target = names[_member_name(info.filename)]
                     with zf.open(info) as src:

@@ -7,28 +7,24 @@ the base share batches. Every stored version gets its own ``lora_int_id``,
 so no engine cache (LoRA slots, CPU LRU, prefix cache) can serve a previous
 version's weights under the new one; requests already running keep the
 ``LoRARequest`` they resolved and finish on their version.
+
+An upload may carry a paired draft adapter (``server/adapters/staging.py``); it is
+stored in the version folder's ``draft/`` (:meth:`AdapterRegistry.draft_path`).
+vLLM loads the adapter from the version folder by its two file names only, so
+the subfolder does not affect loading; the draft adapter itself is not applied
+while serving (vLLM applies no LoRA to the draft model).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
-from server.adapters import archive
+from server.adapters.staging import NO_DRAFT_MODEL, DraftInvalid, Rules, Staged, Upload, stage
 from server.adapters.store import AdapterRecord, AdapterStore
-from server.adapters.validate import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    AdapterInvalid,
-    BaseShape,
-    check_files,
-    check_name,
-    check_weights,
-    parse_config,
-)
+from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE, AdapterInvalid, BaseShape, check_name
 from server.errors import ApiError, NotFound
 from server.metrics import ServerMetrics
 
@@ -41,12 +37,9 @@ class PayloadTooLarge(ApiError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
-@dataclass(frozen=True)
-class Upload:
-    """One uploaded file: its client-side file name and its bytes."""
-
-    filename: str
-    data: bytes
+def _read_folder(folder: Path) -> list[Upload]:
+    """The PEFT files of an adapter folder as uploads."""
+    return [Upload(f.name, f.read_bytes()) for f in folder.iterdir() if f.name in (CONFIG_FILE, WEIGHTS_FILE)]
 
 
 class AdapterRegistry:
@@ -62,11 +55,16 @@ class AdapterRegistry:
         max_rank: int,
         max_upload_bytes: int,
         metrics: ServerMetrics | None = None,
+        draft_shape: BaseShape | None = None,
     ) -> None:
+        """``draft_shape``: the draft model's shape, which draft adapters must fit; None when the
+        server has no draft model (draft adapters are then refused). ``max_upload_bytes`` bounds an
+        upload (adapter and draft together) and each archive's expansion."""
         self.store = store
         self.models = serving_models  # vllm OpenAIServingModels
         self.engine = engine  # vllm EngineClient
         self.base_shape = base_shape
+        self.draft_shape = draft_shape
         self.base_name = base_name
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
@@ -86,20 +84,30 @@ class AdapterRegistry:
     async def seed(self, folder: Path) -> None:
         """Store and serve each adapter folder under ``folder`` whose name is not stored yet.
 
-        An adapter that does not fit this base is logged and skipped, not fatal.
+        A ``draft/`` subfolder holding a draft adapter is stored with it when the server has a
+        draft model. An adapter that does not fit this base is logged and skipped, not fatal; a
+        draft adapter that does not fit the draft model is logged and the adapter stored without it.
         """
         if not folder.is_dir():
             return
         for d in sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()):
             if d.name in self.records:
                 continue
-            uploads = [Upload(f.name, f.read_bytes()) for f in d.iterdir() if f.name in (CONFIG_FILE, WEIGHTS_FILE)]
+            uploads = _read_folder(d)
+            drafts = _read_folder(d / DRAFT_DIR) if (d / DRAFT_DIR / CONFIG_FILE).is_file() else None
+            if drafts and self.draft_shape is None:
+                log.info("shipped adapter %s: draft adapter not stored (no draft model)", d.name)
+                drafts = None
             try:
-                rec = await self.upload(d.name, uploads)
+                try:
+                    rec = await self.upload(d.name, uploads, drafts)
+                except DraftInvalid as exc:
+                    log.error("shipped adapter %s stored without its draft adapter: %s", d.name, exc.message)
+                    rec = await self.upload(d.name, uploads)
             except AdapterInvalid as exc:  # e.g. the shipped adapters beside another base model
                 log.error("shipped adapter %s not served on %s: %s", d.name, self.base_name, exc.message)
                 continue
-            log.info("seeded adapter %s v%d from %s", rec.name, rec.version, d)
+            log.info("seeded adapter %s v%d from %s (draft: %s)", rec.name, rec.version, d, rec.draft is not None)
 
     def list(self) -> list[AdapterRecord]:
         return [self.records[n] for n in sorted(self.records)]
@@ -112,24 +120,45 @@ class AdapterRegistry:
             known = ", ".join(sorted(self.records)) or "none"
             raise NotFound(f"adapter {name!r} does not exist (stored adapters: {known})", param="name") from None
 
-    async def upload(self, name: str, files: list[Upload]) -> AdapterRecord:
-        """Validate, store and serve ``files`` as the next version of adapter ``name``.
-
-        ``files`` is either the two PEFT files or one .tar.gz/.tgz/.zip holding them.
+    def draft_path(self, name: str) -> Path | None:
+        """The folder of the current version's draft adapter (PEFT ``adapter_config.json`` and
+        ``adapter_model.safetensors`` for the draft model), or None if that version has none.
 
         Raises:
+            NotFound: no adapter is named ``name``.
+        """
+        rec = self.get(name)
+        return None if rec.draft is None else self.store.path(rec.name, rec.version) / DRAFT_DIR
+
+    async def upload(self, name: str, files: list[Upload], draft_files: list[Upload] | None = None) -> AdapterRecord:
+        """Validate, store and serve ``files`` as the next version of adapter ``name``.
+
+        ``files`` is either the two PEFT files or one .tar.gz/.tgz/.zip holding them (which may also
+        hold a ``draft/`` folder with the draft adapter). ``draft_files``: the paired draft adapter's
+        two files or one archive, or None. The draft is committed in the same rename as the adapter.
+
+        Raises:
+            DraftInvalid: (400, param ``draft_files``) a bad draft adapter, or one sent to a server
+                without a draft model; nothing is stored.
             AdapterInvalid: (400) anything wrong with the name, files or tensors; nothing is stored.
-            PayloadTooLarge: (413) files or archive expansion over ``max_upload_bytes``.
+            PayloadTooLarge: (413) files (adapter and draft together) over ``max_upload_bytes``.
         """
         check_name(name, self.base_name)
-        total = sum(len(f.data) for f in files)
-        if total > self.max_upload_bytes:
-            raise PayloadTooLarge(f"upload is {total} bytes; the limit is {self.max_upload_bytes} bytes", param="files")
+        if draft_files and self.draft_shape is None:
+            raise DraftInvalid(NO_DRAFT_MODEL)
+        size = sum(len(f.data) for f in files)
+        draft_size = sum(len(f.data) for f in draft_files or [])
+        if size + draft_size > self.max_upload_bytes:
+            parts = f" ({size} adapter + {draft_size} draft adapter)" if draft_files else ""
+            raise PayloadTooLarge(
+                f"upload is {size + draft_size} bytes{parts}; the limit is {self.max_upload_bytes} bytes",
+                param="draft_files" if draft_files and size <= self.max_upload_bytes else "files",
+            )
         async with self._lock:
             staging = self.store.new_staging_dir()
             try:
-                info = await asyncio.to_thread(self._stage, staging, files)
-                rec = await asyncio.to_thread(self.store.commit, staging, name, info, self.base_name)
+                staged = await asyncio.to_thread(stage, staging, files, draft_files, self._rules())
+                rec = await asyncio.to_thread(self._commit, staging, name, staged)
             except BaseException:
                 self.store.discard(staging)
                 raise
@@ -143,29 +172,11 @@ class AdapterRegistry:
             await self.refresh_residency()
             return rec
 
-    def _stage(self, staging: Path, files: list[Upload]) -> object:
-        """Write ``files`` into ``staging`` (unpacking an archive) and validate them."""
-        kinds = [archive.archive_kind(f.filename) for f in files]
-        if len(files) == 1 and kinds[0] is not None:
-            names = archive.extract(files[0].data, kinds[0], staging, self.max_upload_bytes)
-            check_files(names)
-        else:
-            if any(kinds):
-                raise AdapterInvalid("send either one archive or the adapter files, not both", param="files")
-            names = []
-            for f in files:
-                base = Path(f.filename.replace("\\", "/")).name
-                if not base or base in names:
-                    raise AdapterInvalid(f"file name {f.filename!r} is empty or repeated", param="files")
-                names.append(base)
-            check_files(names)  # before writing anything: refuses pickles by name
-            for f, base in zip(files, names, strict=True):
-                if base in (CONFIG_FILE, WEIGHTS_FILE):
-                    (staging / base).write_bytes(f.data)
-        for extra in set(names) - {CONFIG_FILE, WEIGHTS_FILE}:
-            (staging / extra).unlink(missing_ok=True)  # README etc. are not kept
-        cfg = parse_config((staging / CONFIG_FILE).read_bytes(), self.max_rank)
-        return check_weights(staging / WEIGHTS_FILE, cfg, self.base_shape)
+    def _rules(self) -> Rules:
+        return Rules(self.base_shape, self.draft_shape, self.max_rank, self.max_upload_bytes)
+
+    def _commit(self, staging: Path, name: str, staged: Staged) -> AdapterRecord:
+        return self.store.commit(staging, name, staged.adapter, self.base_name, staged.draft)
 
     async def _activate(self, rec: AdapterRecord) -> None:
         """Load ``rec`` into the engine under a fresh ``lora_int_id`` and make its name resolve to it."""

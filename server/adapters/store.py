@@ -4,18 +4,21 @@ Layout under the store directory::
 
     <name>/v<N>-<digest>/adapter_config.json
     <name>/v<N>-<digest>/adapter_model.safetensors
+    <name>/v<N>-<digest>/draft/      # optional: the paired draft adapter's two files
     <name>/v<N>-<digest>/record.json # written last, inside the staging folder
     .staging/<id>/                   # uploads in progress (wiped at start)
     .trash/<id>/                     # deletions in progress (wiped at start)
 
 A version becomes visible only by one ``os.rename`` of a complete, fsynced
 staging folder, so a crash at any moment leaves either the whole version or
-none of it. Deletion renames ``<name>`` into ``.trash`` first for the same reason.
+none of it, its draft adapter included. Deletion renames ``<name>`` into
+``.trash`` first for the same reason.
 
-``<digest>`` (12 hex digits of the sha256 over both files) makes a folder
-name unique to its content: vLLM keys its prefix cache on the adapter's name
-and path, so a name deleted and uploaded again with other weights (version
-numbers restart) must never come back under a path that cached KV belongs to.
+``<digest>`` (12 hex digits of a sha256 over the config and weights, and the
+draft's when there is one) makes a folder name unique to its content: vLLM
+keys its prefix cache on the adapter's name and path, so a name deleted and
+uploaded again with other weights (version numbers restart) must never come
+back under a path that cached KV belongs to.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from server.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo
+from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE, AdapterInfo
 
 log = logging.getLogger(__name__)
 RECORD_FILE = "record.json"
@@ -39,7 +42,12 @@ KEEP_VERSIONS = 2  # the current one and the one in-flight requests may still us
 
 @dataclass(frozen=True)
 class AdapterRecord:
-    """One stored adapter version. ``size_bytes`` is both files together; ``created`` is Unix seconds."""
+    """One stored adapter version. ``size_bytes`` is both files together; ``created`` is Unix seconds.
+
+    ``draft`` describes the paired draft adapter stored in the version's ``draft/`` folder
+    (``rank``, ``alpha``, ``target_modules``, ``size_bytes`` of its two files, ``sha256`` of its
+    weights), or is None. Records written before drafts existed lack the field and load as None.
+    """
 
     name: str
     version: int
@@ -50,6 +58,7 @@ class AdapterRecord:
     size_bytes: int
     base_model: str
     created: float
+    draft: dict | None = None
 
     def to_json(self) -> dict:
         return {"object": "adapter", **asdict(self)}
@@ -71,6 +80,28 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _draft_record(folder: Path, info: AdapterInfo) -> dict:
+    """The record's ``draft`` entry for the draft adapter in ``folder``."""
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    return {
+        "rank": info.rank,
+        "alpha": info.alpha,
+        "target_modules": list(info.target_modules),
+        "size_bytes": weights.stat().st_size + config.stat().st_size,
+        "sha256": sha256_file(weights),
+    }
+
+
+def _intact(path: Path, rec: AdapterRecord) -> bool:
+    """Whether the weights in version folder ``path`` (the draft's too) match ``rec``'s sha256s."""
+    try:
+        if sha256_file(path / WEIGHTS_FILE) != rec.sha256:
+            return False
+        return rec.draft is None or sha256_file(path / DRAFT_DIR / WEIGHTS_FILE) == rec.draft["sha256"]
+    except OSError:
+        return False
 
 
 class AdapterStore:
@@ -120,8 +151,13 @@ class AdapterStore:
         """
         return self._version_dirs(name)[version]
 
-    def commit(self, staging_dir: Path, name: str, info: AdapterInfo, base_model: str) -> AdapterRecord:
+    def commit(
+        self, staging_dir: Path, name: str, info: AdapterInfo, base_model: str, draft: AdapterInfo | None = None
+    ) -> AdapterRecord:
         """Write the record into ``staging_dir``, fsync, and rename it to the next version of ``name``.
+
+        ``draft`` is the validated draft adapter staged in ``staging_dir/draft/`` (None: there is none);
+        it becomes visible in the same rename as the adapter.
 
         Raises:
             OSError: if the disk write fails (the staging folder is then discarded).
@@ -129,6 +165,7 @@ class AdapterStore:
         version = (self.versions(name) or [0])[-1] + 1
         try:
             weights, config = staging_dir / WEIGHTS_FILE, staging_dir / CONFIG_FILE
+            draft_record = None if draft is None else _draft_record(staging_dir / DRAFT_DIR, draft)
             record = AdapterRecord(
                 name=name,
                 version=version,
@@ -139,13 +176,22 @@ class AdapterStore:
                 size_bytes=weights.stat().st_size + config.stat().st_size,
                 base_model=base_model,
                 created=time.time(),
+                draft=draft_record,
             )
             (staging_dir / RECORD_FILE).write_text(json.dumps(asdict(record), indent=2))
-            for f in (weights, config, staging_dir / RECORD_FILE):
+            files = [weights, config, staging_dir / RECORD_FILE]
+            if draft_record is not None:
+                files += [staging_dir / DRAFT_DIR / WEIGHTS_FILE, staging_dir / DRAFT_DIR / CONFIG_FILE]
+            for f in files:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            if draft_record is not None:
+                fsync_dir(staging_dir / DRAFT_DIR)
             fsync_dir(staging_dir)
-            digest = hashlib.sha256(config.read_bytes() + bytes.fromhex(record.sha256)).hexdigest()[:12]
+            content = config.read_bytes() + bytes.fromhex(record.sha256)
+            if draft_record is not None:
+                content += (staging_dir / DRAFT_DIR / CONFIG_FILE).read_bytes() + bytes.fromhex(draft_record["sha256"])
+            digest = hashlib.sha256(content).hexdigest()[:12]
             if not (self.root / name).is_dir():
                 (self.root / name).mkdir()
                 fsync_dir(self.root)  # the new name's folder entry is durable before the version is
@@ -195,7 +241,7 @@ class AdapterStore:
                 except (OSError, ValueError, TypeError) as exc:
                     log.error("adapter %s v%d has no readable record (%s); skipped", d.name, version, exc)
                     continue
-                if sha256_file(path / WEIGHTS_FILE) != rec.sha256:
+                if not _intact(path, rec):
                     log.error("adapter %s v%d fails its sha256 check; skipped", d.name, version)
                     continue
                 records.append(rec)

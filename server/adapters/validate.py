@@ -21,6 +21,7 @@ from server.errors import BadRequest
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+DRAFT_DIR = "draft"  # the paired draft adapter's subfolder, as in adapters/<name>/draft/
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -122,8 +123,8 @@ def check_files(names: list[str]) -> None:
         )
 
 
-def parse_config(raw: bytes, max_rank: int) -> dict:
-    """Parse and check ``adapter_config.json``.
+def parse_config(raw: bytes, max_rank: int, model: str = "base model") -> dict:
+    """Parse and check ``adapter_config.json``; ``model`` names the model it is for in messages.
 
     Raises:
         AdapterInvalid: not JSON, not LoRA, rank above ``max_rank``, or an unsupported PEFT feature.
@@ -174,14 +175,15 @@ def parse_config(raw: bytes, max_rank: int) -> dict:
     unknown = sorted(set(targets) - set(SUPPORTED_MODULES))
     if unknown:
         raise AdapterInvalid(
-            f"target modules {', '.join(unknown)} do not exist in the base model; "
-            f"allowed: {', '.join(SUPPORTED_MODULES)}"
+            f"target modules {', '.join(unknown)} do not exist in the {model}; allowed: {', '.join(SUPPORTED_MODULES)}"
         )
     return cfg
 
 
-def check_weights(path: Path, cfg: dict, base: BaseShape) -> AdapterInfo:
+def check_weights(path: Path, cfg: dict, base: BaseShape, model: str = "base model") -> AdapterInfo:
     """Check every tensor of the safetensors file at ``path`` against ``cfg`` and ``base``.
+
+    ``model`` names the model ``base`` describes in messages (``"draft model"`` for a draft adapter).
 
     Reads only the safetensors header (shapes, dtypes), never executes anything.
 
@@ -212,18 +214,18 @@ def check_weights(path: Path, cfg: dict, base: BaseShape) -> AdapterInfo:
             )
         layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
         if module not in SUPPORTED_MODULES:
-            raise AdapterInvalid(f"tensor {key!r} targets module {module!r}, which the base model does not have")
+            raise AdapterInvalid(f"tensor {key!r} targets module {module!r}, which the {model} does not have")
         if module not in targets:
             raise AdapterInvalid(f"tensor {key!r} targets {module!r}, which is not in target_modules {sorted(targets)}")
         if layer >= base.num_layers:
-            raise AdapterInvalid(f"tensor {key!r} is for layer {layer}; the base model has {base.num_layers} layers")
+            raise AdapterInvalid(f"tensor {key!r} is for layer {layer}; the {model} has {base.num_layers} layers")
         if dtypes[key] not in ("F16", "BF16", "F32"):
             raise AdapterInvalid(f"tensor {key!r} has dtype {dtypes[key]}; allowed: F16, BF16, F32")
         fan_in, fan_out = base.io(module)
         want = (r, fan_in) if ab == "A" else (fan_out, r)
         if shapes[key] != want:
             raise AdapterInvalid(
-                f"tensor {key!r} has shape {list(shapes[key])}; the base model (hidden_size {base.hidden_size}, "
+                f"tensor {key!r} has shape {list(shapes[key])}; the {model} (hidden_size {base.hidden_size}, "
                 f"intermediate_size {base.intermediate_size}) with r={r} needs {list(want)}"
             )
         seen.setdefault((layer, module), set()).add(ab)

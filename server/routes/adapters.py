@@ -21,10 +21,10 @@ def _registry(request: Request) -> AdapterRegistry:
     return registry
 
 
-async def _read(upload: UploadFile, limit: int) -> Upload:
+async def _read(upload: UploadFile, limit: int, param: str) -> Upload:
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise PayloadTooLarge(f"file {upload.filename!r} is over the upload limit of {limit} bytes", param="files")
+        raise PayloadTooLarge(f"file {upload.filename!r} is over the upload limit of {limit} bytes", param=param)
     return Upload(upload.filename or "", data)
 
 
@@ -34,10 +34,20 @@ async def upload_adapter(
     name: Annotated[str | None, Form(description="adapter name, used as the 'model' id in requests")] = None,
     files: Annotated[
         list[UploadFile] | None,
-        File(description="adapter_config.json and adapter_model.safetensors, or one .tar.gz/.zip with both"),
+        File(
+            description="adapter_config.json and adapter_model.safetensors, or one .tar.gz/.zip with both "
+            "(and optionally a draft/ folder holding the paired draft adapter's two files)"
+        ),
+    ] = None,
+    draft_files: Annotated[
+        list[UploadFile] | None,
+        File(
+            description="optional paired draft adapter (a LoRA for the server's draft model): its "
+            "adapter_config.json and adapter_model.safetensors, or one .tar.gz/.zip with both"
+        ),
     ] = None,
 ):
-    """Upload a PEFT LoRA adapter; the same name again creates a new version."""
+    """Upload a PEFT LoRA adapter, optionally with its draft adapter; the same name again creates a new version."""
     registry = _registry(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BadRequest(
@@ -53,8 +63,9 @@ async def upload_adapter(
         raise BadRequest(
             "no 'files' were sent; attach adapter_config.json and adapter_model.safetensors", param="files"
         )
-    uploads = [await _read(f, registry.max_upload_bytes) for f in files]
-    record = await registry.upload(name, uploads)
+    uploads = [await _read(f, registry.max_upload_bytes, "files") for f in files]
+    drafts = [await _read(f, registry.max_upload_bytes, "draft_files") for f in draft_files or []]
+    record = await registry.upload(name, uploads, drafts or None)
     return record.to_json()
 
 

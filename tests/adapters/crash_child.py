@@ -15,13 +15,14 @@ import signal
 from pathlib import Path
 
 from server.adapters.store import AdapterStore
-from server.adapters.validate import CONFIG_FILE, WEIGHTS_FILE, AdapterInfo
+from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE, AdapterInfo
 from server.process import REPO_ROOT
 
 SOURCE = REPO_ROOT / "adapters" / "austen"
 INFO = AdapterInfo(16, 32.0, ("q_proj", "v_proj"), (0,), 1, None)
-# (operation, name): each upload is a new version; "delete" removes every version.
-OPERATIONS = [("upload", "a"), ("upload", "b"), ("upload", "a"), ("upload", "a"), ("delete", "b")]
+# (operation, name): each upload is a new version ("upload+draft" with the paired draft adapter
+# in draft/); "delete" removes every version.
+OPERATIONS = [("upload", "a"), ("upload+draft", "b"), ("upload", "a"), ("upload+draft", "a"), ("delete", "b")]
 
 _steps = 0
 _kill_at = 0
@@ -58,11 +59,15 @@ def run(store_dir: Path, log: Path) -> None:
     """Run OPERATIONS, logging each completed one."""
     store = AdapterStore(store_dir)
     for i, (op, name) in enumerate(OPERATIONS):
-        if op == "upload":
+        if op.startswith("upload"):
             staging = store.new_staging_dir()
             for f in (CONFIG_FILE, WEIGHTS_FILE):
                 _write_in_halves(staging / f, (SOURCE / f).read_bytes())
-            store.commit(staging, name, INFO, "demo-target")
+            if op == "upload+draft":
+                (staging / DRAFT_DIR).mkdir()
+                for f in (CONFIG_FILE, WEIGHTS_FILE):
+                    _write_in_halves(staging / DRAFT_DIR / f, (SOURCE / DRAFT_DIR / f).read_bytes())
+            store.commit(staging, name, INFO, "demo-target", INFO if op == "upload+draft" else None)
             store.prune(name)
         else:
             store.delete(name)

@@ -14,6 +14,8 @@ from safetensors.torch import save, save_file
 from server.adapters.validate import BaseShape
 
 SHAPE = BaseShape(hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6, head_dim=64)
+# models/draft's shape: paired draft adapters must fit it.
+DRAFT_SHAPE = BaseShape(hidden_size=192, intermediate_size=512, num_layers=3, num_heads=3, num_kv_heads=3, head_dim=64)
 
 
 def adapter_config(r: int = 8, modules=("q_proj", "v_proj"), **extra) -> dict:
@@ -45,11 +47,11 @@ def write_adapter(
 
 
 def adapter_bytes(
-    r: int = 8, modules=("q_proj", "v_proj"), config: dict | None = None, tensors=None
+    r: int = 8, modules=("q_proj", "v_proj"), config: dict | None = None, tensors=None, shape: BaseShape = SHAPE
 ) -> dict[str, bytes]:
     return {
         "adapter_config.json": json.dumps(config or adapter_config(r, modules)).encode(),
-        "adapter_model.safetensors": save(tensors if tensors is not None else adapter_tensors(r, modules)),
+        "adapter_model.safetensors": save(tensors if tensors is not None else adapter_tensors(r, modules, shape)),
     }
 
 

@@ -2,7 +2,8 @@
 
 A forked child (tests/adapters/crash_child.py) runs a fixed sequence of store operations and
 SIGKILLs itself at step N, for every N until it finishes. After each death the store is
-reopened and must hold no partial adapter, every version must match its sha256, and the
+reopened and must hold no partial adapter (nor an adapter without the draft adapter it was
+uploaded with), every version must match its sha256 (its draft's too), and the
 adapters listed must be exactly those of the completed operations (plus, possibly, the one
 that was cut short if its final rename had happened).
 """
@@ -14,7 +15,7 @@ import os
 import signal
 
 from server.adapters.store import RECORD_FILE, AdapterStore, sha256_file
-from server.adapters.validate import CONFIG_FILE, WEIGHTS_FILE
+from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
 from server.process import REPO_ROOT
 from tests.adapters.crash_child import OPERATIONS, run_and_die_at
 
@@ -26,7 +27,7 @@ def _states() -> list[dict[str, int]]:
     state: dict[str, int] = {}
     states = [dict(state)]
     for op, name in OPERATIONS:
-        if op == "upload":
+        if op.startswith("upload"):
             state[name] = state.get(name, 0) + 1
         else:
             state.pop(name, None)
@@ -38,14 +39,20 @@ def _check_store(root) -> dict[str, int]:
     """Reopen the store, check every stored version is whole and verified; return {name: newest version}."""
     store = AdapterStore(root)
     assert list(store.staging.iterdir()) == [] and list(store.trash.iterdir()) == []
+    source = REPO_ROOT / "adapters/austen"
     for name_dir in (p for p in root.iterdir() if not p.name.startswith(".")):
         for version_dir in name_dir.iterdir():
-            assert {p.name for p in version_dir.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, RECORD_FILE}, version_dir
             record = json.loads((version_dir / RECORD_FILE).read_text())
+            draft = [DRAFT_DIR] if record.get("draft") else []
+            assert {p.name for p in version_dir.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE, RECORD_FILE, *draft}
             assert sha256_file(version_dir / WEIGHTS_FILE) == record["sha256"]
-            assert (version_dir / CONFIG_FILE).read_bytes() == (
-                REPO_ROOT / "adapters/austen" / CONFIG_FILE
-            ).read_bytes()
+            assert (version_dir / CONFIG_FILE).read_bytes() == (source / CONFIG_FILE).read_bytes()
+            if draft:
+                assert {p.name for p in (version_dir / DRAFT_DIR).iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
+                assert sha256_file(version_dir / DRAFT_DIR / WEIGHTS_FILE) == record["draft"]["sha256"]
+                assert (version_dir / DRAFT_DIR / CONFIG_FILE).read_bytes() == (
+                    source / DRAFT_DIR / CONFIG_FILE
+                ).read_bytes()
     return {rec.name: rec.version for rec in store.load_all()}
 
 
