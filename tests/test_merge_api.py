@@ -121,6 +121,10 @@ def test_merge_serves_its_own_model_id_while_the_base_keeps_serving(srv):
     mem = done["memory"]
     assert mem["weight_bytes"] > 0 and mem["engine_rss_bytes"] > mem["weight_bytes"] and mem["engine_processes"] >= 1
     assert mem["kv_cache_bytes"] == 2**30 and mem["disk_bytes"] > mem["weight_bytes"]
+    files = [("files", (f, (REPO_ROOT / "adapters/austen" / f).read_bytes())) for f in ("adapter_config.json",
+             "adapter_model.safetensors")]  # fmt: skip
+    r = httpx.post(url + "/v1/adapters", data={"name": "austen-merged"}, files=files, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name" and "merged model" in r.text
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
     card = client.models.retrieve("austen-merged")

@@ -63,6 +63,13 @@ async def upload_adapter(
         raise BadRequest(
             "no 'files' were sent; attach adapter_config.json and adapter_model.safetensors", param="files"
         )
+    merges = getattr(request.app.state, "merges", None)
+    if merges is not None and merges.taken(name):
+        raise BadRequest(
+            f"{name!r} is a merged model's id (or one being merged); choose another name or delete the merged "
+            f"model with DELETE /v1/models/{name}",
+            param="name",
+        )
     uploads = [await _read(f, registry.max_upload_bytes, "files") for f in files]
     drafts = [await _read(f, registry.max_upload_bytes, "draft_files") for f in draft_files or []]
     record = await registry.upload(name, uploads, drafts or None)
