@@ -44,6 +44,12 @@ def test_bad_keys_file_names_the_line_not_the_key():
         ("GET", "/v1/adapters", True, Scope.INFERENCE),
         ("POST", "/v1/adapters", True, Scope.ADMIN),
         ("DELETE", "/v1/adapters/austen", True, Scope.ADMIN),
+        ("POST", "/v1/adapters/austen/merge", True, Scope.ADMIN),
+        ("POST", "/v1/merges/merge-1/cancel", True, Scope.ADMIN),
+        ("GET", "/v1/merges", True, Scope.INFERENCE),
+        ("GET", "/v1/merges/merge-1", True, Scope.INFERENCE),
+        ("DELETE", "/v1/models/austen-merged", True, Scope.ADMIN),
+        ("GET", "/v1/models/austen-merged", True, Scope.INFERENCE),
         ("GET", "/no/such/route", True, Scope.INFERENCE),
     ],
 )

@@ -143,9 +143,11 @@ def test_merge_serves_its_own_model_id_while_the_base_keeps_serving(srv):
     assert total(samples, "vllm:spec_decode_num_draft_tokens_total") > 0  # the base engine's vLLM series survive
 
 
-def test_zero_adapter_merged_nf4_serves_exactly_the_base(srv, tmp_path):
-    """B = 0 merged into the bf16 base and served NF4: the same weights as the base, so the same greedy
-    tokens and log-probabilities as the base model on the other engine."""
+def test_zero_adapter_merged_nf4_serves_the_base(srv, tmp_path):
+    """B = 0 merged into the bf16 base and served NF4: the stored weights are the base's bit for bit, and
+    the merged engine gives the base model's greedy tokens. Log-probabilities agree to bf16 rounding, not
+    bit for bit (seen: -0.9134 vs -0.9168): the base engine computes through vLLM's LoRA layers
+    (--enable-lora), the merged one through plain linears; that is the one configuration difference."""
     url = srv.base_url
     zero = tmp_path / "zero"
     zero.mkdir()
@@ -166,7 +168,8 @@ def test_zero_adapter_merged_nf4_serves_exactly_the_base(srv, tmp_path):
     for prompt in PROMPTS:
         base, same = greedy(url, "demo-target", prompt, True), greedy(url, "zero-merged", prompt, True)
         assert same["token_ids"] == base["token_ids"], prompt
-        assert same["logprobs"]["token_logprobs"] == base["logprobs"]["token_logprobs"], prompt
+        for a, b in zip(same["logprobs"]["token_logprobs"], base["logprobs"]["token_logprobs"], strict=True):
+            assert abs(a - b) < 0.05, (prompt, a, b)
 
 
 def test_unmerge_frees_the_engine_and_the_folder(srv):
