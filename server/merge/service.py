@@ -328,7 +328,7 @@ class MergeService:
             try:
                 if job.restored:
                     folder = self.store.path(job.model)
-                    manifest = self._manifest_of(folder)
+                    manifest = self.store.manifest(job.model)
                 else:
                     staging = self.store.new_staging_dir(job.id)
                     manifest = await asyncio.to_thread(self._build, job, staging)
@@ -354,13 +354,6 @@ class MergeService:
                     if committed:  # a new merge that did not come up leaves nothing; a restored one stays on disk
                         self.store.delete(job.model)
                     self.metrics.forget_merged(job.model)
-
-    def _manifest_of(self, folder: Path) -> dict:
-        import json
-
-        from server.merge.store import MANIFEST_FILE
-
-        return json.loads((folder / MANIFEST_FILE).read_text())
 
     def _build(self, job: MergeJob, staging: Path) -> dict:
         """Copy the adapter, merge target and draft, measure fidelity: the merged folder's files (worker thread).

@@ -90,6 +90,14 @@ class MergedStore:
         fsync_dir(self.root)
         shutil.rmtree(dst, ignore_errors=True)
 
+    def manifest(self, model_id: str) -> dict:
+        """``model_id``'s ``merge.json``.
+
+        Raises:
+            OSError, ValueError: missing or unreadable.
+        """
+        return json.loads((self.path(model_id) / MANIFEST_FILE).read_text())
+
     def load_all(self) -> list[dict]:
         """The manifests of every complete merged model, by model id; unreadable ones are logged and skipped."""
         out = []
@@ -97,7 +105,7 @@ class MergedStore:
             if d.name.startswith(".") or not d.is_dir():
                 continue
             try:
-                out.append(json.loads((d / MANIFEST_FILE).read_text()))
+                out.append(self.manifest(d.name))
             except (OSError, ValueError) as exc:
                 log.error("merged model folder %s not served: unreadable %s (%s)", d, MANIFEST_FILE, exc)
         return out
