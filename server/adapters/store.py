@@ -104,19 +104,28 @@ def _intact(path: Path, rec: AdapterRecord) -> bool:
         return False
 
 
+def prepare_root(root: Path) -> tuple[Path, Path]:
+    """Create ``root`` and its ``.staging`` and ``.trash`` folders; return those two, emptied.
+
+    What they hold at start is a crash's leftovers (an upload or merge cut short, a delete
+    half done): never visible under a real name, so it is dropped.
+    """
+    staging, trash = root / ".staging", root / ".trash"
+    for d in (root, staging, trash):
+        d.mkdir(parents=True, exist_ok=True)
+    for d in (staging, trash):
+        for child in d.iterdir():
+            log.info("removing leftover %s", child)
+            shutil.rmtree(child, ignore_errors=True)
+    return staging, trash
+
+
 class AdapterStore:
     """Versioned adapters under ``root``. Not thread-safe: the registry serialises writes."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.staging = self.root / ".staging"
-        self.trash = self.root / ".trash"
-        for d in (self.root, self.staging, self.trash):
-            d.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a crash mid-upload or mid-delete are never visible; drop them.
-        for d in (self.staging, self.trash):
-            for child in d.iterdir():
-                shutil.rmtree(child, ignore_errors=True)
+        self.staging, self.trash = prepare_root(self.root)
 
     def new_staging_dir(self) -> Path:
         """A fresh empty folder to unpack an upload into."""

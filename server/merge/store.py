@@ -24,7 +24,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from server.adapters.store import fsync_dir
+from server.adapters.store import fsync_dir, prepare_root
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "merge.json"
@@ -35,14 +35,7 @@ class MergedStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.staging = self.root / ".staging"
-        self.trash = self.root / ".trash"
-        for d in (self.root, self.staging, self.trash):
-            d.mkdir(parents=True, exist_ok=True)
-        for d in (self.staging, self.trash):  # a crash mid-merge or mid-delete: never visible, drop it
-            for child in d.iterdir():
-                log.info("removing leftover %s", child)
-                shutil.rmtree(child, ignore_errors=True)
+        self.staging, self.trash = prepare_root(self.root)
 
     def new_staging_dir(self, job_id: str) -> Path:
         """A fresh empty folder to build job ``job_id``'s merged model in."""
