@@ -149,6 +149,9 @@ def _param_of(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+ECHO_MAX = 200  # characters of a bad value echoed back in a 400 message
+
+
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
@@ -163,7 +166,10 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     where = f"'{param}'" if param else "request body"
     message = f"Invalid {where}: {first.get('msg', 'invalid value')}"
     if "input" in first and param and not isinstance(first["input"], dict | list):
-        message += f" (got {first['input']!r})"
+        got = repr(first["input"])
+        message += f" (got {got if len(got) <= ECHO_MAX else got[:ECHO_MAX] + f'... ({len(got)} characters)'})"
+    elif not param and first.get("type") in ("model_attributes_type", "dict_type"):
+        message += "; send a JSON object with content-type: application/json"
     return error_response(400, message, param)
 
 

@@ -56,7 +56,10 @@ class MergeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
-        None, description="model id of the merged model (default '<adapter>-merged')", pattern=r"^[A-Za-z0-9._-]{1,64}$"
+        None,
+        description="model id of the merged model: 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit "
+        "(default '<adapter>-merged')",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
     )
     precision: Precision = Field(Precision.BF16, description="serving precision: bf16 or nf4")
     merge_base: MergeBase = Field(MergeBase.NF4, description="base weights the delta is added to: nf4 or bf16")

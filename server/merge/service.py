@@ -53,6 +53,14 @@ FIDELITY_BOUNDS = {
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+class MergeFailed(Exception):
+    """A merge job cannot go on; the message says why and what to do (it becomes the job's ``error``)."""
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
 class Conflict(ApiError):
     """409: the request conflicts with a merge job or merged model's state."""
 
@@ -212,6 +220,12 @@ class MergeService:
                 f"DELETE /v1/models/{model} or choose another 'model'",
                 param="model",
             )
+        if self.store.path(model).exists():
+            raise Conflict(
+                f"model id {model!r} has a merged model folder on disk that is not served (its engine did not "
+                f"start); delete it with DELETE /v1/models/{model} or choose another 'model'",
+                param="model",
+            )
         building = len(self.models) + len(self._pending())
         if building >= self.settings.max_merged_models:
             raise Conflict(
@@ -244,6 +258,11 @@ class MergeService:
             raise Conflict(
                 f"merge job {job_id} already {job.status.value}; only queued or running jobs can be cancelled"
             )
+        if job.restored:
+            raise Conflict(
+                f"merge job {job_id} restores the finished merged model {job.model!r} after a restart; "
+                f"there is no merge to cancel: delete the model with DELETE /v1/models/{job.model}"
+            )
         job.cancel_event.set()
         if job.status is JobStatus.QUEUED:
             self._finish(job, JobStatus.CANCELLED)
@@ -267,6 +286,11 @@ class MergeService:
                 param="model",
             )
         served = self.models.pop(model_id, None)
+        if served is None and self.store.path(model_id).is_dir() and not model_id.startswith("."):
+            # on disk but not served: its engine failed to start at restore
+            await asyncio.to_thread(self.store.delete, model_id)
+            log.info("merged model %s (not served) deleted", model_id)
+            return {"id": model_id, "object": "model", "deleted": True, "freed": None}
         if served is None:
             where = ""
             if model_id == self.settings.served_model_name:
@@ -355,6 +379,35 @@ class MergeService:
                         self.store.delete(job.model)
                     self.metrics.forget_merged(job.model)
 
+    def _copy_adapter(self, job: MergeJob, dest: Path, with_draft: bool) -> None:
+        """Copy the adapter's current version (and its draft adapter) to ``dest``; sets ``job.adapter_version``.
+
+        The current version when the job starts, not when it was queued: uploads in between replace it.
+
+        Raises:
+            MergeFailed: the adapter was deleted, or its version replaced and pruned while being copied.
+        """
+        record = self.adapters.records.get(job.adapter)
+        if record is None:
+            raise MergeFailed(
+                f"adapter {job.adapter!r} was deleted before its merge started; upload it and merge again"
+            )
+        job.adapter_version = record.version
+        try:
+            src = self.adapters.store.path(job.adapter, record.version)
+            dest.mkdir()
+            for name in ADAPTER_FILES:
+                shutil.copyfile(src / name, dest / name)
+            if with_draft and (src / "draft" / ADAPTER_FILES[0]).is_file():
+                (dest / "draft").mkdir()
+                for name in ADAPTER_FILES:
+                    shutil.copyfile(src / "draft" / name, dest / "draft" / name)
+        except (KeyError, FileNotFoundError):
+            raise MergeFailed(
+                f"adapter {job.adapter!r} version {record.version} was replaced or deleted while the merge copied "
+                "it; merge again"
+            ) from None
+
     def _build(self, job: MergeJob, staging: Path) -> dict:
         """Copy the adapter, merge target and draft, measure fidelity: the merged folder's files (worker thread).
 
@@ -367,17 +420,9 @@ class MergeService:
         torch.set_num_threads(1)  # the engines' compute threads keep the cores
         s = self.settings
         job.advance("copying adapter", 0.02)
-        src = self.adapters.store.path(job.adapter, job.adapter_version)
         adapter = staging / "adapter"
-        adapter.mkdir()
-        for name in ADAPTER_FILES:
-            shutil.copyfile(src / name, adapter / name)
-        draft_src = src / "draft"
         has_draft = s.speculation and s.draft_model is not None
-        if has_draft and (draft_src / ADAPTER_FILES[0]).is_file():
-            (adapter / "draft").mkdir()
-            for name in ADAPTER_FILES:
-                shutil.copyfile(draft_src / name, adapter / "draft" / name)
+        self._copy_adapter(job, adapter, with_draft=has_draft)
         job.check()
         serve_nf4 = job.precision is Precision.NF4
         job.advance("merging target", 0.05)

@@ -195,3 +195,71 @@ def test_restart_restores_merged_models(tmp_path, monkeypatch):
         assert job.fidelity["chosen"] == "merge_base=bf16,precision=nf4"
 
     asyncio.run(go())
+
+
+def test_restored_merge_cannot_be_cancelled_and_an_unserved_folder_can_be_deleted(tmp_path, monkeypatch):
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        service.submit("austen", MergeRequest())
+        await finished(service)
+        again, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN}, serve_fails=True)
+        again.restore()
+        (job,) = again.list()
+        with pytest.raises(Conflict, match="no merge to cancel: delete the model with DELETE /v1/models/austen-merged"):
+            again.cancel(job.id)
+        await finished(again)
+        assert job.status is JobStatus.FAILED and again.store.path("austen-merged").is_dir()  # kept on disk
+        with pytest.raises(Conflict, match="on disk that is not served"):
+            again.submit("austen", MergeRequest())
+        assert (await again.delete("austen-merged")) == {
+            "id": "austen-merged", "object": "model", "deleted": True, "freed": None
+        }  # fmt: skip
+        assert left_behind(again) == []
+
+    asyncio.run(go())
+
+
+def test_a_queued_merge_takes_the_adapter_as_it_is_when_it_starts(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    async def go():
+        service, _ = make_service(
+            tmp_path, monkeypatch, {"austen": AUSTEN, "b": AUSTEN, "c": AUSTEN}, max_merged_models=3
+        )
+        service.submit("austen", MergeRequest(model="m0"))
+        replaced = service.submit("b", MergeRequest(model="m1"))
+        deleted = service.submit("c", MergeRequest(model="m2"))
+        service.adapters.records["b"] = SimpleNamespace(name="b", version=3)  # two uploads while queued
+        del service.adapters.records["c"]
+        await finished(service)
+        assert replaced.status is JobStatus.SUCCEEDED and replaced.adapter_version == 3
+        assert service.store.manifest("m1")["adapter_version"] == 3
+        assert deleted.status is JobStatus.FAILED
+        assert deleted.error == "adapter 'c' was deleted before its merge started; upload it and merge again"
+
+    asyncio.run(go())
+
+
+def test_merge_request_errors_are_clear(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/merge")
+    async def merge(body: MergeRequest | None = None):
+        return body
+
+    client = TestClient(app)
+    for model in (".sd", "..", ".staging", "-x", "a/b", "", "x" * 65):
+        err = client.post("/merge", json={"model": model}).json()["error"]
+        assert err["param"] == "model" and "should match pattern" in err["message"], (model, err)
+    err = client.post("/merge", json={"model": "x" * 100_000}).json()["error"]
+    assert len(err["message"]) < 400 and "(100002 characters)" in err["message"]
+    for body in ({"content": b"hello", "headers": {"content-type": "text/plain"}}, {"json": [1]}):
+        err = client.post("/merge", **body).json()["error"]
+        assert "send a JSON object with content-type: application/json" in err["message"], err
+    assert client.post("/merge", json={"model": "ok.1_a-b"}).status_code == 200
