@@ -64,6 +64,12 @@ class NotFound(ApiError):
     status = HTTPStatus.NOT_FOUND
 
 
+class Conflict(ApiError):
+    """409: the request conflicts with the current state (e.g. a merge job still running)."""
+
+    status = HTTPStatus.CONFLICT
+
+
 class ServiceUnavailable(ApiError):
     """503: the engine is not loaded or has died."""
 

@@ -27,11 +27,10 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from server.errors import ApiError, BadRequest, NotFound, ServiceUnavailable
+from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from server.merge.checkpoint import merge_model
 from server.merge.jobs import FINAL, JobStatus, MergeCancelled, MergeJob, MergeRequest, Precision
 from server.merge.memory import served_weight_bytes
@@ -59,12 +58,6 @@ class MergeFailed(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0])
-
-
-class Conflict(ApiError):
-    """409: the request conflicts with a merge job or merged model's state."""
-
-    status = HTTPStatus.CONFLICT
 
 
 def option_key(merge_base: MergeBase, precision: Precision) -> str:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.errors import BadRequest, NotFound
+from server.errors import BadRequest, Conflict, NotFound
 from server.merge import probe
 from server.merge.checkpoint import read_state
 from server.merge.jobs import JobStatus, MergeRequest
 from server.merge.nf4 import MergeBase, base_weights
-from server.merge.service import Conflict, MergeService
+from server.merge.service import MergeService
 from server.merge.store import MANIFEST_FILE, MergedStore
 from server.metrics import ServerMetrics
 from server.process import REPO_ROOT
