@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import record
+from bench.report import publish
 from server.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
@@ -109,9 +109,7 @@ def main() -> None:
         "|---|---:|---:|",
         *[f"| {k} | {v:.1f} | {v / base:.2f} |" for k, v in rows.items()],
     ]
-    print("\n".join(lines))
-    if a.write:
-        record(a.write, "adapter_bench", lines)
+    publish(lines, a.write, "adapter_bench")
 
 
 if __name__ == "__main__":

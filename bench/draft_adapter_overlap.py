@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import record
+from bench.report import publish
 from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_overlap
 from server.merge.nf4 import MergeBase, base_weights
@@ -93,9 +93,7 @@ def main() -> None:
         "|---|---|---:|---:|",
         *[f"| {n} | {pair} | {tv:.4f} | {g:.4f} |" for n, pair, tv, g in rows],
     ]
-    print("\n".join(lines))
-    if a.write:
-        record(a.write, "draft_adapter_overlap", lines)
+    publish(lines, a.write, "draft_adapter_overlap")
 
 
 if __name__ == "__main__":

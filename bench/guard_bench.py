@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import record
+from bench.report import publish
 from bench.serving_bench import LOGS, run_load, spec_counters
 from server.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
@@ -100,9 +100,7 @@ def main() -> None:
         "|---|" + "---:|" * len(SERVERS),
     ]
     lines += [f"| {w} | " + " | ".join(table[w][s] for s in SERVERS) + " |" for w in WORKLOADS]
-    print("\n".join(lines))
-    if a.write:
-        record(a.write, "guards", lines)
+    publish(lines, a.write, "guards")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import record
+from bench.report import publish
 from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_kl
 from server.merge.lora import load_lora, merge_lora
@@ -96,9 +96,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|",
         *[f"| {n} | {o} | {g:.4f} | {k:.2e} | {e}/{a.prompts} |" for n, o, g, k, e in rows],
     ]
-    print("\n".join(lines))
-    if a.write:
-        record(a.write, "merge_fidelity", lines)
+    publish(lines, a.write, "merge_fidelity")
 
 
 if __name__ == "__main__":

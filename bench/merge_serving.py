@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import record
+from bench.report import publish
 from server.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
@@ -141,9 +141,7 @@ def main() -> None:
             for key, o in job["fidelity"][part]["options"].items()
         ],
     ]
-    print("\n".join(lines))
-    if a.write:
-        record(a.write, "merge_serving", lines)
+    publish(lines, a.write, "merge_serving")
 
 
 if __name__ == "__main__":

@@ -19,3 +19,10 @@ def record(path: Path, key: str, table_lines: list[str]) -> str:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
     return section
+
+
+def publish(lines: list[str], path: Path | None, key: str) -> None:
+    """Print a benchmark's Markdown ``lines``; with ``path`` (``--write``) also :func:`record` them under ``key``."""
+    print("\n".join(lines))
+    if path:
+        record(path, key, lines)

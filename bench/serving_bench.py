@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import record
+from bench.report import publish
 from bench.weight_memory import weight_bytes
 from server.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
@@ -166,9 +166,7 @@ def main() -> None:
         f"Linear layers are {mem_t['quantized_params'] / (mem_t['quantized_params'] + mem_t['kept_params']):.0%}"
         " of the target's parameters; the tied embedding stays bf16, which caps the saving on a model this small.",
     ]
-    print("\n".join(lines))
-    if a.write:
-        record(a.write, "serving_bench", lines)
+    publish(lines, a.write, "serving_bench")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.report import record
+from bench.report import publish
 from loadtests import report, runner
 from loadtests.workload import Mix, build_jobs
 from server.engine import vllm_argv
@@ -182,6 +182,4 @@ def main(argv: list[str]) -> None:
         f" --output-tokens {a.output_tokens}"
     )
     lines = tables(reports, levels, cmd, a.repeats)
-    print("\n".join(lines))
-    if a.write:
-        record(a.write, "loadtest_compare", lines)
+    publish(lines, a.write, "loadtest_compare")
