@@ -138,6 +138,10 @@ class ServerMetrics:
             f"{PREFIX}_merge_jobs", "Merge jobs finished, by status (succeeded, failed, cancelled).", ["status"],
             registry=r,
         )  # fmt: skip
+        self.merged_engine_deaths = Counter(
+            f"{PREFIX}_merged_engine_deaths", "Merged models' engines found dead (each is restarted, up to 3 times).",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.merged_model_bytes = Gauge(
             f"{PREFIX}_merged_model_bytes",
             "What a served merged model costs, bytes: weight (served weights, target + draft), kv_cache "

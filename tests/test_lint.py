@@ -1,16 +1,14 @@
-"""The code passes ruff (settings in pyproject.toml)."""
+"""The whole repository passes ruff's lint and format checks (settings in pyproject.toml)."""
 
 import subprocess
 import sys
 
+import pytest
+
 from server.process import REPO_ROOT
 
 
-def test_ruff_check_is_clean():
-    r = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "server", "training", "bench", "loadtests", "tests"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["check", "format"])
+def test_ruff_is_clean(command):
+    r = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO_ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -2,8 +2,8 @@
 
 One server (its own adapter store and merged-model folder) goes through the lifecycle in order:
 bad requests; merge austen (default option) while the base keeps serving; a zero adapter merged
-NF4 serves exactly what the base serves; unmerge frees the engine and the folder; a cancelled
-merge leaves nothing; kill -9 mid-merge then restart restores the finished merge and nothing else.
+NF4 serves exactly what the base serves; unmerge frees the engine and the folder; a killed merged
+engine is restarted while the base serves on; a cancelled merge leaves nothing; kill -9 mid-merge then restart restores the finished merge and nothing else.
 Fidelity bound (from BENCHMARKS.md "Merge fidelity", stated in server/merge/service.py
 FIDELITY_BOUNDS): the default option agrees on every greedy probe token with mean KL <= 1e-5.
 """
@@ -136,6 +136,9 @@ def test_merge_serves_its_own_model_id_while_the_base_keeps_serving(srv):
         model="austen-merged", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True
     ))  # fmt: skip
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with pytest.raises(openai.NotFoundError) as info:  # a mistyped id is told the merged id exists
+        client.completions.create(model="austen-merge", prompt=PROMPTS[0], max_tokens=2)
+    assert "austen-merged" in info.value.response.json()["error"]["message"]
     samples = scrape(url)
     assert total(samples, "qserve_spec_decode_draft_tokens_total", model="austen-merged") > 0  # merged draft proposes
     assert total(samples, "qserve_time_to_first_token_seconds_count", model="austen-merged") >= 2  # vLLM's TTFT
@@ -190,6 +193,32 @@ def test_unmerge_frees_the_engine_and_the_folder(srv):
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     assert not [s for s in scrape(url) if s[0] == "qserve_merged_model_bytes" and s[1]["model"] == "zero-merged"]
     assert httpx.delete(url + "/v1/models/zero-merged").status_code == 404
+
+
+def test_a_dead_merged_engine_is_restarted_and_the_base_keeps_serving(srv):
+    url = srv.base_url
+    before = greedy(url, "austen-merged", PROMPTS[0])["token_ids"]
+    cores = sorted(
+        (p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCor" in p.name()),
+        key=lambda p: p.create_time(),
+    )
+    assert len(cores) == 2, cores  # the base engine's core, then austen-merged's (zero-merged was deleted)
+    cores[-1].kill()  # SIGKILL the merged engine's core, as the OOM killer would
+    body = {"model": "austen-merged", "prompt": PROMPTS[0], "max_tokens": 2}
+    for _ in range(300):  # the death is noticed within a second
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        if r.status_code == 503:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 503 and "austen-merged" in r.json()["error"]["message"], r.text
+    assert httpx.get(url + "/ready").status_code == 200  # only that model is down
+    assert greedy(url, "demo-target", PROMPTS[0])["text"]
+    jobs = [j for j in httpx.get(url + "/v1/merges").json()["data"] if j["restored"]]
+    assert [j["model"] for j in jobs] == ["austen-merged"], jobs
+    assert wait_job(url, jobs[0]["id"])[-1]["status"] == "succeeded"
+    assert greedy(url, "austen-merged", PROMPTS[0])["token_ids"] == before
+    assert total(scrape(url), "qserve_merged_engine_deaths_total", model="austen-merged") == 1
+    assert not cores[-1].is_running() or cores[-1].status() == "zombie"
 
 
 def test_cancelled_merge_leaves_nothing(srv):

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from bench.serving_bench import spec_counters
-from tests.conftest import MODEL
+from tests.conftest import ADAPTERS, MODEL
 
 pytestmark = pytest.mark.engine
 
@@ -196,6 +196,11 @@ def test_unknown_model_is_404(client):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
     err = _envelope(info.value)
     assert "no-such-model" in err["message"] and MODEL in err["message"]
+    assert err["param"] == "model"
+    assert all(name in err["message"] for name in ADAPTERS), err  # adapters are served ids too
+    with pytest.raises(openai.NotFoundError) as info:  # same for chat
+        client.chat.completions.create(model="austen2", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert "austen2" in _envelope(info.value)["message"] and "austen" in _envelope(info.value)["message"]
 
 
 @pytest.mark.parametrize(

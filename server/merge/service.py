@@ -50,6 +50,8 @@ FIDELITY_BOUNDS = {
     (MergeBase.BF16, Precision.NF4): (0.85, 3e-3),
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ENGINE_POLL_S = 1.0  # how often a merged model's engine is checked for death (seconds)
+MAX_ENGINE_RESTARTS = 3  # restarts of one merged model's dead engine per server process, then it stays down
 
 
 class MergeFailed(Exception):
@@ -137,6 +139,8 @@ class MergeService:
         self.models: dict[str, MergedModel] = {}
         self._lock = asyncio.Lock()  # one merge at a time: each holds a model copy in memory
         self._tasks: set[asyncio.Task] = set()
+        self.down: dict[str, str] = {}  # merged models on disk whose engine is not up: why, and what to do
+        self.restarts: dict[str, int] = {}  # engine restarts per merged model id (this process)
 
     # ---- lookups used by the routes -------------------------------------------------------------
 
@@ -151,13 +155,20 @@ class MergeService:
         """vLLM's handler state of merged model ``model_id``, or None if it is not a merged model.
 
         Raises:
-            ServiceUnavailable: a merge job for ``model_id`` is still running (names the job to poll).
+            ServiceUnavailable: a merge job for ``model_id`` is still running (names the job to poll), its
+                engine died and is being restarted, or it is on disk but down (says why and what to do).
         """
         if model_id is None:
             return None
         served = self.models.get(model_id)
-        if served is not None:
+        if served is not None and not served.raw.errored:
             return served.state
+        if served is not None:
+            raise ServiceUnavailable(
+                f"merged model {model_id!r}: its engine died and is being restarted; retry shortly"
+            )
+        if model_id in self.down:
+            raise ServiceUnavailable(f"merged model {model_id!r} is not served: {self.down[model_id]}")
         job = self._pending().get(model_id)
         if job is not None:
             raise ServiceUnavailable(
@@ -235,9 +246,7 @@ class MergeService:
 
     def _start(self, job: MergeJob) -> None:
         self.jobs[job.id] = job
-        task = asyncio.create_task(self._run(job), name=job.id)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._run(job)).set_name(job.id)
 
     def cancel(self, job_id: str) -> MergeJob:
         """Ask job ``job_id`` to stop; a queued job is cancelled at once, a running one at its next step.
@@ -279,8 +288,10 @@ class MergeService:
                 param="model",
             )
         served = self.models.pop(model_id, None)
+        self.down.pop(model_id, None)
+        self.restarts.pop(model_id, None)
         if served is None and self.store.path(model_id).is_dir() and not model_id.startswith("."):
-            # on disk but not served: its engine failed to start at restore
+            # on disk but not served: its engine failed to start at restore, or died too often
             await asyncio.to_thread(self.store.delete, model_id)
             log.info("merged model %s (not served) deleted", model_id)
             return {"id": model_id, "object": "model", "deleted": True, "freed": None}
@@ -303,16 +314,58 @@ class MergeService:
     def restore(self) -> None:
         """Serve every merged model already on disk (after a restart): one job each, engine start only."""
         for manifest in self.store.load_all():
-            job = MergeJob(
-                manifest["adapter"],
-                manifest["adapter_version"],
-                manifest["model"],
-                MergeBase(manifest["merge_base"]),
-                Precision(manifest["precision"]),
-                restored=True,
+            self._start(self._restore_job(manifest))
+
+    @staticmethod
+    def _restore_job(manifest: dict) -> MergeJob:
+        """A job that only starts an engine on the committed merged folder ``manifest`` describes."""
+        job = MergeJob(
+            manifest["adapter"],
+            manifest["adapter_version"],
+            manifest["model"],
+            MergeBase(manifest["merge_base"]),
+            Precision(manifest["precision"]),
+            restored=True,
+        )
+        job.fidelity, job.draft = manifest.get("fidelity"), manifest.get("draft")
+        return job
+
+    async def _watch(self, served: MergedModel) -> None:
+        """Poll ``served``'s engine every :data:`ENGINE_POLL_S` seconds; when it dies, restart it.
+
+        The base engine's death stops the whole server (server/watchdog.py); a merged engine's death
+        (its engine core killed, e.g. by the OOM killer) takes only that model down: its requests get
+        503, its engine is shut down and a restore job (listed in ``GET /v1/merges``) starts a new one
+        on the same folder, up to :data:`MAX_ENGINE_RESTARTS` times per process. Past that the model
+        stays down (503 saying so) until it is deleted.
+        """
+        while self.models.get(served.id) is served and not served.raw.errored:
+            await asyncio.sleep(ENGINE_POLL_S)
+        if self.models.get(served.id) is not served:
+            return  # deleted, or the server is shutting down
+        self.models.pop(served.id)
+        self.metrics.merged_engine_deaths.labels(served.id).inc()
+        served.raw.shutdown()
+        self.metrics.forget_merged(served.id)
+        restarts = self.restarts.get(served.id, 0)
+        if restarts >= MAX_ENGINE_RESTARTS:
+            self.down[served.id] = (
+                f"its engine died {restarts + 1} times; delete it with DELETE /v1/models/{served.id} and merge again"
             )
-            job.fidelity, job.draft = manifest.get("fidelity"), manifest.get("draft")
-            self._start(job)
+            log.error("merged model %s: the engine died again; not restarting it (%s)", served.id,
+                      self.down[served.id])  # fmt: skip
+            return
+        self.restarts[served.id] = restarts + 1
+        job = self._restore_job(served.manifest)
+        log.error("merged model %s: the engine died; restarting it (job %s, restart %d of %d)", served.id, job.id,
+                  restarts + 1, MAX_ENGINE_RESTARTS)  # fmt: skip
+        self._start(job)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         """Cancel running jobs and shut every merged engine down (server shutdown)."""
@@ -356,6 +409,8 @@ class MergeService:
                 served = await self._serve(job, folder, manifest)
                 job.check()
                 self.models[job.model] = served
+                self.down.pop(job.model, None)
+                self._spawn(self._watch(served)).set_name(f"watch-{served.id}")
                 self._finish(job, JobStatus.SUCCEEDED)
             except (MergeCancelled, asyncio.CancelledError):
                 self._finish(job, JobStatus.CANCELLED)
@@ -370,6 +425,11 @@ class MergeService:
                         self.store.discard(staging)
                     if committed:  # a new merge that did not come up leaves nothing; a restored one stays on disk
                         self.store.delete(job.model)
+                    if job.restored and job.status is JobStatus.FAILED:
+                        self.down[job.model] = (
+                            f"its engine did not start (merge job {job.id}: {job.error}); delete it with "
+                            f"DELETE /v1/models/{job.model} and merge again"
+                        )
                     self.metrics.forget_merged(job.model)
 
     def _copy_adapter(self, job: MergeJob, dest: Path, with_draft: bool) -> None:

@@ -44,7 +44,35 @@ def _handler(raw_request: Request, attr: str, model: str | None = None):
     handler = getattr(state if state is not None else raw_request.app.state, attr, None)
     if handler is None:
         raise ServiceUnavailable("the engine is still loading; retry when GET /ready returns 200")
+    if state is None and model:
+        check_model_served(raw_request, model)
     return handler
+
+
+SERVED_IDS_SHOWN = 20
+
+
+def check_model_served(raw_request: Request, model: str) -> None:
+    """Refuse a ``model`` that is neither the base model, a stored adapter nor a merged model.
+
+    vLLM's own 404 names only the base model; a client that mistyped an adapter or merged id
+    should see those too (the first :data:`SERVED_IDS_SHOWN`, then where to list the rest).
+
+    Raises:
+        NotFound: ``model`` is not served (param ``model``).
+    """
+    models = getattr(raw_request.app.state, "openai_serving_models", None)
+    if models is None or models.is_base_model(model) or model in models.lora_requests:
+        return
+    merges = getattr(raw_request.app.state, "merges", None)
+    ids = [p.name for p in models.base_model_paths] + sorted(models.lora_requests)
+    ids += sorted(merges.models) if merges is not None else []
+    shown = ", ".join(ids[:SERVED_IDS_SHOWN])
+    more = f" and {len(ids) - SERVED_IDS_SHOWN} more" if len(ids) > SERVED_IDS_SHOWN else ""
+    raise NotFound(
+        f"model {model[:200]!r} does not exist; served models: {shown}{more} (all of them: GET /v1/models)",
+        param="model",
+    )
 
 
 def _respond(result) -> JSONResponse | StreamingResponse:

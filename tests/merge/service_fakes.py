@@ -59,6 +59,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.shutdowns = 0
         self.active = 0
+        self.errored = False  # set True to play a dead engine core
 
     def shutdown(self) -> None:
         self.shutdowns += 1

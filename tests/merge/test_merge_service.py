@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.errors import BadRequest, Conflict, NotFound
+from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from server.merge import probe
+from server.merge import service as merge_service
 from server.merge.checkpoint import read_state
 from server.merge.jobs import JobStatus, MergeRequest
 from server.merge.nf4 import MergeBase, base_weights
@@ -47,7 +48,13 @@ def make_service(tmp_path, monkeypatch, adapters, serve_fails=False, report=fake
 
 
 async def finished(service: MergeService) -> None:
-    await asyncio.wait_for(asyncio.gather(*service._tasks), timeout=300)
+    """Wait (at most 300 s) until no merge job is left running (engine watchers run on)."""
+
+    async def jobs_done():
+        while running := [t for t in service._tasks if t.get_name() in service.jobs]:
+            await asyncio.gather(*running)
+
+    await asyncio.wait_for(jobs_done(), timeout=300)
 
 
 def left_behind(service: MergeService) -> list[str]:
@@ -211,10 +218,52 @@ def test_restored_merge_cannot_be_cancelled_and_an_unserved_folder_can_be_delete
         assert job.status is JobStatus.FAILED and again.store.path("austen-merged").is_dir()  # kept on disk
         with pytest.raises(Conflict, match="on disk that is not served"):
             again.submit("austen", MergeRequest())
+        with pytest.raises(ServiceUnavailable, match="its engine did not start .*engine core initialization failed"):
+            again.serving_state("austen-merged")  # not a 404: it is on disk, and the message says what to do
         assert (await again.delete("austen-merged")) == {
             "id": "austen-merged", "object": "model", "deleted": True, "freed": None
         }  # fmt: skip
         assert left_behind(again) == []
+
+    asyncio.run(go())
+
+
+def test_a_dead_merged_engine_is_restarted_then_left_down_past_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_service, "ENGINE_POLL_S", 0.01)
+    monkeypatch.setattr(merge_service, "MAX_ENGINE_RESTARTS", 1)
+
+    async def until(condition) -> None:
+        for _ in range(1000):  # at most 10 s
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not met within 10 s")
+
+    async def go():
+        service, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        service.submit("austen", MergeRequest())
+        await finished(service)
+        engines[0].errored = True  # the engine core died
+        with pytest.raises(ServiceUnavailable, match="its engine died and is being restarted"):
+            service.serving_state("austen-merged")
+        await until(lambda: len(engines) == 2)
+        await finished(service)
+        restored = [j for j in service.list() if j.restored]
+        assert [(j.model, j.status) for j in restored] == [("austen-merged", JobStatus.SUCCEEDED)]
+        assert engines[0].shutdowns == 1 and service.models["austen-merged"].raw is engines[1]
+        assert service.serving_state("austen-merged") is None  # served again (the fake has no handlers)
+        assert service.metrics.merged_engine_deaths.labels("austen-merged")._value.get() == 1
+
+        engines[1].errored = True  # and again: past MAX_ENGINE_RESTARTS it stays down
+        await until(lambda: "austen-merged" in service.down)
+        await asyncio.sleep(0.05)
+        assert len(engines) == 2 and engines[1].shutdowns == 1 and "austen-merged" not in service.models
+        with pytest.raises(ServiceUnavailable, match="died 2 times; delete it with DELETE /v1/models/austen-merged"):
+            service.serving_state("austen-merged")
+        assert service.store.path("austen-merged").is_dir()  # kept until the operator deletes it
+        assert (await service.delete("austen-merged"))["deleted"] is True
+        assert left_behind(service) == [] and service.down == {}
+        assert service.serving_state("austen-merged") is None  # unknown again (the route answers 404)
 
     asyncio.run(go())
 
