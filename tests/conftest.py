@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,11 @@ import pytest
 from server.process import ServerProcess, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
-LOG_DIR = Path(os.environ.get("QSERVE_TEST_LOGS", "/tmp/qserve-test-logs"))
+# Server logs of this test run: its own folder, so two runs on one machine never write over each
+# other's logs (tests read them back); QSERVE_TEST_LOGS names another folder.
+LOG_DIR = Path(
+    os.environ.get("QSERVE_TEST_LOGS") or f"/tmp/qserve-test-logs/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+)
 MODEL = "demo-target"
 ADAPTERS = ("austen", "stdlib-docs")  # shipped in adapters/, seeded into every fresh store
 

@@ -207,7 +207,8 @@ def test_reupload_after_delete_serves_the_new_weights(base_url):
 def test_new_version_while_streaming_keeps_the_running_request_on_its_version(base_url):
     prompt = "Mr. Darcy"
     assert upload(base_url, "swap", REPO_ROOT / "adapters/austen").status_code == 201
-    body = {"model": "swap", "prompt": prompt, "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+    # Long enough (seconds) that the upload below lands while it streams, even on a busy machine.
+    body = {"model": "swap", "prompt": prompt, "max_tokens": 480, "temperature": 0, "ignore_eos": True}
     v1_alone = httpx.post(base_url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
     pieces: list[str] = []
     started = threading.Event()

@@ -77,6 +77,8 @@ def test_sigterm_stops_accepting_finishes_the_stream_and_exits_0(term_server):
             except httpx.ConnectError:
                 refused = True
                 break
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                pass  # accepted just before the listener closed, then closed unanswered: probe again
             time.sleep(0.1)
         events = [line for line in lines if line.startswith("data: ")]
     assert refused
@@ -148,7 +150,7 @@ def test_after_restart_the_registry_lists_exactly_the_completed_adapters(restart
 
 def _engine_cores(proc) -> list[psutil.Process]:
     children = psutil.Process(proc.proc.pid).children(recursive=True)
-    cores = [p for p in children if "EngineCor" in p.name()]
+    cores = [p for p in children if "EngineCor" in p.name() and p.status() != psutil.STATUS_ZOMBIE]
     assert cores, [p.name() for p in children]
     return cores
 

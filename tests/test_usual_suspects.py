@@ -48,10 +48,10 @@ def test_stop_string_across_a_token_boundary_never_leaks_into_the_stream(client)
 
 def test_multibyte_utf8_split_over_tokens_streams_whole_characters(client):
     # vLLM's structured outputs force a text whose characters are 2-4 byte-level tokens each.
-    text = "日本語 café 🙂"
+    text = "日本語 café 🙂 " * 3 + "終"  # long enough for many engine steps, so several stream chunks
     body = {
         "prompt": "Say:",
-        "max_tokens": 30,
+        "max_tokens": 120,
         "temperature": 0,
         "extra_body": {"structured_outputs": {"choice": [text]}},
     }

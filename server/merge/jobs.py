@@ -97,6 +97,28 @@ class MergeJob:
         """Enter ``stage`` at ``progress`` (0..1)."""
         self.stage, self.progress = stage, progress
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MergeJob:
+        """A finished job back from :meth:`to_json` output (the history kept across restarts).
+
+        A job that was not finished when it was saved was cut short by a crash or kill: it comes back
+        ``failed``, saying so.
+
+        Raises:
+            KeyError, ValueError: ``d`` is not a job's JSON.
+        """
+        job = cls(
+            d["adapter"], d["adapter_version"], d["model"], MergeBase(d["merge_base"]), Precision(d["precision"]),
+            restored=d["restored"], id=d["id"], status=JobStatus(d["status"]), stage=d["stage"],
+            progress=d["progress"], created_at=d["created_at"], started_at=d["started_at"],
+            finished_at=d["finished_at"], error=(d["error"] or {}).get("message"), draft=d["draft"],
+            fidelity=d["fidelity"], memory=d["memory"],
+        )  # fmt: skip
+        if job.status not in FINAL:
+            job.status, job.finished_at = JobStatus.FAILED, job.finished_at or time.time()
+            job.error = f"the server stopped while this job was {d['status']} ({d['stage']}); merge again"
+        return job
+
     def to_json(self) -> dict[str, Any]:
         """The job as the API returns it (times in Unix seconds)."""
         return {

@@ -23,10 +23,12 @@ ours (:class:`server.observability.ObservedEngine`, labelled with its model id).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import multiprocessing
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ FIDELITY_BOUNDS = {
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ENGINE_POLL_S = 1.0  # how often a merged model's engine is checked for death (seconds)
 MAX_ENGINE_RESTARTS = 3  # restarts of one merged model's dead engine per server process, then it stays down
+HISTORY_MAX = 100  # merge jobs kept in the history (newest first), across restarts
 
 
 class MergeFailed(Exception):
@@ -79,6 +82,7 @@ class MergedModel:
     state: Any  # starlette State holding vLLM's openai_serving_* handlers
     memory: dict
     created: float
+    processes: list = field(default_factory=list)  # psutil.Process of its engine's processes
 
 
 def _child_processes() -> dict[int, Any]:
@@ -141,6 +145,19 @@ class MergeService:
         self._tasks: set[asyncio.Task] = set()
         self.down: dict[str, str] = {}  # merged models on disk whose engine is not up: why, and what to do
         self.restarts: dict[str, int] = {}  # engine restarts per merged model id (this process)
+        self._closing = False
+        # History writes leave the event loop, one at a time and in order (the last write is the newest state).
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-history")
+        for d in store.load_history():
+            try:
+                job = MergeJob.from_json(d)
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                log.error("merge job history: entry %r skipped (%s)", d.get("id"), exc)
+                continue
+            self.jobs[job.id] = job
+        if any(j.status is JobStatus.FAILED and j.error and j.error.startswith("the server stopped")
+               for j in self.jobs.values()):  # fmt: skip
+            self._save_history()  # the interrupted jobs' new status is durable too
 
     # ---- lookups used by the routes -------------------------------------------------------------
 
@@ -197,8 +214,20 @@ class MergeService:
             raise NotFound(f"merge job {job_id!r} does not exist; list jobs with GET /v1/merges", param="id") from None
 
     def list(self) -> list[MergeJob]:
-        """All jobs of this server process, newest first."""
-        return sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)
+        """The newest :data:`HISTORY_MAX` jobs (this process's and, from the history, earlier ones), newest first."""
+        return sorted(self.jobs.values(), key=lambda j: j.created_at, reverse=True)[:HISTORY_MAX]
+
+    def _save_history(self) -> None:
+        """Queue a write of the job history (server/merge/store.py ``.jobs.json``); failures are logged."""
+        jobs = [j.to_json() for j in self.list()]
+
+        def write() -> None:
+            try:
+                self.store.save_history(jobs)
+            except OSError:
+                log.exception("merge job history not saved")
+
+        self._writer.submit(write)
 
     # ---- submit, cancel, delete ----------------------------------------------------------------
 
@@ -246,6 +275,7 @@ class MergeService:
 
     def _start(self, job: MergeJob) -> None:
         self.jobs[job.id] = job
+        self._save_history()
         self._spawn(self._run(job)).set_name(job.id)
 
     def cancel(self, job_id: str) -> MergeJob:
@@ -346,6 +376,7 @@ class MergeService:
         self.models.pop(served.id)
         self.metrics.merged_engine_deaths.labels(served.id).inc()
         served.raw.shutdown()
+        await _reap(served)
         self.metrics.forget_merged(served.id)
         restarts = self.restarts.get(served.id, 0)
         if restarts >= MAX_ENGINE_RESTARTS:
@@ -368,7 +399,8 @@ class MergeService:
         return task
 
     async def close(self) -> None:
-        """Cancel running jobs and shut every merged engine down (server shutdown)."""
+        """Stop running jobs (recorded as failed: the server shut down), shut every merged engine down."""
+        self._closing = True
         for job in self.jobs.values():
             job.cancel_event.set()
         for task in list(self._tasks):
@@ -376,6 +408,7 @@ class MergeService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for model_id in list(self.models):
             self.models.pop(model_id).raw.shutdown()
+        await asyncio.to_thread(self._writer.shutdown, wait=True)  # the history is on disk
 
     # ---- the job --------------------------------------------------------------------------------
 
@@ -384,6 +417,7 @@ class MergeService:
         if status is JobStatus.SUCCEEDED:
             job.advance("serving", 1.0)
         self.metrics.merge_jobs.labels(status.value).inc()
+        self._save_history()
         log.info("merge job %s (%s -> %s): %s%s", job.id, job.adapter, job.model, status.value,
                  f": {error}" if error else "")  # fmt: skip
 
@@ -392,6 +426,7 @@ class MergeService:
             if job.status in FINAL:  # cancelled while queued
                 return
             job.status, job.started_at = JobStatus.RUNNING, time.time()
+            self._save_history()
             staging: Path | None = None
             committed = False
             served: MergedModel | None = None
@@ -413,7 +448,10 @@ class MergeService:
                 self._spawn(self._watch(served)).set_name(f"watch-{served.id}")
                 self._finish(job, JobStatus.SUCCEEDED)
             except (MergeCancelled, asyncio.CancelledError):
-                self._finish(job, JobStatus.CANCELLED)
+                if self._closing:
+                    self._finish(job, JobStatus.FAILED, "the server shut down during this job; merge again")
+                else:
+                    self._finish(job, JobStatus.CANCELLED)
             except Exception as exc:
                 log.exception("merge job %s failed", job.id)
                 self._finish(job, JobStatus.FAILED, getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
@@ -561,7 +599,7 @@ class MergeService:
             self.metrics.set_merged(job.model, memory)
             spec = raw.vllm_config.speculative_config
             self.metrics.touch(job.model, None, spec.num_speculative_tokens if spec else 0)
-            return MergedModel(job.model, folder, manifest, raw, engine, state, memory, manifest["created"])
+            return MergedModel(job.model, folder, manifest, raw, engine, state, memory, manifest["created"], new)
         except BaseException:
             raw.shutdown()
             raise
@@ -572,3 +610,19 @@ class MergeService:
         while served.engine.active and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         served.raw.shutdown()
+        await _reap(served)
+
+
+async def _reap(served: MergedModel, timeout_s: float = 10.0) -> None:
+    """Wait (up to ``timeout_s`` seconds) until ``served``'s engine processes have exited and been reaped.
+
+    vLLM's shutdown signals its engine core but does not join it; ``multiprocessing.active_children()``
+    joins exited children, so a deleted or dead engine leaves no zombie process behind.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        multiprocessing.active_children()
+        if not any(p.is_running() for p in served.processes):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("merged model %s: engine processes still running %.0f s after shutdown", served.id, timeout_s)

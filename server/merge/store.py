@@ -8,6 +8,7 @@ Layout under ``root`` (``--merged-models-dir``)::
     <model id>/draft/              merged draft checkpoint, when the adapter has a draft adapter
     .staging/<job id>/             a merge being built; renamed to <model id> when complete
     .trash/                        a merged model being deleted
+    .jobs.json                     the newest merge jobs (``GET /v1/merges`` after a restart)
 
 A folder appears under its model id only by one ``rename`` of a complete staging
 folder (its ``merge.json`` written last), so a crash, failure or cancellation at
@@ -28,6 +29,7 @@ from server.adapters.store import fsync_dir, prepare_root
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "merge.json"
+HISTORY_FILE = ".jobs.json"  # hidden: model ids start with a letter or digit
 
 
 class MergedStore:
@@ -90,6 +92,40 @@ class MergedStore:
             OSError, ValueError: missing or unreadable.
         """
         return json.loads((self.path(model_id) / MANIFEST_FILE).read_text())
+
+    def save_history(self, jobs: list[dict]) -> None:
+        """Replace the job history with ``jobs`` (API JSON of each job): a temporary file, fsynced, renamed.
+
+        Raises:
+            OSError: if the disk write fails (the previous history is then intact).
+        """
+        path = self.root / HISTORY_FILE
+        tmp = path.with_name(f"{HISTORY_FILE}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(jobs) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.root)
+
+    def load_history(self) -> list[dict]:
+        """The job history :meth:`save_history` wrote; ``[]`` if there is none or it is unreadable (logged)."""
+        path = self.root / HISTORY_FILE
+        for stale in self.root.glob(f"{HISTORY_FILE}.*.tmp"):  # a write cut short by a crash
+            stale.unlink(missing_ok=True)
+        if not path.exists():
+            return []
+        try:
+            jobs = json.loads(path.read_text())
+            if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+                raise ValueError("not a list of jobs")
+            return jobs
+        except (OSError, ValueError) as exc:
+            log.error("merge job history %s unreadable, starting a new one (%s)", path, exc)
+            return []
 
     def load_all(self) -> list[dict]:
         """The manifests of every complete merged model, by model id; unreadable ones are logged and skipped."""

@@ -18,7 +18,7 @@ from server.merge.checkpoint import read_state
 from server.merge.jobs import JobStatus, MergeRequest
 from server.merge.nf4 import MergeBase, base_weights
 from server.merge.service import MergeService
-from server.merge.store import MANIFEST_FILE, MergedStore
+from server.merge.store import HISTORY_FILE, MANIFEST_FILE, MergedStore
 from server.metrics import ServerMetrics
 from server.process import REPO_ROOT
 from server.settings import Settings
@@ -60,7 +60,10 @@ async def finished(service: MergeService) -> None:
 def left_behind(service: MergeService) -> list[str]:
     """Everything under the merged-models folder (hidden staging/trash contents included)."""
     root = service.store.root
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name not in (".staging", ".trash"))
+    kept = (".staging", ".trash")  # and the job history (HISTORY_FILE, maybe mid-write), kept on purpose
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.name not in kept and not p.name.startswith(HISTORY_FILE)
+    )
 
 
 def test_merge_commits_a_whole_folder_and_serves_it(tmp_path, monkeypatch):
@@ -135,7 +138,8 @@ def test_cancel_queued_job_and_the_first_still_finishes(tmp_path, monkeypatch):
         assert service.cancel(second.id).status is JobStatus.CANCELLED  # queued: cancelled at once
         await finished(service)
         assert first.status is JobStatus.SUCCEEDED and second.status is JobStatus.CANCELLED
-        assert sorted(p.name for p in service.store.root.iterdir()) == [".staging", ".trash", "austen-merged"]
+        top = sorted(p.name for p in service.store.root.iterdir() if not p.name.startswith(HISTORY_FILE))
+        assert top == [".staging", ".trash", "austen-merged"]
 
     asyncio.run(go())
 
@@ -196,7 +200,7 @@ def test_restart_restores_merged_models(tmp_path, monkeypatch):
         again, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
         again.restore()
         await finished(again)
-        (job,) = again.list()
+        (job,) = [j for j in again.list() if j.restored]  # the history also lists the first merge
         assert job.restored and job.status is JobStatus.SUCCEEDED and job.precision == "nf4"
         assert list(again.models) == ["austen-merged"] and len(engines) == 1
         assert job.fidelity["chosen"] == "merge_base=bf16,precision=nf4"
@@ -211,7 +215,7 @@ def test_restored_merge_cannot_be_cancelled_and_an_unserved_folder_can_be_delete
         await finished(service)
         again, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN}, serve_fails=True)
         again.restore()
-        (job,) = again.list()
+        (job,) = [j for j in again.list() if j.restored]
         with pytest.raises(Conflict, match="no merge to cancel: delete the model with DELETE /v1/models/austen-merged"):
             again.cancel(job.id)
         await finished(again)
@@ -266,6 +270,45 @@ def test_a_dead_merged_engine_is_restarted_then_left_down_past_the_limit(tmp_pat
         assert service.serving_state("austen-merged") is None  # unknown again (the route answers 404)
 
     asyncio.run(go())
+
+
+def test_the_job_history_survives_a_restart_and_a_kill(tmp_path, monkeypatch):
+    report = BlockingReport()
+
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN, "b": AUSTEN})
+        done = service.submit("austen", MergeRequest())
+        await finished(service)
+        await service.close()  # a clean shutdown writes the history out
+        again, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN, "b": AUSTEN}, report=report)
+        seen = {j.id: j.to_json() for j in again.list()}
+        assert seen[done.id] == done.to_json()  # every field, the fidelity report and memory included
+
+        running = again.submit("b", MergeRequest(model="b-merged"))
+        for _ in range(600):  # at most 60 s: the job is inside its fidelity report, history saved "running"
+            if report.entered.is_set():
+                break
+            await asyncio.sleep(0.1)
+        assert running.status is JobStatus.RUNNING
+        await asyncio.to_thread(again._writer.submit(lambda: None).result)  # the queued writes are done
+        # A third server on the same folder while the second is still mid-merge: as after kill -9.
+        third, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN, "b": AUSTEN})
+        cut = third.get(running.id)
+        assert cut.status is JobStatus.FAILED and "the server stopped while this job was running" in cut.error
+        assert third.get(done.id).status is JobStatus.SUCCEEDED
+        assert [j.id for j in third.list()] == [running.id, done.id]  # newest first
+        again.cancel(running.id)
+        await finished(again)
+        await again.close()
+
+    asyncio.run(go())
+
+
+def test_a_corrupt_job_history_is_set_aside_not_fatal(tmp_path, monkeypatch):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / HISTORY_FILE).write_text("{not json")
+    service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+    assert service.list() == []
 
 
 def test_a_queued_merge_takes_the_adapter_as_it_is_when_it_starts(tmp_path, monkeypatch):
