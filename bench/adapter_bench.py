@@ -10,7 +10,6 @@ treats them as 16 adapters and must swap them through its 4 LoRA slots).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import publish
+from bench.report import argument_parser, publish
 from server.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
@@ -60,12 +59,11 @@ def traffic(base_url: str, models: list[str], prompts: list[str], concurrency: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--uploads", type=int, default=5, help="fresh uploads timed for upload-to-servable")
-    ap.add_argument("--write", type=Path)
     a = ap.parse_args()
     prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
     import tempfile

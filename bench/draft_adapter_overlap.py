@@ -20,13 +20,11 @@ Usage: python -m bench.draft_adapter_overlap [--windows 16] [--seq 128] [--write
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from bench.report import publish
+from bench.report import argument_parser, publish
 from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_overlap
 from server.merge.nf4 import MergeBase, base_weights
@@ -52,11 +50,9 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argument_parser(__doc__, threads=True)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--write", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer

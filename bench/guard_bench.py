@@ -17,12 +17,9 @@ Usage: python -m bench.guard_bench [--requests 16] [--max-tokens 64] [--concurre
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import httpx
 
-from bench.report import publish
+from bench.report import argument_parser, publish
 from bench.serving_bench import LOGS, run_load, spec_counters
 from server.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
@@ -70,11 +67,10 @@ def _cell(url: str, prompts: list[str], concurrency: int, max_tokens: int, sampl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
     prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
     table: dict[str, dict[str, str]] = {w: {} for w in WORKLOADS}

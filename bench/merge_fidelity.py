@@ -22,13 +22,11 @@ Usage: python -m bench.merge_fidelity [--prompts 16] [--tokens 32] [--write BENC
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from bench.report import publish
+from bench.report import argument_parser, publish
 from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_kl
 from server.merge.lora import load_lora, merge_lora
@@ -41,11 +39,9 @@ ADAPTERS = ("austen", "stdlib-docs")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argument_parser(__doc__, threads=True)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--write", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoTokenizer

@@ -17,14 +17,13 @@ Usage: python -m bench.merge_serving [--adapters austen stdlib-docs] [--requests
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.report import publish
+from bench.report import argument_parser, publish
 from server.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
@@ -79,11 +78,10 @@ def merge(base_url: str, adapter: str, model: str, body: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--adapters", nargs="+", default=["austen", "stdlib-docs"])
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--write", type=Path)
     a = ap.parse_args()
     prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
     work = Path(tempfile.mkdtemp(prefix="qserve-merge-bench-"))

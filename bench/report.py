@@ -1,7 +1,8 @@
-"""Record a benchmark's Markdown table in BENCHMARKS.md between its own begin/end markers."""
+"""Benchmark plumbing: the common command line, and recording a Markdown table in BENCHMARKS.md between its own begin/end markers."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -19,6 +20,17 @@ def record(path: Path, key: str, table_lines: list[str]) -> str:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
     return section
+
+
+def argument_parser(doc: str, threads: bool = False) -> argparse.ArgumentParser:
+    """A benchmark's command line: the first line of its ``doc`` as description, ``--write PATH`` (the
+    Markdown file :func:`publish` records the table in) and, with ``threads``, ``--threads`` (torch CPU
+    threads, default 1)."""
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
+    if threads:
+        ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return ap
 
 
 def publish(lines: list[str], path: Path | None, key: str) -> None:

@@ -19,7 +19,6 @@ share the 2 CPU cores), drives it over HTTP with held-out prompts and prints:
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import publish
+from bench.report import argument_parser, publish
 from bench.weight_memory import weight_bytes
 from server.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
@@ -97,11 +96,10 @@ def measure(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argument_parser(__doc__)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
     prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
     k = a.k
