@@ -7,7 +7,8 @@ default: every request, base ones included, runs through vLLM's LoRA layers) and
 bit-identical to the base's, tests/test_merge_api.py), and served as its own model. The same
 greedy requests go to the base on both servers and to the zero merge; the table gives, per
 prompt, whether the greedy tokens are equal and the largest difference of the chosen tokens'
-log-probabilities (nats) against the ``--no-enable-lora`` base.
+log-probabilities (nats) against the ``--no-enable-lora`` base, up to and including the first
+position where the greedy tokens differ (past it the two texts are not comparable).
 
 Why: the zero merge serves the base's greedy tokens, but its log-probabilities differ from the
 (LoRA-enabled) base server's in the second decimal; this run shows where that comes from.
@@ -99,8 +100,9 @@ def main() -> None:
 
     def compare(name: str, i: int) -> tuple[bool, float, float]:
         (t, lp), (t_off, lp_off) = runs[name][i], runs["--no-enable-lora"][i]
-        shared = min(len(lp), len(lp_off))
-        return t == t_off, max(abs(x - y) for x, y in zip(lp[:shared], lp_off[:shared], strict=True)), lp[0]
+        same = next((j for j, (x, y) in enumerate(zip(t, t_off, strict=False)) if x != y), min(len(t), len(t_off)))
+        diff = max(abs(x - y) for x, y in zip(lp[: same + 1], lp_off[: same + 1], strict=True))  # to the first split
+        return t == t_off, diff, lp[0]
 
     rows = [(p, compare("--enable-lora", i), compare("zero adapter merged", i), runs["--no-enable-lora"][i][1][0])
             for i, p in enumerate(prompts)]  # fmt: skip
@@ -113,7 +115,8 @@ def main() -> None:
         f" target, speculation k=4). Greedy requests, {a.max_tokens} tokens each, compared with the base on the"
         " `--no-enable-lora` server: the base on the default `--enable-lora` server, and a zero adapter (B = 0)"
         " merged into the bf16 base and served NF4 (its own engine, no LoRA). Largest log-probability"
-        f" difference: LoRA path {worst_on:.4f} nats, zero merge {worst_zero:.4f} nats.",
+        f" difference (up to the first differing token): LoRA path {worst_on:.4f} nats, zero merge"
+        f" {worst_zero:.4f} nats.",
         "",
         "| prompt | base, LoRA on: same tokens / max diff | zero merge: same tokens / max diff | first logprob: off / on / zero merge |",
         "|---|---|---|---|",
