@@ -137,9 +137,30 @@ def from_vllm(err) -> JSONResponse:
     A 400 without ``param`` gets the field its message names (:func:`param_named_in`).
     """
     param = err.error.param
+    if err.error.code >= 500 and err.error.message.startswith(ENGINE_DEAD_MESSAGE):
+        return engine_dead_response()
     if param is None and err.error.code == HTTPStatus.BAD_REQUEST:
         param = param_named_in(err.error.message)
     return error_response(err.error.code, err.error.message, param)
+
+
+# vLLM's EngineDeadError message (vllm/v1/engine/exceptions.py; tests/test_errors.py checks it still is).
+ENGINE_DEAD_MESSAGE = "EngineCore encountered an issue."
+ENGINE_DEAD_RETRY_AFTER_S = 5
+
+
+def engine_dead_response() -> JSONResponse:
+    """503 + Retry-After for a request whose engine died under it (vLLM answers 500).
+
+    The condition is temporary: a merged model's engine is restarted (server/merge/service.py) and a dead
+    base engine makes the server exit for its supervisor to restart (server/watchdog.py).
+    """
+    return error_response(
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        "the engine serving this model died during the request; it is being restarted (a merged model's engine "
+        f"in this server, the base engine with the server): retry in {ENGINE_DEAD_RETRY_AFTER_S} s",
+        headers={"Retry-After": str(ENGINE_DEAD_RETRY_AFTER_S)},
+    )
 
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "list", "dict"})
@@ -191,7 +212,10 @@ async def _vllm_error(_: Request, exc: Exception) -> JSONResponse:
     # vLLM's own classification of its typed errors (client 4xx with the
     # parameter named, not-found 404, server 5xx), re-issued in our envelope.
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.v1.engine.exceptions import EngineDeadError
 
+    if isinstance(exc, EngineDeadError):
+        return engine_dead_response()
     return from_vllm(create_error_response(exc))
 
 

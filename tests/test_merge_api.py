@@ -219,12 +219,15 @@ def test_a_dead_merged_engine_is_restarted_and_the_base_keeps_serving(srv):
     assert len(cores) == 2, cores  # the base engine's core, then austen-merged's (zero-merged was deleted)
     cores[-1].kill()  # SIGKILL the merged engine's core, as the OOM killer would
     body = {"model": "austen-merged", "prompt": PROMPTS[0], "max_tokens": 2}
-    for _ in range(300):  # the death is noticed within a second
+    seen = []
+    for _ in range(300):  # the death is noticed within a second; then 503s name the model and its restart
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)
-        if r.status_code == 503:
+        seen.append(r.status_code)
+        if r.status_code == 503 and "austen-merged" in r.json()["error"]["message"]:
             break
         time.sleep(0.1)
     assert r.status_code == 503 and "austen-merged" in r.json()["error"]["message"], r.text
+    assert set(seen) <= {200, 503}, seen  # never a 500 (engine died mid-request) or 404 (between engines)
     assert httpx.get(url + "/ready").status_code == 200  # only that model is down
     assert greedy(url, "demo-target", PROMPTS[0])["text"]
     for _ in range(300):  # the watcher polls each second, then starts a restore job

@@ -8,6 +8,7 @@ Modelled on OpenAI's fine-tuning jobs (``status``, ``created_at``,
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -105,18 +106,30 @@ class MergeJob:
         ``failed``, saying so.
 
         Raises:
-            KeyError, ValueError: ``d`` is not a job's JSON.
+            KeyError, ValueError, TypeError: ``d`` is not a job's JSON (a missing key, a wrong type or value).
         """
+
+        def seconds(v: Any, optional: bool = True) -> float | None:
+            if v is None and optional:
+                return None
+            t = float(v)  # TypeError / ValueError for anything but a number
+            if not math.isfinite(t):
+                raise ValueError(f"time {v!r} is not finite")
+            return t
+
+        error = d["error"]
         job = cls(
-            d["adapter"], d["adapter_version"], d["model"], MergeBase(d["merge_base"]), Precision(d["precision"]),
-            restored=d["restored"], id=d["id"], status=JobStatus(d["status"]), stage=d["stage"],
-            progress=d["progress"], created_at=d["created_at"], started_at=d["started_at"],
-            finished_at=d["finished_at"], error=(d["error"] or {}).get("message"), draft=d["draft"],
-            fidelity=d["fidelity"], memory=d["memory"],
+            str(d["adapter"]), int(d["adapter_version"]), str(d["model"]), MergeBase(d["merge_base"]),
+            Precision(d["precision"]), restored=bool(d["restored"]), id=str(d["id"]),
+            status=JobStatus(d["status"]), stage=str(d["stage"]), progress=min(max(seconds(d["progress"], False), 0), 1),
+            created_at=seconds(d["created_at"], False), started_at=seconds(d["started_at"]),
+            finished_at=seconds(d["finished_at"]), error=None if error is None else str(error["message"]),
+            draft=d["draft"], fidelity=d["fidelity"], memory=d["memory"],
         )  # fmt: skip
         if job.status not in FINAL:
             job.status, job.finished_at = JobStatus.FAILED, job.finished_at or time.time()
-            job.error = f"the server stopped while this job was {d['status']} ({d['stage']}); merge again"
+            then = "the model is restored at the next start" if job.restored else "merge again"
+            job.error = f"the server stopped while this job was {d['status']}; {then}"
         return job
 
     def to_json(self) -> dict[str, Any]:

@@ -148,12 +148,14 @@ class MergeService:
         self._closing = False
         # History writes leave the event loop, one at a time and in order (the last write is the newest state).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-history")
+        loaded = []
         for d in store.load_history():
             try:
-                job = MergeJob.from_json(d)
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                log.error("merge job history: entry %r skipped (%s)", d.get("id"), exc)
-                continue
+                loaded.append(MergeJob.from_json(d))
+            except Exception as exc:  # any malformed entry is skipped, never fatal
+                log.error("merge job history: entry %r skipped (%s: %s)", str(d.get("id"))[:80], type(exc).__name__,
+                          exc)  # fmt: skip
+        for job in sorted(loaded, key=lambda j: j.created_at, reverse=True)[:HISTORY_MAX]:
             self.jobs[job.id] = job
         if any(j.status is JobStatus.FAILED and j.error and j.error.startswith("the server stopped")
                for j in self.jobs.values()):  # fmt: skip
@@ -219,7 +221,11 @@ class MergeService:
 
     def _save_history(self) -> None:
         """Queue a write of the job history (server/merge/store.py ``.jobs.json``); failures are logged."""
-        jobs = [j.to_json() for j in self.list()]
+        kept = self.list()
+        for old in set(self.jobs) - {j.id for j in kept}:
+            if self.jobs[old].status in FINAL:
+                del self.jobs[old]
+        jobs = [j.to_json() for j in kept]
 
         def write() -> None:
             try:
@@ -292,8 +298,8 @@ class MergeService:
             )
         if job.restored:
             raise Conflict(
-                f"merge job {job_id} restores the finished merged model {job.model!r} after a restart; "
-                f"there is no merge to cancel: delete the model with DELETE /v1/models/{job.model}"
+                f"merge job {job_id} restores the finished merged model {job.model!r} (after a restart or an "
+                f"engine death); there is no merge to cancel: delete the model with DELETE /v1/models/{job.model}"
             )
         job.cancel_event.set()
         if job.status is JobStatus.QUEUED:
@@ -311,7 +317,16 @@ class MergeService:
             Conflict: a merge job for ``model_id`` is still running (cancel it instead).
         """
         job = self._pending().get(model_id)
-        if job is not None:
+        if job is not None and job.restored and job.status is JobStatus.QUEUED:
+            job.cancel_event.set()  # its engine never starts; the folder is deleted below
+            self._finish(job, JobStatus.CANCELLED, f"the model was deleted (DELETE /v1/models/{model_id})")
+        elif job is not None and job.restored:
+            raise Conflict(
+                f"merged model {model_id!r} is being restored: its engine is starting (job {job.id}, about a "
+                f"minute); retry DELETE /v1/models/{model_id} when GET /v1/merges/{job.id} is final",
+                param="model",
+            )
+        elif job is not None:
             raise Conflict(
                 f"merged model {model_id!r} is still being built by job {job.id}; cancel it with "
                 f"POST /v1/merges/{job.id}/cancel",
@@ -343,8 +358,17 @@ class MergeService:
 
     def restore(self) -> None:
         """Serve every merged model already on disk (after a restart): one job each, engine start only."""
+        committed_then_cut = False
         for manifest in self.store.load_all():
+            cut = self.jobs.get(manifest.get("job"))
+            if cut is not None and cut.status is JobStatus.FAILED and (cut.error or "").startswith("the server stop"):
+                # killed after its commit (during its engine start): the merge itself is complete
+                cut.status, cut.error, cut.progress = JobStatus.SUCCEEDED, None, 1.0
+                cut.stage = "merged and committed before the server stopped; served again by a restore job"
+                committed_then_cut = True
             self._start(self._restore_job(manifest))
+        if committed_then_cut:
+            self._save_history()
 
     @staticmethod
     def _restore_job(manifest: dict) -> MergeJob:
@@ -375,22 +399,33 @@ class MergeService:
             return  # deleted, or the server is shutting down
         self.models.pop(served.id)
         self.metrics.merged_engine_deaths.labels(served.id).inc()
+        deaths = int(self.metrics.merged_engine_deaths.labels(served.id)._value.get())
+        # The restore job is pending from here on (requests get 503 naming it, the id stays taken), and
+        # starts once the dead engine is shut down and reaped.
+        job = self._queue_restart(served.id, served.manifest, f"its engine died {deaths} times")
         served.raw.shutdown()
         await _reap(served)
         self.metrics.forget_merged(served.id)
-        restarts = self.restarts.get(served.id, 0)
+        if job is not None and job.status is JobStatus.QUEUED and not self._closing:
+            self._start(job)
+
+    def _queue_restart(self, model_id: str, manifest: dict, why: str) -> MergeJob | None:
+        """Register (not start) a restore job for merged model ``model_id``, or past
+        :data:`MAX_ENGINE_RESTARTS` restarts mark it down with ``why``. Returns the job, or None."""
+        restarts = self.restarts.get(model_id, 0)
         if restarts >= MAX_ENGINE_RESTARTS:
-            self.down[served.id] = (
-                f"its engine died {restarts + 1} times; delete it with DELETE /v1/models/{served.id} and merge again"
+            self.down[model_id] = (
+                f"{why}; not restarted again: delete it with DELETE /v1/models/{model_id} and merge again"
             )
-            log.error("merged model %s: the engine died again; not restarting it (%s)", served.id,
-                      self.down[served.id])  # fmt: skip
-            return
-        self.restarts[served.id] = restarts + 1
-        job = self._restore_job(served.manifest)
-        log.error("merged model %s: the engine died; restarting it (job %s, restart %d of %d)", served.id, job.id,
+            log.error("merged model %s: %s", model_id, self.down[model_id])
+            return None
+        self.restarts[model_id] = restarts + 1
+        job = self._restore_job(manifest)
+        job.stage = "waiting for the dead engine to stop"
+        self.jobs[job.id] = job
+        log.error("merged model %s: %s; restarting it (job %s, restart %d of %d)", model_id, why, job.id,
                   restarts + 1, MAX_ENGINE_RESTARTS)  # fmt: skip
-        self._start(job)
+        return job
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
@@ -406,6 +441,9 @@ class MergeService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for job in list(self.jobs.values()):
+            if job.status not in FINAL:  # still queued: its task was cancelled before it ran
+                self._finish(job, JobStatus.FAILED, _shutdown_message(job))
         for model_id in list(self.models):
             self.models.pop(model_id).raw.shutdown()
         await asyncio.to_thread(self._writer.shutdown, wait=True)  # the history is on disk
@@ -449,7 +487,7 @@ class MergeService:
                 self._finish(job, JobStatus.SUCCEEDED)
             except (MergeCancelled, asyncio.CancelledError):
                 if self._closing:
-                    self._finish(job, JobStatus.FAILED, "the server shut down during this job; merge again")
+                    self._finish(job, JobStatus.FAILED, _shutdown_message(job))
                 else:
                     self._finish(job, JobStatus.CANCELLED)
             except Exception as exc:
@@ -463,12 +501,23 @@ class MergeService:
                         self.store.discard(staging)
                     if committed:  # a new merge that did not come up leaves nothing; a restored one stays on disk
                         self.store.delete(job.model)
-                    if job.restored and job.status is JobStatus.FAILED:
-                        self.down[job.model] = (
-                            f"its engine did not start (merge job {job.id}: {job.error}); delete it with "
-                            f"DELETE /v1/models/{job.model} and merge again"
-                        )
+                    if job.restored and job.status is JobStatus.FAILED and self.store.path(job.model).is_dir():
+                        self._after_failed_restore(job)
                     self.metrics.forget_merged(job.model)
+
+    def _after_failed_restore(self, job: MergeJob) -> None:
+        """A restore job's engine did not start: try again if it was a restart after an engine death
+        (and restarts remain), else mark the model down (503 saying why and what to do)."""
+        why = f"its engine did not start (merge job {job.id}: {job.error})"
+        if self.restarts.get(job.model, 0) > 0 and not self._closing:
+            try:
+                again = self._queue_restart(job.model, self.store.manifest(job.model), why)
+            except (OSError, ValueError):
+                again = None
+            if again is not None:
+                self._start(again)
+            return
+        self.down[job.model] = f"{why}; delete it with DELETE /v1/models/{job.model} and merge again"
 
     def _copy_adapter(self, job: MergeJob, dest: Path, with_draft: bool) -> None:
         """Copy the adapter's current version (and its draft adapter) to ``dest``; sets ``job.adapter_version``.
@@ -611,6 +660,13 @@ class MergeService:
             await asyncio.sleep(0.1)
         served.raw.shutdown()
         await _reap(served)
+
+
+def _shutdown_message(job: MergeJob) -> str:
+    """A job's error when the server shut down before it finished."""
+    if job.restored:
+        return "the server shut down during this job; the model is restored at the next start"
+    return "the server shut down during this job; merge again"
 
 
 async def _reap(served: MergedModel, timeout_s: float = 10.0) -> None:

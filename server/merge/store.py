@@ -112,7 +112,8 @@ class MergedStore:
         fsync_dir(self.root)
 
     def load_history(self) -> list[dict]:
-        """The job history :meth:`save_history` wrote; ``[]`` if there is none or it is unreadable (logged)."""
+        """The job history :meth:`save_history` wrote; ``[]`` if there is none or it is unreadable, and
+        entries that are not JSON objects left out (both logged). The entries' fields are not checked here."""
         path = self.root / HISTORY_FILE
         for stale in self.root.glob(f"{HISTORY_FILE}.*.tmp"):  # a write cut short by a crash
             stale.unlink(missing_ok=True)
@@ -120,11 +121,14 @@ class MergedStore:
             return []
         try:
             jobs = json.loads(path.read_text())
-            if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+            if not isinstance(jobs, list):
                 raise ValueError("not a list of jobs")
-            return jobs
-        except (OSError, ValueError) as exc:
-            log.error("merge job history %s unreadable, starting a new one (%s)", path, exc)
+            if len(entries := [j for j in jobs if isinstance(j, dict)]) < len(jobs):
+                log.error("merge job history %s: %d entries that are not objects skipped", path,
+                          len(jobs) - len(entries))  # fmt: skip
+            return entries
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+            log.error("merge job history %s unreadable, starting a new one (%s)", path, str(exc)[:200])
             return []
 
     def load_all(self) -> list[dict]:

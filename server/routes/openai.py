@@ -145,4 +145,4 @@ async def retrieve_model(raw_request: Request, model: str):
         if card["id"] == model:
             return card
     known = ", ".join(c["id"] for c in data)
-    raise NotFound(f"model {model!r} does not exist (served models: {known})", param="model")
+    raise NotFound(f"model {model[:200]!r} does not exist (served models: {known})", param="model")

@@ -262,7 +262,10 @@ def test_a_dead_merged_engine_is_restarted_then_left_down_past_the_limit(tmp_pat
         await until(lambda: "austen-merged" in service.down)
         await asyncio.sleep(0.05)
         assert len(engines) == 2 and engines[1].shutdowns == 1 and "austen-merged" not in service.models
-        with pytest.raises(ServiceUnavailable, match="died 2 times; delete it with DELETE /v1/models/austen-merged"):
+        with pytest.raises(
+            ServiceUnavailable,
+            match="died 2 times; not restarted again: delete it with DELETE /v1/models/austen-merged",
+        ):
             service.serving_state("austen-merged")
         assert service.store.path("austen-merged").is_dir()  # kept until the operator deletes it
         assert (await service.delete("austen-merged"))["deleted"] is True
@@ -309,6 +312,87 @@ def test_a_corrupt_job_history_is_set_aside_not_fatal(tmp_path, monkeypatch):
     (tmp_path / "merged" / HISTORY_FILE).write_text("{not json")
     service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
     assert service.list() == []
+
+
+def test_a_dead_engine_s_model_stays_taken_and_a_queued_restart_can_be_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_service, "ENGINE_POLL_S", 0.01)
+    report = BlockingReport()
+
+    async def go():
+        service, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN, "b": AUSTEN})
+        service.submit("austen", MergeRequest())
+        await finished(service)
+        monkeypatch.setattr(probe, "fidelity_report", report)
+        blocker = service.submit("b", MergeRequest())  # holds the one-merge-at-a-time lock
+        for _ in range(600):
+            if report.entered.is_set():
+                break
+            await asyncio.sleep(0.1)
+        engines[0].errored = True
+        for _ in range(1000):
+            if any(j.restored for j in service.jobs.values()):
+                break
+            await asyncio.sleep(0.01)
+        (restart,) = [j for j in service.jobs.values() if j.restored]
+        # From the moment the death is seen: 503 naming the job, and the id stays taken (no 404 window).
+        with pytest.raises(ServiceUnavailable, match=f"merge job {restart.id} is queued"):
+            service.serving_state("austen-merged")
+        assert service.taken("austen-merged")
+        with pytest.raises(Conflict, match="after a restart or an engine death"):
+            service.cancel(restart.id)
+        out = await service.delete("austen-merged")  # queued behind the other merge: deleted at once
+        assert out["deleted"] is True and restart.status is JobStatus.CANCELLED
+        assert not service.store.path("austen-merged").exists() and not service.taken("austen-merged")
+        service.cancel(blocker.id)
+        await finished(service)
+        assert len(engines) == 1  # the cancelled restart never started an engine
+
+    asyncio.run(go())
+
+
+def test_a_merge_killed_after_its_commit_is_listed_succeeded_and_served(tmp_path, monkeypatch):
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        job = service.submit("austen", MergeRequest())
+        await finished(service)
+        await service.close()
+        # As if kill -9 hit during its engine start: committed on disk, history still says running.
+        path = service.store.root / HISTORY_FILE
+        saved = json.loads(path.read_text())
+        saved[0].update(status="running", stage="starting engine", finished_at=None)
+        path.write_text(json.dumps(saved))
+        again, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        assert again.get(job.id).status is JobStatus.FAILED  # before restore: cut short
+        again.restore()
+        cut = again.get(job.id)
+        assert cut.status is JobStatus.SUCCEEDED and cut.error is None and "committed" in cut.stage
+        await finished(again)
+        assert list(again.models) == ["austen-merged"] and len(engines) == 1
+
+    asyncio.run(go())
+
+
+def test_malformed_history_entries_are_skipped_not_fatal(tmp_path, monkeypatch):
+    async def go():
+        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        good = service.submit("austen", MergeRequest())
+        await finished(service)
+        await service.close()
+        path = service.store.root / HISTORY_FILE
+        (entry,) = json.loads(path.read_text())
+        bad = [entry | {"id": f"bad-{i}", **change} for i, change in enumerate([
+            {"created_at": None}, {"created_at": "soon"}, {"progress": "abc"}, {"started_at": [1]},
+            {"status": "exploded"}, {"error": "not an object"}, {"merge_base": None},
+        ])]  # fmt: skip
+        path.write_text(json.dumps([entry, *bad, 5, None]))
+        again, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        assert [j.id for j in again.list()] == [good.id]
+        path.write_text(json.dumps([entry | {"created_at": float("inf")}]))  # JSON Infinity
+        assert make_service(tmp_path, monkeypatch, {"austen": AUSTEN})[0].list() == []
+        path.write_text("[" * 100_000 + "]" * 100_000)  # deeper than the JSON parser's recursion limit
+        assert make_service(tmp_path, monkeypatch, {"austen": AUSTEN})[0].list() == []
+
+    asyncio.run(go())
 
 
 def test_a_queued_merge_takes_the_adapter_as_it_is_when_it_starts(tmp_path, monkeypatch):
