@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
-from safetensors.torch import load_file, save_file
 
+from bench.merge_serving import merge
 from bench.report import argument_parser, publish
+from server.merge.lora import write_zero_adapter
 from server.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
@@ -48,33 +48,18 @@ def greedy_runs(base_url: str, model: str, prompts: list[str], max_tokens: int) 
 
 
 def merge_zero_adapter(base_url: str, work: Path) -> str:
-    """Upload a zero adapter and merge it (bf16 base, served NF4); returns the merged model id.
+    """Upload a zero adapter (:func:`server.merge.lora.write_zero_adapter`) and merge it (bf16 base, served
+    NF4); returns the merged model id.
 
     Raises:
         RuntimeError: the upload or the merge job failed (the server's message).
     """
-    zero = work / "zero"
-    zero.mkdir()
-    src = REPO_ROOT / "adapters/austen"
-    (zero / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
-    t = load_file(src / "adapter_model.safetensors")
-    save_file(
-        {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in t.items()}, zero / "adapter_model.safetensors"
-    )
+    zero = write_zero_adapter(REPO_ROOT / "adapters/austen", work / "zero")
     files = [("files", (f.name, f.read_bytes())) for f in sorted(zero.iterdir())]
     r = httpx.post(base_url + "/v1/adapters", data={"name": "zero"}, files=files, timeout=120)
     if r.status_code != 201:
         raise RuntimeError(f"upload failed: {r.text}")
-    job = httpx.post(base_url + "/v1/adapters/zero/merge", json={"merge_base": "bf16", "precision": "nf4"},
-                     timeout=30).json()  # fmt: skip
-    for _ in range(900):  # at most ~15 min
-        job = httpx.get(f"{base_url}/v1/merges/{job['id']}", timeout=30).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(1)
-    if job["status"] != "succeeded":
-        raise RuntimeError(f"merge job {job['id']} {job['status']}: {job['error']}")
-    return job["model"]
+    return merge(base_url, "zero", "zero-merged", {"merge_base": "bf16", "precision": "nf4"})["model"]
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import openai
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from server.merge.checkpoint import read_state
+from server.merge.lora import write_zero_adapter
 from server.merge.store import HISTORY_FILE
 from server.process import REPO_ROOT
 from tests.conftest import launch
@@ -160,14 +160,7 @@ def test_zero_adapter_merged_nf4_serves_the_base(srv, tmp_path):
     it: the zero merge equals the base served with --no-enable-lora exactly (0.0000 nats, 8/8 prompts);
     the LoRA path moves base logprobs by up to 0.05 nats and changed 1 of 8 greedy continuations."""
     url = srv.base_url
-    zero = tmp_path / "zero"
-    zero.mkdir()
-    src = REPO_ROOT / "adapters/austen"
-    (zero / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
-    t = load_file(src / "adapter_model.safetensors")
-    save_file(
-        {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in t.items()}, zero / "adapter_model.safetensors"
-    )
+    zero = write_zero_adapter(REPO_ROOT / "adapters/austen", tmp_path / "zero")
     files = [("files", (f.name, f.read_bytes())) for f in sorted(zero.iterdir())]
     assert httpx.post(url + "/v1/adapters", data={"name": "zero"}, files=files, timeout=120).status_code == 201
     r = httpx.post(url + "/v1/adapters/zero/merge", json={"merge_base": "bf16", "precision": "nf4"}, timeout=30)

@@ -120,3 +120,21 @@ def merge_lora(
         # where the delta is exactly 0 keep W itself: W + 0.0 would turn a -0.0 into +0.0
         merged[name] = torch.where(d == 0, w.float(), w.float() + d).to(dtype)
     return merged
+
+
+def write_zero_adapter(src: Path, dest: Path) -> Path:
+    """Write to ``dest`` (created) a copy of the PEFT adapter in ``src`` (config and factors, no draft
+    adapter) with every ``B`` zero: its delta ``(alpha / r) B A`` is exactly 0, so merging it must give
+    the base weights bit for bit. Used by the tests and benchmarks that check exactly that.
+
+    Returns ``dest``. Raises OSError if ``src`` lacks ``adapter_config.json`` or
+    ``adapter_model.safetensors``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True)
+    (dest / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    factors = load_file(src / "adapter_model.safetensors")
+    zeroed = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in factors.items()}
+    save_file(zeroed, dest / "adapter_model.safetensors")
+    return dest

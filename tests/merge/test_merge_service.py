@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from server.merge import probe
 from server.merge import service as merge_service
 from server.merge.checkpoint import read_state
 from server.merge.jobs import JobStatus, MergeRequest
+from server.merge.lora import write_zero_adapter
 from server.merge.nf4 import MergeBase, base_weights
 from server.merge.service import MergeService
 from server.merge.store import HISTORY_FILE, MANIFEST_FILE, MergedStore
@@ -30,12 +29,7 @@ AUSTEN = REPO_ROOT / "adapters" / "austen"
 @pytest.fixture
 def zero_adapter(tmp_path):
     """austen's config and A factors with every B = 0 (and no draft adapter): a delta of exactly zero."""
-    d = tmp_path / "zero"
-    d.mkdir()
-    shutil.copyfile(AUSTEN / "adapter_config.json", d / "adapter_config.json")
-    t = load_file(AUSTEN / "adapter_model.safetensors")
-    save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in t.items()}, d / "adapter_model.safetensors")
-    return d
+    return write_zero_adapter(AUSTEN, tmp_path / "zero")
 
 
 def make_service(tmp_path, monkeypatch, adapters, serve_fails=False, report=fake_report, **settings):
