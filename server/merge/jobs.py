@@ -88,6 +88,7 @@ class MergeJob:
     fidelity: dict | None = None
     memory: dict | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    interrupted: bool = field(default=False, repr=False)  # from the history: the server stopped during it
 
     def check(self) -> None:
         """Raise :class:`MergeCancelled` if the job was cancelled (called between steps, from any thread)."""
@@ -127,6 +128,7 @@ class MergeJob:
             draft=d["draft"], fidelity=d["fidelity"], memory=d["memory"],
         )  # fmt: skip
         if job.status not in FINAL:
+            job.interrupted = True
             job.status, job.finished_at = JobStatus.FAILED, job.finished_at or time.time()
             then = "the model is restored at the next start" if job.restored else "merge again"
             job.error = f"the server stopped while this job was {d['status']}; {then}"

@@ -145,6 +145,7 @@ class MergeService:
         self._tasks: set[asyncio.Task] = set()
         self.down: dict[str, str] = {}  # merged models on disk whose engine is not up: why, and what to do
         self.restarts: dict[str, int] = {}  # engine restarts per merged model id (this process)
+        self.deaths: dict[str, int] = {}  # engine deaths per merged model id (this process)
         self._closing = False
         # History writes leave the event loop, one at a time and in order (the last write is the newest state).
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-history")
@@ -157,8 +158,7 @@ class MergeService:
                           exc)  # fmt: skip
         for job in sorted(loaded, key=lambda j: j.created_at, reverse=True)[:HISTORY_MAX]:
             self.jobs[job.id] = job
-        if any(j.status is JobStatus.FAILED and j.error and j.error.startswith("the server stopped")
-               for j in self.jobs.values()):  # fmt: skip
+        if any(j.interrupted for j in self.jobs.values()):
             self._save_history()  # the interrupted jobs' new status is durable too
 
     # ---- lookups used by the routes -------------------------------------------------------------
@@ -335,6 +335,7 @@ class MergeService:
         served = self.models.pop(model_id, None)
         self.down.pop(model_id, None)
         self.restarts.pop(model_id, None)
+        self.deaths.pop(model_id, None)
         if served is None and self.store.path(model_id).is_dir() and not model_id.startswith("."):
             # on disk but not served: its engine failed to start at restore, or died too often
             await asyncio.to_thread(self.store.delete, model_id)
@@ -361,7 +362,7 @@ class MergeService:
         committed_then_cut = False
         for manifest in self.store.load_all():
             cut = self.jobs.get(manifest.get("job"))
-            if cut is not None and cut.status is JobStatus.FAILED and (cut.error or "").startswith("the server stop"):
+            if cut is not None and cut.interrupted and cut.status is JobStatus.FAILED:
                 # killed after its commit (during its engine start): the merge itself is complete
                 cut.status, cut.error, cut.progress = JobStatus.SUCCEEDED, None, 1.0
                 cut.stage = "merged and committed before the server stopped; served again by a restore job"
@@ -399,7 +400,7 @@ class MergeService:
             return  # deleted, or the server is shutting down
         self.models.pop(served.id)
         self.metrics.merged_engine_deaths.labels(served.id).inc()
-        deaths = int(self.metrics.merged_engine_deaths.labels(served.id)._value.get())
+        deaths = self.deaths[served.id] = self.deaths.get(served.id, 0) + 1
         # The restore job is pending from here on (requests get 503 naming it, the id stays taken), and
         # starts once the dead engine is shut down and reaped.
         job = self._queue_restart(served.id, served.manifest, f"its engine died {deaths} times")
