@@ -344,14 +344,19 @@ def test_a_dead_engine_s_model_stays_taken_and_a_queued_restart_can_be_deleted(t
     asyncio.run(go())
 
 
+async def one_merge_then_close(tmp_path, monkeypatch):
+    """Run one default merge of austen to the end, close the service; return (job, history file path)."""
+    service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+    job = service.submit("austen", MergeRequest())
+    await finished(service)
+    await service.close()
+    return job, service.store.root / HISTORY_FILE
+
+
 def test_a_merge_killed_after_its_commit_is_listed_succeeded_and_served(tmp_path, monkeypatch):
     async def go():
-        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
-        job = service.submit("austen", MergeRequest())
-        await finished(service)
-        await service.close()
+        job, path = await one_merge_then_close(tmp_path, monkeypatch)
         # As if kill -9 hit during its engine start: committed on disk, history still says running.
-        path = service.store.root / HISTORY_FILE
         saved = json.loads(path.read_text())
         saved[0].update(status="running", stage="starting engine", finished_at=None)
         path.write_text(json.dumps(saved))
@@ -368,11 +373,7 @@ def test_a_merge_killed_after_its_commit_is_listed_succeeded_and_served(tmp_path
 
 def test_malformed_history_entries_are_skipped_not_fatal(tmp_path, monkeypatch):
     async def go():
-        service, _ = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
-        good = service.submit("austen", MergeRequest())
-        await finished(service)
-        await service.close()
-        path = service.store.root / HISTORY_FILE
+        good, path = await one_merge_then_close(tmp_path, monkeypatch)
         (entry,) = json.loads(path.read_text())
         bad = [entry | {"id": f"bad-{i}", **change} for i, change in enumerate([
             {"created_at": None}, {"created_at": "soon"}, {"progress": "abc"}, {"started_at": [1]},
