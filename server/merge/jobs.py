@@ -110,21 +110,21 @@ class MergeJob:
             KeyError, ValueError, TypeError: ``d`` is not a job's JSON (a missing key, a wrong type or value).
         """
 
-        def seconds(v: Any, optional: bool = True) -> float | None:
+        def number(v: Any, optional: bool = True) -> float | None:
             if v is None and optional:
                 return None
             t = float(v)  # TypeError / ValueError for anything but a number
             if not math.isfinite(t):
-                raise ValueError(f"time {v!r} is not finite")
+                raise ValueError(f"{v!r} is not finite")
             return t
 
         error = d["error"]
         job = cls(
             str(d["adapter"]), int(d["adapter_version"]), str(d["model"]), MergeBase(d["merge_base"]),
             Precision(d["precision"]), restored=bool(d["restored"]), id=str(d["id"]),
-            status=JobStatus(d["status"]), stage=str(d["stage"]), progress=min(max(seconds(d["progress"], False), 0), 1),
-            created_at=seconds(d["created_at"], False), started_at=seconds(d["started_at"]),
-            finished_at=seconds(d["finished_at"]), error=None if error is None else str(error["message"]),
+            status=JobStatus(d["status"]), stage=str(d["stage"]), progress=min(max(number(d["progress"], False), 0), 1),
+            created_at=number(d["created_at"], False), started_at=number(d["started_at"]),
+            finished_at=number(d["finished_at"]), error=None if error is None else str(error["message"]),
             draft=d["draft"], fidelity=d["fidelity"], memory=d["memory"],
         )  # fmt: skip
         if job.status not in FINAL:

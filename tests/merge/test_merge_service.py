@@ -269,6 +269,29 @@ def test_a_dead_merged_engine_is_restarted_then_left_down_past_the_limit(tmp_pat
     asyncio.run(go())
 
 
+def test_a_restart_that_fails_with_an_unreadable_manifest_leaves_the_model_down_saying_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_service, "ENGINE_POLL_S", 0.01)
+
+    async def go():
+        service, engines = make_service(tmp_path, monkeypatch, {"austen": AUSTEN})
+        service.submit("austen", MergeRequest())
+        await finished(service)
+        monkeypatch.setattr(MergeService, "_serve", fake_serve(engines, fail=True))  # the restart will not start
+        (service.store.path("austen-merged") / MANIFEST_FILE).write_text("{cut short")
+        engines[0].errored = True
+        for _ in range(1000):  # at most 10 s
+            if "austen-merged" in service.down:
+                break
+            await asyncio.sleep(0.01)
+        await finished(service)
+        assert service.restarts["austen-merged"] == 1  # restarts remained; the manifest stopped a second try
+        with pytest.raises(ServiceUnavailable, match="its manifest is unreadable .*DELETE /v1/models/austen-merged"):
+            service.serving_state("austen-merged")
+        assert (await service.delete("austen-merged"))["deleted"] is True and left_behind(service) == []
+
+    asyncio.run(go())
+
+
 def test_the_job_history_survives_a_restart_and_a_kill(tmp_path, monkeypatch):
     report = BlockingReport()
 
