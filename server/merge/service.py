@@ -514,11 +514,11 @@ class MergeService:
             try:
                 again = self._queue_restart(job.model, self.store.manifest(job.model), why)
             except (OSError, ValueError) as exc:  # its manifest became unreadable: down, as below
-                why, again = f"{why}; its manifest is unreadable ({exc})", None
-            if again is not None:
-                self._start(again)
-            if job.model in self.down or again is not None:  # down: _queue_restart said why (no restarts left)
-                return
+                why = f"{why}; its manifest is unreadable ({exc})"
+            else:
+                if again is not None:
+                    self._start(again)
+                return  # restarted, or down past the limit (_queue_restart said why)
         self.down[job.model] = f"{why}; delete it with DELETE /v1/models/{job.model} and merge again"
 
     def _copy_adapter(self, job: MergeJob, dest: Path, with_draft: bool) -> None:
