@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from server.adapters.store import RECORD_FILE, sha256_file
-from server.adapters.validate import WEIGHTS_FILE
+from server.peft import WEIGHTS_FILE
 from server.process import REPO_ROOT
 from server.watchdog import ENGINE_DEAD_EXIT_CODE
 from tests.conftest import ADAPTERS, MODEL, launch

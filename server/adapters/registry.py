@@ -24,9 +24,10 @@ from pathlib import Path
 
 from server.adapters.staging import NO_DRAFT_MODEL, DraftInvalid, Rules, Staged, Upload, stage
 from server.adapters.store import AdapterRecord, AdapterStore
-from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE, AdapterInvalid, BaseShape, check_name
+from server.adapters.validate import AdapterInvalid, BaseShape, check_name
 from server.errors import ApiError, NotFound
 from server.metrics import ServerMetrics
+from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 

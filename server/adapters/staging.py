@@ -16,14 +16,12 @@ on any error.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.adapters import archive
 from server.adapters.validate import (
-    CONFIG_FILE,
-    DRAFT_DIR,
-    WEIGHTS_FILE,
     AdapterInfo,
     AdapterInvalid,
     BaseShape,
@@ -31,6 +29,7 @@ from server.adapters.validate import (
     check_weights,
     parse_config,
 )
+from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE, with_peft_defaults
 
 NO_DRAFT_MODEL = (
     "draft adapter refused: this server runs without a draft model (speculation is off), so there is "
@@ -138,5 +137,9 @@ def _validate(folder: Path, names: list[str], shape: BaseShape, max_rank: int, m
     check_files(names)
     for extra in set(names) - {CONFIG_FILE, WEIGHTS_FILE}:
         (folder / extra).unlink(missing_ok=True)  # README etc. are not kept
-    cfg = parse_config((folder / CONFIG_FILE).read_bytes(), max_rank, model)
-    return check_weights(folder / WEIGHTS_FILE, cfg, shape, model)
+    raw = (folder / CONFIG_FILE).read_bytes()
+    info = check_weights(folder / WEIGHTS_FILE, parse_config(raw, max_rank, model), shape, model)
+    cfg = json.loads(raw)
+    if "lora_alpha" not in cfg:
+        (folder / CONFIG_FILE).write_text(json.dumps(with_peft_defaults(cfg), indent=2))
+    return info

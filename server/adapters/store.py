@@ -33,7 +33,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE, AdapterInfo
+from server.adapters.validate import AdapterInfo
+from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 RECORD_FILE = "record.json"

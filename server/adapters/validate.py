@@ -1,10 +1,9 @@
 """Validate a PEFT LoRA adapter against the served base model before anything is stored.
 
-An adapter is the PEFT format: ``adapter_config.json`` (a ``LoraConfig``) and
-``adapter_model.safetensors`` whose tensors are named
-``base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight``
-with ``lora_A: [r, in_features]`` and ``lora_B: [out_features, r]`` (Hu et al.
-2021, "LoRA", section 4: W' = W + (alpha / r) B A).
+An adapter is the PEFT format (``server/peft.py``: file names, tensor names, and the one reading
+of ``adapter_config.json``); here it is checked against the served model: every tensor must be a
+``lora_A: [r, in_features]`` / ``lora_B: [out_features, r]`` pair of a decoder-layer projection that
+the config's ``target_modules`` selects (PEFT's matching rule), with shapes that fit the base.
 
 Every check raises :class:`AdapterInvalid` with a message that names the
 problem and the limit; nothing here writes to disk.
@@ -14,19 +13,25 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from server.errors import BadRequest
+from server.peft import (
+    CONFIG_FILE,
+    EMBEDDING_MODULES,
+    PROJECTIONS,
+    WEIGHTS_FILE,
+    LoraConfig,
+    PeftConfigError,
+    module_path,
+    parse_layer_module,
+    parse_tensor_name,
+    read_lora_config,
+)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-DRAFT_DIR = "draft"  # the paired draft adapter's subfolder, as in adapters/<name>/draft/
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "wpe")
-KEY_RE = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])\.weight$")
 MAX_CONFIG_BYTES = 64 * 1024
 
 
@@ -123,7 +128,7 @@ def check_files(names: list[str]) -> None:
         )
 
 
-def parse_config(raw: bytes, max_rank: int, model: str = "base model") -> dict:
+def parse_config(raw: bytes, max_rank: int, model: str = "base model") -> LoraConfig:
     """Parse and check ``adapter_config.json``; ``model`` names the model it is for in messages.
 
     Raises:
@@ -139,14 +144,12 @@ def parse_config(raw: bytes, max_rank: int, model: str = "base model") -> dict:
         raise AdapterInvalid(f"{CONFIG_FILE} must be a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterInvalid(f"peft_type {cfg.get('peft_type')!r} is not supported; only LORA adapters are served")
-    r = cfg.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterInvalid(f"'r' (rank) must be a positive integer, got {r!r}")
-    if r > max_rank:
-        raise AdapterInvalid(f"rank {r} is greater than the server's max_lora_rank {max_rank}")
-    alpha = cfg.get("lora_alpha", 8)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-        raise AdapterInvalid(f"'lora_alpha' must be a positive number, got {alpha!r}")
+    try:
+        lora = read_lora_config(cfg)
+    except PeftConfigError as exc:
+        raise AdapterInvalid(f"{CONFIG_FILE}: {exc}") from None
+    if lora.r > max_rank:
+        raise AdapterInvalid(f"rank {lora.r} is greater than the server's max_lora_rank {max_rank}")
     if cfg.get("use_dora"):
         raise AdapterInvalid("DoRA adapters (use_dora: true) are not supported by the engine; train plain LoRA")
     if cfg.get("modules_to_save"):
@@ -161,40 +164,58 @@ def parse_config(raw: bytes, max_rank: int, model: str = "base model") -> dict:
     for key in ("alpha_pattern", "rank_pattern"):
         if cfg.get(key):
             raise AdapterInvalid(f"'{key}' (per-module rank/alpha) is not supported; use one r and lora_alpha")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        raise AdapterInvalid(
-            f"target_modules as a regular expression ({targets!r}) is not supported; list module names "
-            f"from {', '.join(SUPPORTED_MODULES)}"
-        )
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise AdapterInvalid(f"target_modules must be a non-empty list of names from {', '.join(SUPPORTED_MODULES)}")
-    embed = sorted(set(targets) & set(EMBEDDING_MODULES))
+    return lora
+
+
+def check_targets(lora: LoraConfig, base: BaseShape, model: str = "base model") -> tuple[str, ...]:
+    """The projections ``lora.target_modules`` selects in ``base`` (PEFT's matching rule), sorted.
+
+    Raises:
+        AdapterInvalid: it selects an embedding or output layer, a list entry matches no module of
+            ``base``, or nothing is selected at all; the message lists the allowed module names.
+    """
+    allowed = ", ".join(PROJECTIONS)
+    embed = [m.rsplit(".", 1)[-1] for m in EMBEDDING_MODULES if lora.targets(m)]
     if embed:
         raise AdapterInvalid(f"LoRA on embedding/output layers ({', '.join(embed)}) is not supported")
-    unknown = sorted(set(targets) - set(SUPPORTED_MODULES))
+    paths = [module_path(i, n) for i in range(base.num_layers) for n in PROJECTIONS]
+    entries = lora.target_modules if isinstance(lora.target_modules, tuple) else ()
+    unknown = [
+        e
+        for e in entries
+        if not any(
+            replace(lora, target_modules=(e,), exclude_modules=None, layers_to_transform=None).targets(p) for p in paths
+        )
+    ]
     if unknown:
         raise AdapterInvalid(
-            f"target modules {', '.join(unknown)} do not exist in the {model}; allowed: {', '.join(SUPPORTED_MODULES)}"
+            f"target modules {', '.join(unknown)} do not exist in the {model}; allowed: {allowed} "
+            "(bare, as a dotted suffix such as 'self_attn.q_proj', or one regular expression)"
         )
-    return cfg
+    selected = lora.targeted_projections(base.num_layers)
+    if not selected:
+        raise AdapterInvalid(
+            f"target_modules {lora.target_modules!r} selects no module of the {model}; allowed: {allowed}"
+        )
+    return selected
 
 
-def check_weights(path: Path, cfg: dict, base: BaseShape, model: str = "base model") -> AdapterInfo:
-    """Check every tensor of the safetensors file at ``path`` against ``cfg`` and ``base``.
+def check_weights(path: Path, lora: LoraConfig, base: BaseShape, model: str = "base model") -> AdapterInfo:
+    """Check every tensor of the safetensors file at ``path`` against ``lora`` and ``base``.
 
     ``model`` names the model ``base`` describes in messages (``"draft model"`` for a draft adapter).
 
     Reads only the safetensors header (shapes, dtypes), never executes anything.
 
     Raises:
-        AdapterInvalid: unreadable file, unknown tensor name, layer out of range,
-            shape that does not fit the base, or an A without its B.
+        AdapterInvalid: target modules that do not fit (:func:`check_targets`), an unreadable file,
+            an unknown tensor name, a layer out of range, a tensor of a module the config does not
+            target, a shape that does not fit the base, or an A without its B.
     """
     from safetensors import SafetensorError, safe_open
 
-    r = cfg["r"]
-    targets = set(cfg["target_modules"])
+    check_targets(lora, base, model)
+    r = lora.r
     seen: dict[tuple[int, str], set[str]] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -206,19 +227,23 @@ def check_weights(path: Path, cfg: dict, base: BaseShape, model: str = "base mod
     if not keys:
         raise AdapterInvalid(f"{WEIGHTS_FILE} holds no tensors")
     for key in keys:
-        m = KEY_RE.match(key)
-        if m is None:
+        tensor = parse_tensor_name(key)
+        layer_module = parse_layer_module(tensor[0]) if tensor else None
+        if layer_module is None:
             raise AdapterInvalid(
                 f"tensor {key!r} is not a LoRA weight of a decoder layer; expected names like "
                 "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
             )
-        layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
-        if module not in SUPPORTED_MODULES:
+        (layer, module), ab = layer_module, tensor[1]
+        if module not in PROJECTIONS or tensor[0] != module_path(layer, module):
             raise AdapterInvalid(f"tensor {key!r} targets module {module!r}, which the {model} does not have")
-        if module not in targets:
-            raise AdapterInvalid(f"tensor {key!r} targets {module!r}, which is not in target_modules {sorted(targets)}")
         if layer >= base.num_layers:
             raise AdapterInvalid(f"tensor {key!r} is for layer {layer}; the {model} has {base.num_layers} layers")
+        if not lora.targets(tensor[0]):
+            raise AdapterInvalid(
+                f"tensor {key!r} targets {tensor[0]!r}, which is not in target_modules {lora.target_modules!r} "
+                "(matched as PEFT does)"
+            )
         if dtypes[key] not in ("F16", "BF16", "F32"):
             raise AdapterInvalid(f"tensor {key!r} has dtype {dtypes[key]}; allowed: F16, BF16, F32")
         fan_in, fan_out = base.io(module)
@@ -234,9 +259,9 @@ def check_weights(path: Path, cfg: dict, base: BaseShape, model: str = "base mod
         raise AdapterInvalid(f"lora_A and lora_B must come in pairs; unpaired: {', '.join(unpaired[:5])}")
     return AdapterInfo(
         rank=r,
-        alpha=float(cfg.get("lora_alpha", 8)),
+        alpha=lora.lora_alpha,
         target_modules=tuple(sorted({m for _, m in seen})),
         layers=tuple(sorted({lay for lay, _ in seen})),
         num_tensors=len(keys),
-        base_model_name_or_path=cfg.get("base_model_name_or_path"),
+        base_model_name_or_path=lora.base_model_name_or_path,
     )

@@ -13,16 +13,13 @@ base weight upcast to float32; the caller decides the stored dtype.
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from server.errors import BadRequest
-
-KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+from server.peft import CONFIG_FILE, WEIGHTS_FILE, PeftConfigError, parse_tensor_name, read_lora_config
 
 
 class MergeRefused(BadRequest):
@@ -43,11 +40,12 @@ class LoraFactors:
 
 
 def lora_scale(config: dict) -> float:
-    """``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``) from a PEFT config.
+    """``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``) from a PEFT config, read by
+    :func:`server.peft.read_lora_config` (PEFT's defaults: ``lora_alpha`` 8), as it is served.
 
     Raises:
         MergeRefused: for per-module ``rank_pattern``/``alpha_pattern``, DoRA,
-            ``fan_in_fan_out`` or a non-positive ``r``, none of which this merge handles.
+            ``fan_in_fan_out``, or a config :func:`server.peft.read_lora_config` refuses.
     """
     for field in ("rank_pattern", "alpha_pattern"):
         if config.get(field):
@@ -55,11 +53,10 @@ def lora_scale(config: dict) -> float:
     for field in ("use_dora", "fan_in_fan_out"):
         if config.get(field):
             raise MergeRefused(f"adapter_config.json {field}=true is not supported by merge")
-    r = config.get("r")
-    if not isinstance(r, int) or r <= 0:
-        raise MergeRefused(f"adapter_config.json r={r!r}: must be a positive integer")
-    alpha = float(config.get("lora_alpha", r))
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    try:
+        return read_lora_config(config).scale
+    except PeftConfigError as exc:
+        raise MergeRefused(f"adapter_config.json: {exc}") from None
 
 
 def load_lora(adapter_dir: Path) -> dict[str, LoraFactors]:
@@ -74,14 +71,14 @@ def load_lora(adapter_dir: Path) -> dict[str, LoraFactors]:
     """
     from safetensors.torch import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = json.loads((adapter_dir / CONFIG_FILE).read_text())
     scale = lora_scale(config)
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(adapter_dir / "adapter_model.safetensors").items():
-        m = KEY_RE.match(key)
-        if m is None:
+    for key, tensor in load_file(adapter_dir / WEIGHTS_FILE).items():
+        parsed = parse_tensor_name(key)
+        if parsed is None:
             raise MergeRefused(f"adapter tensor {key!r} is not a LoRA factor (lora_A/lora_B)")
-        halves.setdefault(m["module"] + ".weight", {})[m["which"]] = tensor
+        halves.setdefault(parsed[0] + ".weight", {})[parsed[1]] = tensor
     factors = {}
     for name, pair in halves.items():
         if set(pair) != {"A", "B"}:
@@ -133,8 +130,8 @@ def write_zero_adapter(src: Path, dest: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     dest.mkdir(parents=True)
-    (dest / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
-    factors = load_file(src / "adapter_model.safetensors")
+    (dest / CONFIG_FILE).write_bytes((src / CONFIG_FILE).read_bytes())
+    factors = load_file(src / WEIGHTS_FILE)
     zeroed = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in factors.items()}
-    save_file(zeroed, dest / "adapter_model.safetensors")
+    save_file(zeroed, dest / WEIGHTS_FILE)
     return dest

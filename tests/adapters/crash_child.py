@@ -15,7 +15,8 @@ import signal
 from pathlib import Path
 
 from server.adapters.store import AdapterStore
-from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE, AdapterInfo
+from server.adapters.validate import AdapterInfo
+from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
 from server.process import REPO_ROOT
 
 SOURCE = REPO_ROOT / "adapters" / "austen"

@@ -15,7 +15,7 @@ import os
 import signal
 
 from server.adapters.store import RECORD_FILE, AdapterStore, sha256_file
-from server.adapters.validate import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
+from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
 from server.process import REPO_ROOT
 from tests.adapters.crash_child import OPERATIONS, run_and_die_at
 

@@ -87,9 +87,11 @@ def test_shipped_adapter_factors_match_peft_names_and_scale():
 
 
 def test_scale_and_refusals():
-    assert lora_scale({"r": 16, "lora_alpha": 32}) == 2.0
-    assert lora_scale({"r": 16, "lora_alpha": 32, "use_rslora": True}) == 8.0
-    for bad in ({"r": 0}, {"r": 8, "use_dora": True}, {"r": 8, "alpha_pattern": {"q_proj": 4}}):
+    q = {"target_modules": ["q_proj"]}
+    assert lora_scale({"r": 16, "lora_alpha": 32, **q}) == 2.0
+    assert lora_scale({"r": 16, "lora_alpha": 32, "use_rslora": True, **q}) == 8.0
+    assert lora_scale({"r": 16, **q}) == 0.5  # PEFT's default lora_alpha is 8, as validation and serving read it
+    for bad in ({"r": 0, **q}, {"r": 8, "use_dora": True, **q}, {"r": 8, "alpha_pattern": {"q_proj": 4}, **q}):
         with pytest.raises(MergeRefused):
             lora_scale(bad)
     with pytest.raises(MergeRefused, match="does not have"):
