@@ -41,6 +41,8 @@ def test_bad_keys_file_names_the_line_not_the_key():
         ("GET", "/metrics", True, None),
         ("GET", "/metrics", False, Scope.INFERENCE),
         ("POST", "/v1/completions", True, Scope.INFERENCE),
+        ("POST", "/tokenize", True, Scope.INFERENCE),
+        ("POST", "/detokenize", True, Scope.INFERENCE),
         ("GET", "/v1/adapters", True, Scope.INFERENCE),
         ("POST", "/v1/adapters", True, Scope.ADMIN),
         ("DELETE", "/v1/adapters/austen", True, Scope.ADMIN),

@@ -62,6 +62,12 @@ def test_inference_key_serves_the_openai_endpoints(hardened):
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert chat.usage.completion_tokens >= 1
     assert httpx.get(hardened.base_url + "/v1/adapters", headers=_auth(INFERENCE_KEY)).status_code == 200
+    for path, body in (
+        ("/tokenize", {"model": MODEL, "prompt": "The sea"}),
+        ("/detokenize", {"model": MODEL, "tokens": [5]}),
+    ):
+        assert httpx.post(hardened.base_url + path, json=body, headers=_auth(INFERENCE_KEY)).status_code == 200
+        assert _error(httpx.post(hardened.base_url + path, json=body), 401)  # same scope as inference: a key is needed
 
 
 def test_inference_key_may_not_manage_adapters_admin_key_may(hardened):

@@ -11,14 +11,16 @@ import json
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
-from server.errors import BadRequest, NotFound, ServiceUnavailable, from_vllm
+from server.errors import BadRequest, NotFound, ServiceUnavailable
 from server.limits import check_sampling
+from server.routes.responses import respond
 
 router = APIRouter(tags=["openai"])
 
@@ -75,25 +77,22 @@ def check_model_served(raw_request: Request, model: str) -> None:
     )
 
 
-def _respond(result) -> JSONResponse | StreamingResponse:
-    """Map a vLLM serving result (error, full response, or SSE generator) to a response."""
-    if isinstance(result, ErrorResponse):
-        return from_vllm(result)
-    if hasattr(result, "model_dump"):
-        return JSONResponse(result.model_dump())
-    return StreamingResponse(result, media_type="text/event-stream")
-
-
 def refuse_ignored_fields(request: CompletionRequest) -> None:
     """Refuse OpenAI Completions fields that vLLM 0.32 would accept and silently ignore.
 
     vLLM's request models allow unknown fields (logged, then dropped); ``best_of``
-    was removed from vLLM, so ``best_of: 3`` would quietly return one candidate.
+    was removed from vLLM, so ``best_of: 3`` would quietly return one candidate, and
+    ``best_of: 1, n: 2`` would return two where OpenAI refuses (``best_of`` must be >= ``n``).
 
     Raises:
-        BadRequest: ``best_of`` other than 1 (param ``best_of``).
+        BadRequest: ``best_of`` smaller than ``n``, or other than 1 (param ``best_of``).
     """
     best_of = (request.model_extra or {}).get("best_of")
+    n = request.n or 1
+    if best_of is not None and (not isinstance(best_of, int) or isinstance(best_of, bool) or best_of < n):
+        raise BadRequest(
+            f"best_of is {best_of!r}; it must be an integer >= n ({n}), as in OpenAI's API", param="best_of"
+        )
     if best_of is not None and best_of != 1:
         raise BadRequest(
             f"best_of is {best_of!r}; this server does not support best_of (vLLM removed it): "
@@ -109,7 +108,7 @@ async def create_completion(request: CompletionRequest, raw_request: Request):
     refuse_ignored_fields(request)
     check_sampling(request.n, raw_request.app.state.settings)
     handler = _handler(raw_request, "openai_serving_completion", request.model)
-    return _respond(await handler.create_completion(request, raw_request))
+    return await respond(await handler.create_completion(request, raw_request), request)
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)], responses=_ERRORS)
@@ -118,7 +117,23 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
     """Create a chat completion (OpenAI Chat Completions API), streamed with ``stream: true``."""
     check_sampling(request.n, raw_request.app.state.settings)
     handler = _handler(raw_request, "openai_serving_chat", request.model)
-    return _respond(await handler.create_chat_completion(request, raw_request))
+    return await respond(await handler.create_chat_completion(request, raw_request), request)
+
+
+@router.post("/tokenize", dependencies=[Depends(validate_json_request)], responses=_ERRORS)
+@with_cancellation
+async def tokenize(request: TokenizeRequest, raw_request: Request):
+    """Token ids of a prompt or chat messages as ``model`` (the base, an adapter or a merged model) reads them."""
+    handler = _handler(raw_request, "serving_tokenization", request.model)
+    return await respond(await handler.create_tokenize(request, raw_request), request)
+
+
+@router.post("/detokenize", dependencies=[Depends(validate_json_request)], responses=_ERRORS)
+@with_cancellation
+async def detokenize(request: DetokenizeRequest, raw_request: Request):
+    """The text of token ids as ``model`` decodes them."""
+    handler = _handler(raw_request, "serving_tokenization", request.model)
+    return await respond(await handler.create_detokenize(request, raw_request), request)
 
 
 @router.get("/v1/models")
