@@ -18,10 +18,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 PREFIX = "qserve"
 BASE_LABEL = "(base)"
 OTHER_LABEL = "(other)"
-# Seconds; LLM latencies span a few ms (one decode step) to minutes (long generations in a queue).
-LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
-    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0,
+# Histogram buckets, seconds. Each has steps of 20 ms or less below 100 ms, where a decode step and
+# a fast first token live, and reaches past the longest value a CPU host sees: a first token behind
+# a full queue (minutes), a long generation end to end (tens of minutes).
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
+    5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.3,
+    0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0,
+    480.0, 900.0, 1200.0, 1800.0, 2700.0, 3600.0,
 )  # fmt: skip
 ADAPTER_EVENTS = ("upload", "delete", "load", "load_failed", "eviction", "reload")
 
@@ -89,21 +99,21 @@ class ServerMetrics:
             f"{PREFIX}_time_to_first_token_seconds",
             "Time to first token (TTFT): request arrival to first generated token, seconds.",
             ma,
-            buckets=LATENCY_BUCKETS,
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             f"{PREFIX}_inter_token_latency_seconds",
             "Inter-token latency (ITL): each request's mean time per generated token after the first, seconds.",
             ma,
-            buckets=LATENCY_BUCKETS,
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             f"{PREFIX}_e2e_request_latency_seconds",
             "End-to-end request latency in the server: engine call to last output, seconds.",
             ma,
-            buckets=LATENCY_BUCKETS,
+            buckets=E2E_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", ma, registry=r)
