@@ -14,6 +14,8 @@ docs/upstream/.
 - ``cpu_lora_index``: a base request batched with adapter requests was
   computed with the last LoRA slot's adapter once all slots were full
   (index -1 wrapped around in the CPU LoRA ops).
+- ``abort_metrics``: requests a client left were not counted in vLLM's
+  ``vllm:request_success_total{finished_reason="abort"}``.
 - ``chat_top_logprobs``: chat ``top_logprobs`` could start with the sampled
   token though it was not among the N most likely (unsorted, one real entry lost).
 - ``spec_logits``: ``min_p`` and ``logit_bias`` were refused (400) with
@@ -24,7 +26,7 @@ To run an engine without them (to reproduce a fault), start it with
 ``VLLM_PLUGINS=bitsandbytes`` in the environment: vLLM then loads only the
 bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
-to a comma-separated subset of ``chat_top_logprobs,cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits``
+to a comma-separated subset of ``abort_metrics,chat_top_logprobs,cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -34,11 +36,18 @@ from __future__ import annotations
 import logging
 import os
 
-from server.vllm_patches import chat_top_logprobs, cpu_kernels, cpu_lora_index, seeded_drafts, spec_logits
+from server.vllm_patches import (
+    abort_metrics,
+    chat_top_logprobs,
+    cpu_kernels,
+    cpu_lora_index,
+    seeded_drafts,
+    spec_logits,
+)
 
 log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
-PATCHES = ("chat_top_logprobs", "cpu_kernels", "cpu_lora_index", "seeded_drafts", "spec_logits")
+PATCHES = ("abort_metrics", "chat_top_logprobs", "cpu_kernels", "cpu_lora_index", "seeded_drafts", "spec_logits")
 
 
 def apply() -> None:
@@ -59,6 +68,8 @@ def apply() -> None:
         cpu_lora_index.patch()
     if "seeded_drafts" in wanted:
         seeded_drafts.patch()
+    if "abort_metrics" in wanted:
+        abort_metrics.patch()
     if "chat_top_logprobs" in wanted:
         chat_top_logprobs.patch()
     if "spec_logits" in wanted:
