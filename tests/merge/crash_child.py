@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from server.merge import probe
+from server.merge.build import build_merge
 from server.merge.jobs import MergeJob, Precision
 from server.merge.nf4 import MergeBase
-from server.merge.build import build_merge
 from server.merge.store import MergedStore
 from server.process import REPO_ROOT
 from server.settings import Settings
