@@ -1,4 +1,4 @@
-"""Build vLLM's async engine and its OpenAI serving layer from our Settings.
+"""Build vLLM's async engines from our Settings: the base engine, and the silent one a merged model gets.
 
 We reuse vLLM's own argument definitions (``make_arg_parser``) so every engine
 and frontend option keeps vLLM's defaults and validation; our Settings only
@@ -101,3 +101,45 @@ async def open_engine(args: Namespace) -> AsyncIterator[object]:
     engine_args = AsyncEngineArgs.from_cli_args(args)
     async with build_async_engine_client_from_engine_args(engine_args) as client:
         yield client
+
+
+def build_engine_without_prometheus(args: Namespace) -> object:
+    """vLLM's ``AsyncLLM`` for parsed server ``args``, with a Prometheus logger that exports nothing.
+
+    Blocking until the engine core is up (about a minute here): call it in a worker thread. For a
+    second engine in this process (a merged model, server/merge/merged_engine.py): vLLM's own
+    Prometheus logger would unregister the base engine's ``vllm:*`` collectors from the process-wide
+    registry. Request stats stay on, so vLLM's TTFT and token timestamps reach our per-model metrics.
+    Raises whatever vLLM raises when the engine cannot start.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class SilentPrometheusStatLogger(PrometheusStatLogger):
+        """Takes the Prometheus logger's place in vLLM's StatLoggerManager and records nothing."""
+
+        def __init__(self, vllm_config, engine_indexes=None) -> None:
+            self.engine_indexes = engine_indexes or [0]
+
+        def record(self, *args, **kwargs) -> None:
+            pass
+
+        def record_admission_rejection(self, reason: str) -> None:
+            pass
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+        def log(self) -> None:
+            pass
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    return AsyncLLM.from_vllm_config(
+        vllm_config=config,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        disable_log_stats=True,
+        stat_loggers=[SilentPrometheusStatLogger],
+    )

@@ -152,7 +152,7 @@ ENGINE_DEAD_RETRY_AFTER_S = 5
 def engine_dead_response() -> JSONResponse:
     """503 + Retry-After for a request whose engine died under it (vLLM answers 500).
 
-    The condition is temporary: a merged model's engine is restarted (server/merge/service.py) and a dead
+    The condition is temporary: a merged model's engine is restarted (server/merge/supervisor.py) and a dead
     base engine makes the server exit for its supervisor to restart (server/watchdog.py).
     """
     return error_response(

@@ -4,7 +4,7 @@ One server (its own adapter store and merged-model folder) goes through the life
 bad requests; merge austen (default option) while the base keeps serving; a zero adapter merged
 NF4 serves exactly what the base serves; unmerge frees the engine and the folder; a killed merged
 engine is restarted while the base serves on; a cancelled merge leaves nothing; kill -9 mid-merge then restart restores the finished merge and nothing else.
-Fidelity bound (from BENCHMARKS.md "Merge fidelity", stated in server/merge/service.py
+Fidelity bound (from BENCHMARKS.md "Merge fidelity", stated in server/merge/build.py
 FIDELITY_BOUNDS): the default option agrees on every greedy probe token with mean KL <= 1e-5.
 """
 

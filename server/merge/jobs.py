@@ -84,13 +84,13 @@ class MergeJob:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
-    draft: str | None = None  # what the merged model's draft is
+    draft_summary: str | None = None  # prose: which draft model proposes for the merged model, and why
     fidelity: dict | None = None
     memory: dict | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     interrupted: bool = field(default=False, repr=False)  # from the history: the server stopped during it
 
-    def check(self) -> None:
+    def raise_if_cancelled(self) -> None:
         """Raise :class:`MergeCancelled` if the job was cancelled (called between steps, from any thread)."""
         if self.cancel_event.is_set():
             raise MergeCancelled(f"merge job {self.id} was cancelled")
@@ -98,6 +98,20 @@ class MergeJob:
     def advance(self, stage: str, progress: float) -> None:
         """Enter ``stage`` at ``progress`` (0..1)."""
         self.stage, self.progress = stage, progress
+
+    @classmethod
+    def restoring(cls, manifest: dict[str, Any]) -> MergeJob:
+        """A job that only starts an engine on the committed merged folder ``manifest`` describes.
+
+        Raises:
+            KeyError, ValueError: ``manifest`` lacks a field or holds an unknown merge base or precision.
+        """
+        job = cls(
+            manifest["adapter"], manifest["adapter_version"], manifest["model"], MergeBase(manifest["merge_base"]),
+            Precision(manifest["precision"]), restored=True,
+        )  # fmt: skip
+        job.fidelity, job.draft_summary = manifest.get("fidelity"), manifest.get("draft")
+        return job
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MergeJob:
@@ -125,7 +139,7 @@ class MergeJob:
             status=JobStatus(d["status"]), stage=str(d["stage"]), progress=min(max(number(d["progress"], False), 0), 1),
             created_at=number(d["created_at"], False), started_at=number(d["started_at"]),
             finished_at=number(d["finished_at"]), error=None if error is None else str(error["message"]),
-            draft=d["draft"], fidelity=d["fidelity"], memory=d["memory"],
+            draft_summary=d["draft"], fidelity=d["fidelity"], memory=d["memory"],
         )  # fmt: skip
         if job.status not in FINAL:
             job.interrupted = True
@@ -153,7 +167,7 @@ class MergeJob:
             "started_at": None if self.started_at is None else int(self.started_at),
             "finished_at": None if self.finished_at is None else int(self.finished_at),
             "error": None if self.error is None else {"message": self.error},
-            "draft": self.draft,
+            "draft": self.draft_summary,
             "fidelity": self.fidelity,
             "memory": self.memory,
         }

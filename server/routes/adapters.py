@@ -64,7 +64,7 @@ async def upload_adapter(
             "no 'files' were sent; attach adapter_config.json and adapter_model.safetensors", param="files"
         )
     merges = getattr(request.app.state, "merges", None)
-    if merges is not None and merges.taken(name):
+    if merges is not None and merges.id_in_use(name):
         raise BadRequest(
             f"{name!r} is a merged model's id (or one being merged); choose another name or delete the merged "
             f"model with DELETE /v1/models/{name}",

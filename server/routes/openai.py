@@ -68,7 +68,7 @@ def check_model_served(raw_request: Request, model: str) -> None:
         return
     merges = getattr(raw_request.app.state, "merges", None)
     ids = [p.name for p in models.base_model_paths] + sorted(models.lora_requests)
-    ids += sorted(merges.models) if merges is not None else []
+    ids += merges.served_ids() if merges is not None else []
     shown = ", ".join(ids[:SERVED_IDS_SHOWN])
     more = f" and {len(ids) - SERVED_IDS_SHOWN} more" if len(ids) > SERVED_IDS_SHOWN else ""
     raise NotFound(

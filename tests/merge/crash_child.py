@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 from server.merge import probe
+from server.merge.build import build_merge
 from server.merge.jobs import MergeJob, Precision
 from server.merge.nf4 import MergeBase
-from server.merge.service import MergeService
 from server.merge.store import MergedStore
-from server.metrics import ServerMetrics
 from server.process import REPO_ROOT
 from server.settings import Settings
 from tests.merge.service_fakes import FakeRegistry, fake_report
@@ -25,10 +24,10 @@ if __name__ == "__main__":
     probe.fidelity_report = fake_report
     settings = Settings(merged_models_dir=root, adapter_store_dir=root.parent / "unused-store")
     store = MergedStore(root)
-    service = MergeService(settings, store, FakeRegistry({"austen": REPO_ROOT / "adapters/austen"}), ServerMetrics())
+    adapters = FakeRegistry({"austen": REPO_ROOT / "adapters/austen"})
     job = MergeJob("austen", 1, "m", MergeBase.NF4, Precision.BF16)
     ready.write_text("ready")
     staging = store.new_staging_dir(job.id)
-    manifest = service._build(job, staging)
+    manifest = build_merge(settings, adapters, job, staging)
     store.commit(staging, "m", manifest)
     print("committed", flush=True)

@@ -1,5 +1,5 @@
 """Fakes for the merge service's unit tests: an adapter registry over plain folders, a fidelity
-report that costs nothing, and an engine start that starts nothing (server/merge/service.py)."""
+report that costs nothing, and an engine opener that starts nothing (server/merge/service.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from server.errors import NotFound
-from server.merge.service import MergedModel
+from server.merge.merged_engine import MergedEngine
 
 
 class FakeRegistry:
@@ -40,7 +40,9 @@ def fake_report(base_dir, adapter_dir, check=None, progress=None, **_) -> dict:
 
 
 class BlockingReport:
-    """A fidelity report that waits (bounded) until its job is cancelled, then lets ``check`` raise."""
+    """A fidelity report that waits (bounded) until its job is cancelled, then lets ``check`` raise.
+
+    ``entered`` is set once a job is inside it."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -65,18 +67,21 @@ class FakeEngine:
         self.shutdowns += 1
 
 
-def fake_serve(engines: list[FakeEngine], fail: bool = False):
-    """A replacement for ``MergeService._serve`` that records the engines it 'starts'."""
+class FakeOpener:
+    """An engine opener (server/merge/merged_engine.py ``EngineOpener``) that starts nothing.
 
-    async def _serve(self, job, folder, manifest):
-        if fail:
+    ``engines`` lists the :class:`FakeEngine` of every start; set ``fail`` to make the next starts raise.
+    """
+
+    def __init__(self, fail: bool = False) -> None:
+        self.engines: list[FakeEngine] = []
+        self.fail = fail
+
+    async def __call__(self, settings, metrics, model_id, folder, manifest) -> MergedEngine:
+        if self.fail:
             raise RuntimeError("engine core initialization failed (fake)")
         engine = FakeEngine()
-        engines.append(engine)
+        self.engines.append(engine)
         memory = {"weight_bytes": 1, "kv_cache_bytes": 2, "engine_rss_bytes": 3, "engine_processes": 1,
                   "disk_bytes": 4}  # fmt: skip
-        job.memory = memory
-        self.metrics.set_merged(job.model, memory)
-        return MergedModel(job.model, folder, manifest, engine, engine, None, memory, manifest["created"])
-
-    return _serve
+        return MergedEngine(llm=engine, client=engine, handlers=None, memory=memory)
