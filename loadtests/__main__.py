@@ -1,4 +1,4 @@
-"""CLI: one parser, one subcommand per kind of load test, each with its own ``--help``.
+"""Load tests of a server on 127.0.0.1: one CLI, one subcommand per kind of test, each with its own ``--help``.
 
     python -m loadtests run --scenario adapters --rate 2 --requests 48 --out /tmp/lt
     python -m loadtests sweep --scenario concurrency --levels 1,2,4,8,16 --requests 32 --out /tmp/lt
@@ -100,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=run_or_sweep)
     for name, module in (("compare", compare_vllm), ("fuzz", fuzz), ("soak", soak)):
         first = module.__doc__.splitlines()[0]
-        p = sub.add_parser(name, help=first, description=first)
+        p = sub.add_parser(name, help=first.replace("%", "%%"), description=first)
         module.add_arguments(p)
         p.set_defaults(func=module.main)
     return ap

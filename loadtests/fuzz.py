@@ -64,7 +64,7 @@ class Fuzzer:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.counts: dict[str, Counter] = {}
         self.failures: list[str] = []
-        self._real_uploads: set[int] = set()
+        self._real_uploads: set[str] = set()  # names steered into real uploads
         self.stateful_stopped: str | None = None
         self._adapter = [(f, (REPO_ROOT / "adapters" / "austen" / f).read_bytes()) for f in ADAPTER_FILES]
 
@@ -95,10 +95,12 @@ class Fuzzer:
                     body["prompt"] = "The sea"
         elif case.path == "/v1/adapters" and case.method.upper() == "POST" and n % 2 == 0:
             body["name"] = f"fuzz-{n}"
-            self._real_uploads.add(id(case))
+            self._real_uploads.add(body["name"])
 
     def _call(self, case):
-        if id(case) in self._real_uploads:  # schemathesis sends bytes in a list as form fields, not files
+        body = case.body if isinstance(case.body, dict) else {}
+        if case.path == "/v1/adapters" and case.method.upper() == "POST" and body.get("name") in self._real_uploads:
+            # Sent here: schemathesis would send the adapter's bytes as form fields, not as files.
             files = [("files", (f, content)) for f, content in self._adapter]
             r = httpx.post(
                 self.base_url + "/v1/adapters",
