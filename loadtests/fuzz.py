@@ -27,13 +27,16 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis.errors import FlakyFailure, FlakyStrategyDefinition, Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.core.errors import SerializationError
 from schemathesis.core.transport import Response
 
 from bench.report import publish
+from loadtests import fuzz_report
 from loadtests.serve import served
 from server.process import REPO_ROOT
 
@@ -55,7 +58,7 @@ class Fuzzer:
     """Sends schemathesis cases to ``base_url`` and counts the outcomes per route.
 
     ``counts[route]`` is a Counter of ``requests``, ``2xx``, ``3xx``, ``4xx``, ``4xx_not_envelope``,
-    ``5xx`` and ``transport_error``; ``failures`` holds the first 20 5xx, transport errors and
+    ``5xx``, ``transport_error`` and ``unsendable`` (data schemathesis cannot encode); ``failures`` holds the first 20 5xx, transport errors and
     non-envelope 4xx as text (the request as a curl command, and the response).
     """
 
@@ -98,13 +101,13 @@ class Fuzzer:
             self._real_uploads.add(body["name"])
 
     def _call(self, case):
-        body = case.body if isinstance(case.body, dict) else {}
-        if case.path == "/v1/adapters" and case.method.upper() == "POST" and body.get("name") in self._real_uploads:
+        name = case.body.get("name") if isinstance(case.body, dict) else None
+        if case.method.upper() == "POST" and isinstance(name, str) and name in self._real_uploads:
             # Sent here: schemathesis would send the adapter's bytes as form fields, not as files.
             files = [("files", (f, content)) for f, content in self._adapter]
             r = httpx.post(
-                self.base_url + "/v1/adapters",
-                data={"name": case.body["name"]},
+                self.base_url + case.path,
+                data={"name": name},
                 files=files,
                 headers=self.headers,
                 timeout=self.timeout_s,
@@ -113,17 +116,21 @@ class Fuzzer:
             return Response.from_httpx(r, verify=False)
         return case.call(base_url=self.base_url, headers=self.headers, timeout=self.timeout_s)
 
-    def send(self, case) -> httpx.Response | None:
-        """Send ``case``, count its outcome under its route; None on a transport error."""
-        route = f"{case.method.upper()} {case.path}"
-        c = self.counts.setdefault(route, Counter())
-        c["requests"] += 1
+    def send(self, case) -> Response | None:
+        """Send ``case``, count its outcome under its route; None when no response came (transport error)
+        or the generated data cannot be sent at all (counted as ``unsendable``, not as a request)."""
+        c = self.counts.setdefault(f"{case.method.upper()} {case.path}", Counter())
         try:
             response = self._call(case)
-        except Exception as exc:  # noqa: BLE001 (any failure to get a response is what is counted here)
+        except SerializationError:
+            c["unsendable"] += 1
+            return None
+        except (requests.RequestException, httpx.HTTPError) as exc:
+            c["requests"] += 1
             c["transport_error"] += 1
             self._fail("transport error", case, f"{type(exc).__name__}: {exc}")
             return None
+        c["requests"] += 1
         status = response.status_code
         c[f"{status // 100}xx"] += 1
         if status >= 500:
@@ -201,7 +208,7 @@ def stateful(fz: Fuzzer, schema, examples: int, steps: int) -> None:
             fz.steer(case)
             response = fz.send(case)
             if response is None:
-                raise ConnectionError("no response")  # ends this scenario; counted already
+                reject()  # nothing to go on from here (counted already): this scenario ends
             return response
 
         def after_call(self, response, case) -> None:
@@ -223,50 +230,12 @@ def stateful(fz: Fuzzer, schema, examples: int, steps: int) -> None:
     )
     try:
         Machine.run(settings=cfg)
-    except ConnectionError:
-        pass  # a transport error, counted by Fuzzer.send; the end-of-run health check decides
+    except Unsatisfiable:
+        fz.stateful_stopped = "every scenario ended without a response"
     except (FlakyStrategyDefinition, FlakyFailure) as exc:
         # The server's state (adapters stored or deleted by earlier scenarios) changed a response that
         # hypothesis saw before for the same requests, so its choices diverged: the run ends here.
         fz.stateful_stopped = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-
-
-def summary(fz: Fuzzer, alive: bool | None, health: int | None, wall_s: float) -> dict:
-    """Totals and per-route counts of a run, with the server's state at the end."""
-    total = Counter()
-    for c in fz.counts.values():
-        total.update(c)
-    crashed = alive is False or health != 200
-    return {
-        "wall_s": wall_s,
-        "total": dict(total),
-        "per_route": {route: dict(c) for route, c in sorted(fz.counts.items())},
-        "server_alive": alive,
-        "health_status": health,
-        "crashes": int(crashed),
-        "stateful_stopped": fz.stateful_stopped,
-        "failures": fz.failures,
-    }
-
-
-def markdown(s: dict, cmd: str) -> list[str]:
-    """The BENCHMARKS.md section: per-route counts and the verdict."""
-    keys = ("requests", "2xx", "4xx", "4xx_not_envelope", "5xx", "transport_error")
-    t = s["total"]
-    lines = [
-        "## Fuzz: every route at depth (schemathesis)",
-        "",
-        f"Command: `{cmd}`. {t.get('requests', 0)} requests in {s['wall_s']:.0f} s; 5xx: {t.get('5xx', 0)};"
-        f" server crashes: {s['crashes']} (alive at the end: {s['server_alive']}, /health {s['health_status']})."
-        " Positive and negative cases per operation, then schemathesis' stateful test over the links it infers.",
-        "",
-        "| route | " + " | ".join(keys) + " |",
-        "|---|" + "---:|" * len(keys),
-    ]
-    for route, c in s["per_route"].items():
-        lines.append(f"| `{route}` | " + " | ".join(str(c.get(k, 0)) for k in keys) + " |")
-    lines.append("| **all** | " + " | ".join(str(t.get(k, 0)) for k in keys) + " |")
-    return lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -301,14 +270,14 @@ def main(a: argparse.Namespace) -> None:
             health = httpx.get(srv.base_url + "/health", timeout=30).status_code
         except httpx.HTTPError:
             health = None
-        s = summary(fz, alive, health, time.monotonic() - started)
+        s = fuzz_report.summary(fz.counts, fz.failures, fz.stateful_stopped, alive, health, time.monotonic() - started)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "fuzz.json").write_text(json.dumps(s, indent=1))
     cmd = (
         f"python -m loadtests fuzz --examples {a.examples} --stateful-examples {a.stateful_examples}"
         f" --stateful-steps {a.stateful_steps}"
     )
-    publish(markdown(s, cmd), a.write, "loadtest_fuzz")
+    publish(fuzz_report.markdown(s, cmd), a.write, "loadtest_fuzz")
     for f in s["failures"]:
         print(f)
     if s["total"].get("5xx", 0) or s["total"].get("transport_error", 0) or s["crashes"]:

@@ -75,7 +75,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.every_s = pid, every_s
         self.samples: list[dict] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         while True:
@@ -83,12 +83,12 @@ class Sampler(threading.Thread):
                 self.samples.append(rss_sample(self.pid))
             except psutil.Error as exc:
                 self.samples.append({"t": time.perf_counter(), "error": f"{type(exc).__name__}: {exc}"})
-            if self._stop.wait(self.every_s):
+            if self._done.wait(self.every_s):
                 return
 
     def stop(self) -> None:
         """Take one last sample and end the thread."""
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
