@@ -43,14 +43,14 @@ from server.process import REPO_ROOT
 MAX_TOKENS = 16  # tokens a steered completion may generate
 GENERATION = ("/v1/completions", "/v1/chat/completions")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# The started server: short context (cheap generations, as test_fuzz's keyed server), n <= 2, and
-# at most one merged model, since every merge starts a vLLM engine of its own on the shared cores.
 # Fields a steered generation case keeps: sampling parameters, so the engine sees their generated values.
 SAMPLING = {
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "seed", "n", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
     "logprobs", "top_logprobs", "echo", "stream", "stream_options", "ignore_eos", "min_tokens", "suffix",
 }  # fmt: skip
+# The started server: short context (cheap generations, as test_fuzz's keyed server), n <= 2, and
+# at most one merged model, since every merge starts a vLLM engine of its own on the shared cores.
 SERVER_ARGS = ("--max-model-len=256", "--max-n=2", "--max-merged-models=1")
 
 
@@ -58,8 +58,9 @@ class Fuzzer:
     """Sends schemathesis cases to ``base_url`` and counts the outcomes per route.
 
     ``counts[route]`` is a Counter of ``requests``, ``2xx``, ``3xx``, ``4xx``, ``4xx_not_envelope``,
-    ``5xx``, ``transport_error`` and ``unsendable`` (data schemathesis cannot encode); ``failures`` holds the first 20 5xx, transport errors and
-    non-envelope 4xx as text (the request as a curl command, and the response).
+    ``5xx``, ``transport_error`` and ``unsendable`` (data schemathesis cannot encode); ``failures``
+    holds the first 20 5xx, transport errors and non-envelope 4xx as text (the request as a curl
+    command, and the response).
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout_s: float) -> None:
