@@ -1,23 +1,23 @@
-"""CLI: run one scenario, or a sweep of load levels, against a server on 127.0.0.1.
+"""Load tests of a server on 127.0.0.1: one CLI, one subcommand per kind of test, each with its own ``--help``.
 
     python -m loadtests run --scenario adapters --rate 2 --requests 48 --out /tmp/lt
     python -m loadtests sweep --scenario concurrency --levels 1,2,4,8,16 --requests 32 --out /tmp/lt
-    python -m loadtests compare ...   (see loadtests/compare_vllm.py)
+    python -m loadtests compare --levels 1,2,4,8,16 --repeats 3    (loadtests/compare_vllm.py)
+    python -m loadtests fuzz --examples 60                          (loadtests/fuzz.py)
+    python -m loadtests soak --minutes 30                           (loadtests/soak.py)
 
-Without ``--base-url`` the command starts our server (default settings, a fresh
+Without ``--base-url`` a command starts our server (default settings, a fresh
 adapter store) for the run and stops it afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
 from pathlib import Path
 
 from bench.report import record
-from loadtests import report, runner, scenarios
-from server.process import start_server
+from loadtests import compare_vllm, fuzz, report, runner, scenarios, soak
+from loadtests.serve import served
 
 
 def run_scenario(base_url: str, sc: scenarios.Scenario) -> dict:
@@ -26,7 +26,7 @@ def run_scenario(base_url: str, sc: scenarios.Scenario) -> dict:
     return report.run_report(sc.name, {"mode": sc.load.mode, "value": sc.load.value}, result)
 
 
-def _section(a: argparse.Namespace, reports: list[dict], levels: list[float]) -> list[str]:
+def _section(a: argparse.Namespace, reports: list[dict]) -> list[str]:
     cmd = (
         f"python -m loadtests {a.command} --scenario {a.scenario} --adapters {a.adapters} --requests {a.requests}"
         + (f" --levels {a.levels}" if a.command == "sweep" else f" --rate {a.rate}")
@@ -54,33 +54,11 @@ def _section(a: argparse.Namespace, reports: list[dict], levels: list[float]) ->
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "compare":
-        from loadtests import compare_vllm
-
-        return compare_vllm.main(sys.argv[2:])
-    ap = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("run", "sweep"))
-    ap.add_argument("--scenario", choices=scenarios.NAMES, default="smoke")
-    ap.add_argument("--base-url", help="a running server on 127.0.0.1 (default: start ours)")
-    ap.add_argument("--model", default="demo-target", help="the base model's served name")
-    ap.add_argument("--adapters", type=int, default=2, help="adapters in the Zipf mix (extra ones are uploaded)")
-    ap.add_argument("--requests", type=int, default=48, help="requests per run (bound)")
-    ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson) or, for 'concurrency', in flight")
-    ap.add_argument("--levels", default="1,2,4,8,16", help="sweep: comma-separated rates or concurrencies")
-    ap.add_argument("--max-seconds", type=float, default=120.0, help="time bound per run, seconds")
-    ap.add_argument("--output-tokens", default="48,64", help="output length range, tokens")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/qserve-loadtests"))
-    ap.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
-    a = ap.parse_args(argv)
+def run_or_sweep(a: argparse.Namespace) -> None:
+    """``run`` (one load level, ``--rate``) or ``sweep`` (``--levels``) of one scenario."""
     out_tokens = tuple(int(x) for x in a.output_tokens.split(","))
-    proc = None
-    if a.base_url is None:
-        store = tempfile.mkdtemp(prefix="qserve-lt-store-")
-        proc = start_server([], a.out / "server.log", env={"QSERVE_ADAPTER_STORE_DIR": store})
-    base_url = a.base_url or proc.base_url
-    try:
-        runner.check_local(base_url)
+    with served(a.base_url, a.out / "server.log") as srv:
+        base_url = srv.base_url
         names = scenarios.ensure_adapters(base_url, a.adapters) if a.scenario in ("adapters", "churn") else ()
         levels = [float(x) for x in a.levels.split(",")] if a.command == "sweep" else [a.rate]
         reports = []
@@ -90,13 +68,48 @@ def main(argv: list[str] | None = None) -> None:
             )
             reports.append(run_scenario(base_url, sc))
             print("\n".join(report.markdown(reports[-1:])[2:]), flush=True)
-        report.write(reports, a.out)
-        print(f"wrote {a.out}/report.json, report.md, latency_vs_load.png")
-        if a.write:
-            record(a.write, f"loadtest_{a.scenario}", _section(a, reports, levels))
-    finally:
-        if proc:
-            proc.stop()
+    report.write(reports, a.out)
+    print(f"wrote {a.out}/report.json, report.md, latency_vs_load.png")
+    if a.write:
+        record(a.write, f"loadtest_{a.scenario}", _section(a, reports))
+
+
+def _add_scenario_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
+    p.add_argument("--scenario", choices=scenarios.NAMES, default="smoke")
+    p.add_argument("--base-url", help="a running server on 127.0.0.1 (default: start ours)")
+    p.add_argument("--model", default="demo-target", help="the base model's served name")
+    p.add_argument("--adapters", type=int, default=2, help="adapters in the Zipf mix (extra ones are uploaded)")
+    p.add_argument("--requests", type=int, default=48, help="requests per run (bound)")
+    if sweep:
+        p.add_argument("--levels", default="1,2,4,8,16", help="comma-separated rates or concurrencies")
+    else:
+        p.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson) or, for 'concurrency', in flight")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="time bound per run, seconds")
+    p.add_argument("--output-tokens", default="48,64", help="output length range, tokens")
+    p.add_argument("--out", type=Path, default=Path("/tmp/qserve-loadtests"))
+    p.add_argument("--write", type=Path, help="Markdown file to record the table in (e.g. BENCHMARKS.md)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole CLI: subcommands run, sweep, compare, fuzz and soak; each sets ``func`` to its entry point."""
+    ap = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{run,sweep,compare,fuzz,soak}")
+    for name, helptext in (("run", "one scenario at one load level"), ("sweep", "one scenario over load levels")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        _add_scenario_arguments(p, sweep=name == "sweep")
+        p.set_defaults(func=run_or_sweep)
+    for name, module in (("compare", compare_vllm), ("fuzz", fuzz), ("soak", soak)):
+        first = module.__doc__.splitlines()[0]
+        p = sub.add_parser(name, help=first.replace("%", "%%"), description=first)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the process's arguments) and run the chosen subcommand."""
+    a = parser().parse_args(argv)
+    a.func(a)
 
 
 if __name__ == "__main__":

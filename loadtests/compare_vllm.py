@@ -1,6 +1,6 @@
 """Side by side in one run: our server vs vLLM's own OpenAI server, and speculation on vs off.
 
-Usage: python -m loadtests compare [--levels 1,2,4,8,16] [--repeats 2] [--write BENCHMARKS.md]
+    python -m loadtests compare [--levels 1,2,4,8,16] [--repeats 2] [--write BENCHMARKS.md]
 
 Three servers run at once on 127.0.0.1 with the same engine settings
 (``server.engine.vllm_argv``): ours (speculation on), vLLM's own
@@ -154,9 +154,8 @@ def tables(reports: list[dict], levels: list[int], cmd: str, repeats: int) -> li
     return lines
 
 
-def main(argv: list[str]) -> None:
-    """CLI of ``python -m loadtests compare``."""
-    ap = argparse.ArgumentParser(prog="python -m loadtests compare", description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of ``python -m loadtests compare``."""
     ap.add_argument("--levels", default="1,2,4,8,16", help="concurrency levels")
     ap.add_argument("--repeats", type=int, default=2, help="runs per level and server")
     ap.add_argument("--per-slot", type=int, default=3, help="requests per concurrency slot (at least 8 per run)")
@@ -164,7 +163,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/qserve-compare"))
     ap.add_argument("--write", type=Path, help="Markdown file to record the tables in (e.g. BENCHMARKS.md)")
     ap.add_argument("--from-json", type=Path, help="rebuild the tables from an earlier run's report.json")
-    a = ap.parse_args(argv)
+
+
+def main(a: argparse.Namespace) -> None:
+    """``python -m loadtests compare``: start the three servers, sweep, print (and ``--write``) the tables."""
     levels = [int(x) for x in a.levels.split(",")]
     out_tokens = tuple(int(x) for x in a.output_tokens.split(","))
     if a.from_json:

@@ -11,6 +11,7 @@ load, and the /metrics deltas over the run.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,27 @@ class RunResult:
     churn: dict[str, list[int]] = field(default_factory=dict)
 
 
+class Progress:
+    """A progress line on stderr, "requests done/total, elapsed seconds", at most once every ``every_s`` seconds.
+
+    ``clock`` gives seconds (``time.monotonic`` unless a test passes its own).
+    """
+
+    def __init__(self, total: int, every_s: float = 1.0, stream=None, clock=time.monotonic) -> None:
+        self.total, self.every_s, self.clock = total, every_s, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.started = self.last = clock()
+
+    def update(self, done: int) -> bool:
+        """Print the line for ``done`` requests unless one was printed less than ``every_s`` s ago; True if printed."""
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return False
+        self.last = now
+        print(f"requests {done}/{self.total}, {now - self.started:.0f} s", file=self.stream, flush=True)
+        return True
+
+
 def check_local(base_url: str) -> None:
     """Refuse any target but 127.0.0.1 (load tests never leave the machine).
 
@@ -97,8 +119,10 @@ async def _one(session: aiohttp.ClientSession, base_url: str, job: Job) -> Outco
     return Outcome(job, await REQUEST_FUNCS[job.api](inp, session))
 
 
-async def _record(coro, results: list[Outcome]) -> None:
+async def _record(coro, results: list[Outcome], progress: Progress | None) -> None:
     results.append(await coro)
+    if progress:
+        progress.update(len(results))
 
 
 async def _churn(session: aiohttp.ClientSession, base_url: str, churn: Churn, stop: asyncio.Event, log: dict):
@@ -122,7 +146,9 @@ async def _churn(session: aiohttp.ClientSession, base_url: str, churn: Churn, st
             pass
 
 
-async def _drive(base_url: str, jobs: list[Job], load: Load, churn: Churn | None, seed: int) -> tuple:
+async def _drive(
+    base_url: str, jobs: list[Job], load: Load, churn: Churn | None, seed: int, progress: Progress | None = None
+) -> tuple:
     np.random.seed(seed)  # get_request draws its gaps from numpy's global RNG
     timeout = aiohttp.ClientTimeout(total=load.max_seconds + load.grace_s)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -138,7 +164,7 @@ async def _drive(base_url: str, jobs: list[Job], load: Load, churn: Churn | None
             async for job, _ in get_request(jobs, load.value, load.burstiness):
                 if time.perf_counter() > deadline:
                     break
-                tasks.append(asyncio.create_task(_record(_one(session, base_url, job), results)))
+                tasks.append(asyncio.create_task(_record(_one(session, base_url, job), results, progress)))
         elif load.mode == "concurrency":
             pending = iter(jobs)  # shared: each of the value workers takes the next job when free
 
@@ -146,7 +172,7 @@ async def _drive(base_url: str, jobs: list[Job], load: Load, churn: Churn | None
                 for job in pending:
                     if time.perf_counter() > deadline:
                         break
-                    results.append(await _one(session, base_url, job))
+                    await _record(_one(session, base_url, job), results, progress)
 
             tasks = [asyncio.create_task(worker()) for _ in range(int(load.value))]
         else:
@@ -165,16 +191,20 @@ async def _drive(base_url: str, jobs: list[Job], load: Load, churn: Churn | None
     return results, wall, churn_log, len(not_done)
 
 
-def run(base_url: str, jobs: list[Job], load: Load, churn: Churn | None = None, seed: int = 0) -> RunResult:
+def run(
+    base_url: str, jobs: list[Job], load: Load, churn: Churn | None = None, seed: int = 0, progress: bool = True
+) -> RunResult:
     """Send ``jobs`` under ``load`` (and ``churn``) to ``base_url``; bounded by len(jobs) and load.max_seconds.
 
     The server's /metrics are read before and after; ``RunResult.server`` holds the
     deltas (see ``loadtests.scrape.deltas``). Requests still running at the time
-    limit are cancelled and counted in ``server["cancelled"]`` (as task count).
+    limit are cancelled and counted in ``server["cancelled"]`` (as task count). With ``progress``, a
+    line on stderr says how many requests are done, at most once a second (``Progress``).
     """
     check_local(base_url)
     before = scrape.snapshot(base_url)
-    outcomes, wall, churn_log, cancelled = asyncio.run(_drive(base_url, jobs, load, churn, seed))
+    meter = Progress(len(jobs)) if progress else None
+    outcomes, wall, churn_log, cancelled = asyncio.run(_drive(base_url, jobs, load, churn, seed, meter))
     # vLLM records a finished request's stats just after handing out its last
     # chunk; read again (briefly) until every request the client saw is counted.
     seen = sum(o.out.success for o in outcomes) + churn_log["request"].count(200)
