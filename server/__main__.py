@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # A no-op handler here makes a graceful stop exit with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
-    if app.state.engine_dead:  # server/watchdog.py stopped us: a supervisor should restart
+    if app.state.qserve.engine_dead:  # server/watchdog.py stopped us: a supervisor should restart
         return ENGINE_DEAD_EXIT_CODE
     # uvicorn returns normally when the lifespan failed; report that as failure.
     return 0 if server.started else 1

@@ -2,8 +2,9 @@
 
 ``create_app(settings)`` builds the app; its lifespan starts vLLM's async
 engine (NF4 target, draft-target speculation, LoRA), then initialises vLLM's
-OpenAI serving layer into ``app.state`` and marks the app ready. Nothing is a
-module global: routes reach state through ``request.app.state``.
+OpenAI serving layer and marks the app ready. Nothing is a module global: the
+state is one typed ``ServerState`` (``server/api/deps.py``) that routes reach
+through FastAPI dependencies.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from fastapi import FastAPI
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
+from server.api.deps import ServerState
 from server.auth import BearerAuth, KeyRing
+from server.catalog import ModelCatalog
 from server.engine import open_engine, set_engine_environment, vllm_namespace
 from server.errors import error_type, install_error_handlers
 from server.limits import AdmissionGate, BodyLimit
 from server.merge.service import MergeService
 from server.merge.store import MergedStore
 from server.metrics import ServerMetrics
-from server.metrics_history import SpecHistory
 from server.observability import ObservedEngine
 from server.routes import adapters, dashboard, health, merges, openai
 from server.settings import Settings
@@ -63,7 +65,7 @@ class _CountRequests:
         return await self.app(scope, receive, send_counted)
 
 
-async def open_adapters(settings: Settings, serving_models, engine, metrics: ServerMetrics) -> AdapterRegistry:
+async def open_adapters(settings: Settings, catalog: ModelCatalog, engine, metrics: ServerMetrics) -> AdapterRegistry:
     """Open the adapter store, serve what it holds, then seed the shipped adapters not stored yet.
 
     Draft adapters must fit the draft model; without one (speculation off) they are refused.
@@ -74,10 +76,9 @@ async def open_adapters(settings: Settings, serving_models, engine, metrics: Ser
         draft_shape = BaseShape.from_config(json.loads((settings.draft_model / "config.json").read_text()))
     registry = AdapterRegistry(
         AdapterStore(settings.adapter_store_dir),
-        serving_models,
+        catalog,
         engine,
         BaseShape.from_config(base_config),
-        settings.served_model_name,
         settings.max_lora_rank,
         settings.max_adapter_bytes,
         metrics,
@@ -103,54 +104,50 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
         set_engine_environment(settings)
         args = vllm_namespace(settings)
         async with engine_opener(args) as raw_engine:
             # vLLM's serving layer calls generate() on this proxy: per-adapter metrics (server/observability.py).
-            engine = ObservedEngine(raw_engine, app.state.metrics, settings.served_model_name)
-            spec = raw_engine.vllm_config.speculative_config
-            app.state.metrics.touch(settings.served_model_name, None, spec.num_speculative_tokens if spec else 0)
-            supported = await engine.get_supported_tasks()
-            await init_app_state(engine, app.state, args, supported)
+            engine = ObservedEngine(raw_engine, state.metrics, settings.served_model_name)
+            state.metrics.create_series(settings.served_model_name, None)
+            handlers = State()  # vLLM's serving objects for the base engine, reached through the catalog
+            await init_app_state(engine, handlers, args, await engine.get_supported_tasks())
+            state.catalog.handlers = handlers
+            state.engine = engine
             if settings.enable_lora:
-                app.state.adapters = await open_adapters(
-                    settings, app.state.openai_serving_models, raw_engine, app.state.metrics
-                )
+                state.adapters = await open_adapters(settings, state.catalog, raw_engine, state.metrics)
                 if settings.max_merged_models > 0:
-                    app.state.merges = MergeService(
-                        settings, MergedStore(settings.merged_models_dir), app.state.adapters, app.state.metrics
+                    state.merges = MergeService(
+                        settings, MergedStore(settings.merged_models_dir), state.adapters, state.metrics
                     )
-                    app.state.merges.restore()  # merged models on disk come up in the background
-            app.state.ready = True
+                    state.merges.restore()  # merged models on disk come up in the background
+            state.ready = True
             log.info("model %s ready", settings.served_model_name)
-            sampler = asyncio.create_task(app.state.spec_history.run())
-            watchdog = asyncio.create_task(watch_engine(app.state, raw_engine, settings.exit_on_engine_death))
+            sampler = asyncio.create_task(state.spec_history.run())
+            watchdog = asyncio.create_task(watch_engine(state, raw_engine, settings.exit_on_engine_death))
             try:
                 yield
             finally:
-                app.state.ready = False
+                state.ready = False
                 watchdog.cancel()
                 sampler.cancel()
-                if getattr(app.state, "merges", None) is not None:
-                    await app.state.merges.close()
+                if state.merges is not None:
+                    await state.merges.close()
 
     app = FastAPI(
         title="qlora-spec-server",
         description="OpenAI-compatible server: NF4 base, LoRA adapters, draft-target speculative decoding.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.ready = False
-    app.state.engine_dead = False
-    app.state.metrics = ServerMetrics(settings.max_adapter_labels)
-    app.state.spec_history = SpecHistory(app.state.metrics.registry)
-    app.state.metrics.info.labels(
+    state = app.state.qserve = ServerState.for_settings(settings)
+    state.metrics.info.labels(
         settings.served_model_name,
         settings.quantization,
         str(settings.draft_model) if settings.speculation else "",
-        str(settings.num_speculative_tokens if settings.speculation else 0),
+        str(settings.draft_tokens_per_step),
     ).set(1)
     install_error_handlers(app)
     app.include_router(health.router)
@@ -163,5 +160,5 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     app.add_middleware(AdmissionGate, settings=settings)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(BearerAuth, settings=settings, keys=KeyRing.from_settings(settings))
-    app.add_middleware(_CountRequests, metrics=app.state.metrics, routes=paths)
+    app.add_middleware(_CountRequests, metrics=state.metrics, routes=paths)
     return app

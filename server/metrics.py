@@ -61,8 +61,9 @@ class ServerMetrics:
     ``max_adapter_labels`` caps the distinct ``adapter`` label values (see the module doc).
     """
 
-    def __init__(self, max_adapter_labels: int = 32) -> None:
+    def __init__(self, max_adapter_labels: int = 32, num_speculative_tokens: int = 0) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.num_speculative_tokens = num_speculative_tokens
         self.adapter_label = AdapterLabels(max_adapter_labels)
         ma = ["model", "adapter"]
         self.requests = Counter(
@@ -178,12 +179,13 @@ class ServerMetrics:
             except KeyError:
                 pass
 
-    def touch(self, model: str, adapter: str | None, num_spec_tokens: int) -> None:
+    def create_series(self, model: str, adapter: str | None) -> None:
         """Create the per-request series of (``model``, ``adapter``) at zero, so Prometheus's
-        ``rate()`` sees the first request's increase too."""
+        ``rate()`` sees the first request's increase too (one per draft position for
+        ``accepted_per_pos``: ``num_speculative_tokens`` of them)."""
         labels = (model, self.adapter_label(adapter))
         for metric in (self.draft_tokens, self.accepted_tokens, self.spec_steps, self.prompt_tokens,
                        self.generation_tokens, self.ttft, self.itl, self.e2e, self.in_flight):  # fmt: skip
             metric.labels(*labels)
-        for pos in range(num_spec_tokens):
+        for pos in range(self.num_speculative_tokens):
             self.accepted_per_pos.labels(*labels, str(pos))

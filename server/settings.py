@@ -148,3 +148,8 @@ class Settings(BaseSettings):
                     f"{tgt.get('vocab_size')}; the draft must share the target's tokenizer"
                 )
         return self
+
+    @property
+    def draft_tokens_per_step(self) -> int:
+        """Draft tokens proposed per speculation step: ``num_speculative_tokens`` with speculation on, else 0."""
+        return self.num_speculative_tokens if self.speculation else 0

@@ -2,7 +2,7 @@
 
 vLLM's own server does the same (``vllm.entrypoints.launchers.launcher.watchdog_loop``): it polls
 ``engine.errored`` and asks uvicorn to exit. Here a dead engine first turns ``/ready`` to 503
-(``app.state.ready = False``), marks ``app.state.engine_dead`` (``python -m server`` then exits
+(``ServerState.ready = False``), marks ``ServerState.engine_dead`` (``python -m server`` then exits
 with :data:`ENGINE_DEAD_EXIT_CODE`), and sends this process SIGTERM so uvicorn shuts down the
 usual graceful way (requests in flight get their errors, the lifespan closes the engine).
 """
@@ -26,15 +26,16 @@ def stop_this_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def watch_engine(app_state, engine, exit_on_death: bool, stop: Callable[[], None] = stop_this_process) -> None:
-    """Poll ``engine.errored`` every :data:`POLL_S` seconds; on death mark the app and, if asked, ``stop()``.
+async def watch_engine(state, engine, exit_on_death: bool, stop: Callable[[], None] = stop_this_process) -> None:
+    """Poll ``engine.errored`` every :data:`POLL_S` seconds; on death mark ``state`` (a
+    ``server.api.deps.ServerState``) not ready and its engine dead and, if asked, ``stop()``.
 
     Runs until the engine dies or the task is cancelled (at shutdown).
     """
     while not engine.errored:
         await asyncio.sleep(POLL_S)
-    app_state.ready = False
-    app_state.engine_dead = True
+    state.ready = False
+    state.engine_dead = True
     if exit_on_death:
         log.error(
             "the engine died; shutting down so a supervisor can restart the server (exit %d)", ENGINE_DEAD_EXIT_CODE

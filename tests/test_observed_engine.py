@@ -102,9 +102,9 @@ def test_client_leaving_is_aborted_and_engine_failure_is_error():
 
 
 def test_adapter_label_cap_bounds_the_series():
-    m = ServerMetrics(max_adapter_labels=2)
+    m = ServerMetrics(max_adapter_labels=2, num_speculative_tokens=4)
     for name in ("a", "b", "c", "d"):
-        m.touch("demo", name, 4)
+        m.create_series("demo", name)
     text = generate_latest(m.registry).decode()
     adapters = {x.split('adapter="')[1].split('"')[0] for x in text.splitlines() if 'adapter="' in x}
     assert adapters == {"a", "b", OTHER_LABEL}

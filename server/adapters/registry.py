@@ -1,9 +1,9 @@
 """The adapter registry: validated uploads become stored versions and servable model ids.
 
-Serving reuses vLLM's model registry (``OpenAIServingModels.lora_requests``):
-an adapter name maps to a ``LoRARequest`` that vLLM's completion and chat
-handlers resolve per request, so requests for different adapters and for
-the base share batches. Every stored version gets its own ``lora_int_id``,
+Serving reuses vLLM's model registry (``OpenAIServingModels.lora_requests``, written only
+through ``server/catalog.py``): an adapter name maps to a ``LoRARequest`` that vLLM's
+completion and chat handlers resolve per request, so requests for different adapters and
+for the base share batches. Every stored version gets its own ``lora_int_id``,
 so no engine cache (LoRA slots, CPU LRU, prefix cache) can serve a previous
 version's weights under the new one; requests already running keep the
 ``LoRARequest`` they resolved and finish on their version.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 from server.adapters.staging import NO_DRAFT_MODEL, DraftInvalid, Rules, Staged, Upload, stage
 from server.adapters.store import AdapterRecord, AdapterStore
-from server.adapters.validate import AdapterInvalid, BaseShape, check_name
+from server.adapters.validate import AdapterInvalid, BaseShape
+from server.catalog import ModelCatalog
 from server.errors import ApiError, NotFound
 from server.metrics import ServerMetrics
 from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
@@ -49,24 +50,25 @@ class AdapterRegistry:
     def __init__(
         self,
         store: AdapterStore,
-        serving_models,
+        catalog: ModelCatalog,
         engine,
         base_shape: BaseShape,
-        base_name: str,
         max_rank: int,
         max_upload_bytes: int,
         metrics: ServerMetrics | None = None,
         draft_shape: BaseShape | None = None,
     ) -> None:
-        """``draft_shape``: the draft model's shape, which draft adapters must fit; None when the
+        """``catalog`` owns the model-id namespace the adapter names live in (the registry registers
+        itself there). ``draft_shape``: the draft model's shape, which draft adapters must fit; None when the
         server has no draft model (draft adapters are then refused). ``max_upload_bytes`` bounds an
         upload (adapter and draft together) and each archive's expansion."""
         self.store = store
-        self.models = serving_models  # vllm OpenAIServingModels
+        self.catalog = catalog
+        catalog.adapters = self
         self.engine = engine  # vllm EngineClient
         self.base_shape = base_shape
         self.draft_shape = draft_shape
-        self.base_name = base_name
+        self.base_name = catalog.base_id
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
         self.records: dict[str, AdapterRecord] = {}
@@ -144,7 +146,7 @@ class AdapterRegistry:
             AdapterInvalid: (400) anything wrong with the name, files or tensors; nothing is stored.
             PayloadTooLarge: (413) files (adapter and draft together) over ``max_upload_bytes``.
         """
-        check_name(name, self.base_name)
+        self.catalog.check_adapter_name(name)
         if draft_files and self.draft_shape is None:
             raise DraftInvalid(NO_DRAFT_MODEL)
         size = sum(len(f.data) for f in files)
@@ -185,7 +187,7 @@ class AdapterRegistry:
 
         request = LoRARequest(
             lora_name=rec.name,
-            lora_int_id=self.models.lora_id_counter.inc(1),
+            lora_int_id=self.catalog.next_lora_id(),
             lora_path=str(self.store.path(rec.name, rec.version)),
         )
         request.base_model_name = self.base_name
@@ -196,11 +198,10 @@ class AdapterRegistry:
             raise AdapterInvalid(f"the engine could not load adapter {rec.name!r}: {exc}") from None
         self._event("load")
         self._resident.add(request.lora_int_id)
-        self.models.lora_requests[rec.name] = request
+        self.catalog.publish_adapter(rec.name, request)
         self.records[rec.name] = rec
         if self.metrics is not None:
-            spec = self.engine.vllm_config.speculative_config
-            self.metrics.touch(self.base_name, rec.name, spec.num_speculative_tokens if spec else 0)
+            self.metrics.create_series(self.base_name, rec.name)
             self.metrics.adapters_served.set(len(self.records))
 
     async def delete(self, name: str) -> AdapterRecord:
@@ -211,7 +212,7 @@ class AdapterRegistry:
         """
         async with self._lock:
             rec = self.get(name)
-            self.models.lora_requests.pop(name, None)
+            self.catalog.withdraw_adapter(name)
             del self.records[name]
             await asyncio.to_thread(self.store.delete, name)
             self._event("delete")

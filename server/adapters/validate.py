@@ -12,7 +12,6 @@ problem and the limit; nothing here writes to disk.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from server.peft import (
 )
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_CONFIG_BYTES = 64 * 1024
 
 
@@ -87,23 +85,6 @@ class AdapterInfo:
     layers: tuple[int, ...]
     num_tensors: int
     base_model_name_or_path: str | None
-
-
-def check_name(name: str, base_name: str) -> str:
-    """Return ``name`` if it is a safe adapter name distinct from the base model's.
-
-    Raises:
-        AdapterInvalid: naming the allowed alphabet and length.
-    """
-    if not NAME_RE.match(name or "") or ".." in name:
-        raise AdapterInvalid(
-            f"adapter name {name!r} is not allowed: use 1-64 characters from A-Z a-z 0-9 . _ -, "
-            "starting with a letter or digit, without '..'",
-            param="name",
-        )
-    if name == base_name:
-        raise AdapterInvalid(f"adapter name {name!r} is the base model's name; choose another", param="name")
-    return name
 
 
 def check_files(names: list[str]) -> None:

@@ -92,8 +92,7 @@ async def open_merged_engine(
             "engine_processes": len(new),
             "disk_bytes": folder_bytes(folder),
         }
-        spec = llm.vllm_config.speculative_config
-        metrics.touch(model_id, None, spec.num_speculative_tokens if spec else 0)
+        metrics.create_series(model_id, None)
         return MergedEngine(llm, client, handlers, memory, new)
     except BaseException:
         llm.shutdown()

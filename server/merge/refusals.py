@@ -6,7 +6,7 @@ id or job, why, and what to do next.
 
 from __future__ import annotations
 
-from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from server.errors import Conflict, NotFound, ServiceUnavailable
 from server.merge.entries import MergedEntry, ModelState
 from server.merge.jobs import FINAL, MergeJob
 
@@ -27,29 +27,14 @@ def unavailable(entry: MergedEntry) -> ServiceUnavailable | None:
     )
 
 
-def check_new_model_id(
-    model: str, reserved: bool, in_use: bool, on_disk: bool, existing: int, max_merged_models: int
-) -> None:
-    """Refuse ``model`` as a new merge's id.
+def check_new_model_id(model: str, on_disk: bool, existing: int, max_merged_models: int) -> None:
+    """Refuse ``model`` as a new merge's id once the catalog found it free (``ModelCatalog.check_merged_id``).
 
-    ``reserved``: it is the base model's or an adapter's name; ``in_use``: a merged model or a job
-    holds it; ``on_disk``: its folder exists; ``existing``: merged models that exist or are being built.
+    ``on_disk``: its folder exists; ``existing``: merged models that exist or are being built.
 
     Raises:
-        BadRequest: ``reserved``.
-        Conflict: ``in_use``, ``on_disk``, or ``existing`` has reached ``max_merged_models``.
+        Conflict: ``on_disk``, or ``existing`` has reached ``max_merged_models``.
     """
-    if reserved:
-        raise BadRequest(
-            f"model id {model!r} is already the base model's or an adapter's name; choose another 'model'",
-            param="model",
-        )
-    if in_use:
-        raise Conflict(
-            f"model id {model!r} is already a merged model or being merged; delete it with "
-            f"DELETE /v1/models/{model} or choose another 'model'",
-            param="model",
-        )
     if on_disk:
         raise Conflict(
             f"model id {model!r} has a merged model folder on disk that is not served (its engine did not "

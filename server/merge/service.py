@@ -51,6 +51,7 @@ class MergeService:
         max_engine_restarts: int = MAX_ENGINE_RESTARTS,
     ) -> None:
         self.settings, self.store, self.adapters, self.metrics = settings, store, adapters, metrics
+        adapters.catalog.merges = self  # merged ids join the model-id namespace (server/catalog.py)
         self.engine_opener = engine_opener
         self.history = JobHistory(store)
         self.jobs = self.history.jobs
@@ -109,10 +110,9 @@ class MergeService:
         """
         record = self.adapters.get(adapter)
         model = req.model or f"{adapter}-merged"
+        self.adapters.catalog.check_merged_id(model)
         check_new_model_id(
             model,
-            reserved=model == self.settings.served_model_name or model in self.adapters.records,
-            in_use=self.id_in_use(model),
             on_disk=self.store.path(model).exists(),
             existing=sum(e.holds_id for e in self.entries.values()),
             max_merged_models=self.settings.max_merged_models,

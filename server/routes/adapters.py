@@ -6,19 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
-from server.adapters.registry import AdapterRegistry, PayloadTooLarge, Upload
-from server.errors import BadRequest, ServiceUnavailable
+from server.adapters.registry import PayloadTooLarge, Upload
+from server.api.deps import AdaptersDep
+from server.errors import BadRequest
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-
-
-def _registry(request: Request) -> AdapterRegistry:
-    registry = getattr(request.app.state, "adapters", None)
-    if registry is None:
-        raise ServiceUnavailable(
-            "adapters are not available: the engine is loading or LoRA is disabled (--enable-lora)"
-        )
-    return registry
 
 
 async def _read(upload: UploadFile, limit: int, param: str) -> Upload:
@@ -31,6 +23,7 @@ async def _read(upload: UploadFile, limit: int, param: str) -> Upload:
 @router.post("", status_code=201)
 async def upload_adapter(
     request: Request,
+    registry: AdaptersDep,
     name: Annotated[str | None, Form(description="adapter name, used as the 'model' id in requests")] = None,
     files: Annotated[
         list[UploadFile] | None,
@@ -48,7 +41,6 @@ async def upload_adapter(
     ] = None,
 ):
     """Upload a PEFT LoRA adapter, optionally with its draft adapter; the same name again creates a new version."""
-    registry = _registry(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BadRequest(
             "send multipart/form-data with a 'name' field and 'files' (adapter_config.json and "
@@ -63,13 +55,7 @@ async def upload_adapter(
         raise BadRequest(
             "no 'files' were sent; attach adapter_config.json and adapter_model.safetensors", param="files"
         )
-    merges = getattr(request.app.state, "merges", None)
-    if merges is not None and merges.id_in_use(name):
-        raise BadRequest(
-            f"{name!r} is a merged model's id (or one being merged); choose another name or delete the merged "
-            f"model with DELETE /v1/models/{name}",
-            param="name",
-        )
+    registry.catalog.check_adapter_name(name)  # before reading the files: a name clash needs no upload
     uploads = [await _read(f, registry.max_upload_bytes, "files") for f in files]
     drafts = [await _read(f, registry.max_upload_bytes, "draft_files") for f in draft_files or []]
     record = await registry.upload(name, uploads, drafts or None)
@@ -77,19 +63,19 @@ async def upload_adapter(
 
 
 @router.get("")
-async def list_adapters(request: Request):
+async def list_adapters(registry: AdaptersDep):
     """List stored adapters (current version of each)."""
-    return {"object": "list", "data": [r.to_json() for r in _registry(request).list()]}
+    return {"object": "list", "data": [r.to_json() for r in registry.list()]}
 
 
 @router.get("/{name}")
-async def get_adapter(request: Request, name: str):
+async def get_adapter(name: str, registry: AdaptersDep):
     """Show one adapter's stored record."""
-    return _registry(request).get(name).to_json()
+    return registry.get(name).to_json()
 
 
 @router.delete("/{name}")
-async def delete_adapter(request: Request, name: str):
+async def delete_adapter(name: str, registry: AdaptersDep):
     """Delete an adapter: new requests for it get 404, running ones finish."""
-    record = await _registry(request).delete(name)
+    record = await registry.delete(name)
     return {"id": name, "object": "adapter", "deleted": True, "version": record.version}

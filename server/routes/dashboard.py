@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+
+from server.api.deps import StateDep
 
 router = APIRouter(tags=["observability"])
 
@@ -20,7 +22,7 @@ async def dashboard() -> HTMLResponse:
 
 
 @router.get("/dashboard/history")
-async def dashboard_history(request: Request) -> dict:
+async def dashboard_history(state: StateDep) -> dict:
     """Draft and accepted token totals per model and adapter, sampled every few seconds (last 30 min),
     from which the dashboard draws acceptance rate over time."""
-    return request.app.state.spec_history.to_json()
+    return state.spec_history.to_json()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from server.api.deps import StateDep
 from server.errors import error_response
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,11 @@ async def health():
 
 
 @router.get("/ready")
-async def ready(request: Request):
+async def ready(state: StateDep):
     """Readiness: 200 once the engine is loaded and answering (with the engine's own quantization,
     dtype and speculative config), 503 before that or after it died."""
-    engine = getattr(request.app.state, "engine_client", None)
-    if engine is None or not getattr(request.app.state, "ready", False):
+    engine = state.engine
+    if engine is None or not state.ready:
         return error_response(503, "engine is loading")
     try:
         await engine.check_health()
@@ -36,7 +37,7 @@ async def ready(request: Request):
     return JSONResponse(
         {
             "status": "ready",
-            "model": request.app.state.settings.served_model_name,
+            "model": state.settings.served_model_name,
             # Read back from the running engine, not from our settings.
             "quantization": config.model_config.quantization,
             "dtype": str(config.model_config.dtype).removeprefix("torch."),
@@ -54,13 +55,13 @@ async def ready(request: Request):
 
 
 @router.get("/metrics")
-async def metrics(request: Request):
+async def metrics(state: StateDep):
     """Prometheus text format: vLLM's engine metrics followed by the server's own."""
-    registry = getattr(request.app.state, "adapters", None)
-    if registry is not None and getattr(request.app.state, "ready", False):
+    registry = state.adapters
+    if registry is not None and state.ready:
         try:
             await registry.refresh_residency()
         except Exception as exc:  # a dead engine must not take /metrics down with it
             log.warning("adapter residency not refreshed: %s: %s", type(exc).__name__, exc)
-    body = generate_latest(REGISTRY) + generate_latest(request.app.state.metrics.registry)
+    body = generate_latest(REGISTRY) + generate_latest(state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -4,6 +4,7 @@ against the draft model, stored in the same version folder and rename; refused c
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,7 +22,7 @@ from tests.adapters.helpers import (
     write_adapter,
     zip_bytes,
 )
-from tests.adapters.test_registry import FakeEngine, FakeModels, run, snapshot
+from tests.adapters.test_registry import FakeEngine, FakeModels, catalog_over, run, snapshot
 
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
@@ -31,10 +32,9 @@ def make(tmp_path, draft_model: bool = True, max_bytes: int = 16 * 2**20):
     engine, models = FakeEngine(), FakeModels()
     reg = AdapterRegistry(
         AdapterStore(tmp_path / "store"),
-        models,
+        catalog_over(models),
         engine,
         SHAPE,
-        "demo-target",
         16,
         max_bytes,
         draft_shape=DRAFT_SHAPE if draft_model else None,
@@ -237,7 +237,7 @@ def test_http_form_field_draft_files(tmp_path):
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(adapters.router)
-    app.state.adapters = reg
+    app.state.qserve = SimpleNamespace(adapters=reg)
     http = TestClient(app)
 
     def post(name: str, files: dict[str, bytes], drafts: dict[str, bytes]):

@@ -7,12 +7,14 @@ import io
 import itertools
 import os
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 
 from server.adapters.registry import AdapterRegistry, PayloadTooLarge, Upload
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterInvalid
+from server.catalog import ModelCatalog
 from tests.adapters.helpers import SHAPE, adapter_bytes, adapter_tensors, tar_gz, zip_bytes
 
 
@@ -45,9 +47,16 @@ class FakeModels:
         self.lora_id_counter = FakeCounter()
 
 
+def catalog_over(models) -> ModelCatalog:
+    """A catalog of base ``demo-target`` whose vLLM model registry is ``models``."""
+    catalog = ModelCatalog("demo-target")
+    catalog.handlers = SimpleNamespace(openai_serving_models=models)
+    return catalog
+
+
 def make(tmp_path, max_bytes: int = 8 * 2**20):
     engine, models = FakeEngine(), FakeModels()
-    reg = AdapterRegistry(AdapterStore(tmp_path / "store"), models, engine, SHAPE, "demo-target", 16, max_bytes)
+    reg = AdapterRegistry(AdapterStore(tmp_path / "store"), catalog_over(models), engine, SHAPE, 16, max_bytes)
     return reg, engine, models
 
 

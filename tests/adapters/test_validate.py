@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from server.adapters.validate import AdapterInvalid, check_files, check_name, check_targets, check_weights, parse_config
+from server.adapters.validate import AdapterInvalid, check_files, check_targets, check_weights, parse_config
+from server.catalog import ModelCatalog
+from server.errors import BadRequest
 from server.peft import read_lora_config
 from tests.adapters.helpers import SHAPE, adapter_bytes, adapter_config, adapter_tensors, write_adapter
 
@@ -100,14 +102,14 @@ def test_garbage_weights_are_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["", "../etc", "a/b", "a\\b", ".hidden", "x" * 65, "sp ace", "a..b", "ünï"])
 def test_unsafe_names_are_refused(name):
-    with pytest.raises(AdapterInvalid, match="not allowed"):
-        check_name(name, "demo-target")
+    with pytest.raises(BadRequest, match="not allowed"):
+        ModelCatalog("demo-target").check_adapter_name(name)
 
 
 def test_base_name_is_refused():
-    with pytest.raises(AdapterInvalid, match="base model's name"):
-        check_name("demo-target", "demo-target")
-    assert check_name("austen-v2.1_x", "demo-target") == "austen-v2.1_x"
+    with pytest.raises(BadRequest, match="base model's name"):
+        ModelCatalog("demo-target").check_adapter_name("demo-target")
+    ModelCatalog("demo-target").check_adapter_name("austen-v2.1_x")  # allowed: no error
 
 
 def test_pickles_and_missing_files_are_refused():
