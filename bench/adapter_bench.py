@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from bench.report import argument_parser, publish
-from server.process import REPO_ROOT, start_server
+from testing.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 SHIPPED = ("austen", "stdlib-docs")

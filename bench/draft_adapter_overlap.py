@@ -25,11 +25,11 @@ import time
 import torch
 
 from bench.report import argument_parser, publish
-from server.merge.checkpoint import read_state
-from server.merge.fidelity import greedy_agreement, mean_overlap
-from server.merge.nf4 import MergeBase, base_weights
-from server.merge.probe import model_with
-from server.process import REPO_ROOT
+from server.merge.weights.checkpoint import read_state
+from server.merge.weights.fidelity import greedy_agreement, mean_overlap
+from server.merge.weights.nf4 import MergeBase, base_weights
+from server.merge.weights.probe import model_with
+from testing.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA
 from training.train_adapter import domain_text
 from training.train_lm import encode

@@ -21,7 +21,7 @@ import httpx
 
 from bench.report import argument_parser, publish
 from bench.serving_bench import LOGS, run_load, spec_counters
-from server.process import start_server
+from testing.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 ALL = "cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits"

@@ -26,8 +26,8 @@ import httpx
 
 from bench.merge_serving import merge
 from bench.report import argument_parser, publish
-from server.merge.lora import write_zero_adapter
-from server.process import REPO_ROOT, start_server
+from server.merge.weights.lora import write_zero_adapter
+from testing.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")
@@ -48,7 +48,7 @@ def greedy_runs(base_url: str, model: str, prompts: list[str], max_tokens: int) 
 
 
 def merge_zero_adapter(base_url: str, work: Path) -> str:
-    """Upload a zero adapter (:func:`server.merge.lora.write_zero_adapter`) and merge it (bf16 base, served
+    """Upload a zero adapter (:func:`server.merge.weights.lora.write_zero_adapter`) and merge it (bf16 base, served
     NF4); returns the merged model id.
 
     Raises:

@@ -9,7 +9,7 @@ time, to the base model, the adapter served per request, and both merged models;
 then both merged models are deleted. Reports acceptance (accepted / draft tokens,
 from each response's ``metrics.speculative_decoding``), output tokens/s at
 concurrency 1, how many greedy continuations equal the per-request adapter's, and
-each merge job's fidelity report (probe prompts, server/merge/probe.py) and memory.
+each merge job's fidelity report (probe prompts, server/merge/weights/probe.py) and memory.
 
 Usage: python -m bench.merge_serving [--adapters austen stdlib-docs] [--requests 8] [--max-tokens 32]
        [--write BENCHMARKS.md]
@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from bench.report import argument_parser, publish
-from server.process import start_server
+from testing.process import start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")
@@ -126,7 +126,7 @@ def main() -> None:
         ],
         "",
         "Fidelity reports of the default merges above, as the API returned them (probe prompts of"
-        " server/merge/probe.py, reference: the adapter unmerged on the NF4-dequantized base; KL in nats/token):",
+        " server/merge/weights/probe.py, reference: the adapter unmerged on the NF4-dequantized base; KL in nats/token):",
         "",
         "| adapter | model | option | greedy agreement | mean KL |",
         "|---|---|---|---:|---:|",

@@ -28,7 +28,7 @@ import httpx
 
 from bench.report import argument_parser, publish
 from bench.weight_memory import weight_bytes
-from server.process import REPO_ROOT, start_server
+from testing.process import REPO_ROOT, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")

@@ -3,7 +3,7 @@
     python -m loadtests compare [--levels 1,2,4,8,16] [--repeats 2] [--write BENCHMARKS.md]
 
 Three servers run at once on 127.0.0.1 with the same engine settings
-(``server.engine.vllm_argv``): ours (speculation on), vLLM's own
+(``server.engine.build.vllm_argv``): ours (speculation on), vLLM's own
 ``vllm.entrypoints.openai.api_server`` (speculation on, the shipped adapters via
 ``--lora-modules``), and ours with ``--no-speculation``. vLLM's server loads our
 general plugin (``server.vllm_patches``, an entry point in the venv) too, so the
@@ -23,9 +23,9 @@ from pathlib import Path
 from bench.report import publish
 from loadtests import report, runner
 from loadtests.workload import Mix, build_jobs
-from server.engine import vllm_argv
-from server.process import REPO_ROOT, ServerProcess, start_server
+from server.engine.build import vllm_argv
 from server.settings import Settings
+from testing.process import REPO_ROOT, ServerProcess, start_server
 
 ARMS = ("ours", "vllm", "ours-nospec")
 
@@ -92,7 +92,7 @@ def tables(reports: list[dict], levels: list[int], cmd: str, repeats: int) -> li
     lines = [
         "## Load: our server vs vLLM's own OpenAI server; speculation on vs off",
         "",
-        f"Command: `{cmd}`. Three servers ran at once with the same engine settings (`server.engine.vllm_argv`:"
+        f"Command: `{cmd}`. Three servers ran at once with the same engine settings (`server.engine.build.vllm_argv`:"
         " NF4 target and draft, k=4, LoRA, max_num_seqs 32); vLLM's server loads our vLLM plugin too, so the"
         " engines are identical. Streamed requests, half chat half completions, 48-64 output tokens"
         f" (ignore_eos), greedy, fixed concurrency. Each level ran {repeats}x per server, the three interleaved"

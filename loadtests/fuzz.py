@@ -38,7 +38,7 @@ from schemathesis.core.transport import Response
 from bench.report import publish
 from loadtests import fuzz_report
 from loadtests.serve import served
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 
 MAX_TOKENS = 16  # tokens a steered completion may generate
 GENERATION = ("/v1/completions", "/v1/chat/completions")

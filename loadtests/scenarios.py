@@ -17,7 +17,7 @@ import httpx
 
 from loadtests.runner import Churn, Load
 from loadtests.workload import Job, Mix, build_jobs
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 
 SHIPPED = ("austen", "stdlib-docs")
 NAMES = ("smoke", "base", "concurrency", "adapters", "churn")

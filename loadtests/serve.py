@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.runner import check_local
-from server.process import ServerProcess, start_server
+from testing.process import ServerProcess, start_server
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from bench.report import publish
 from loadtests import runner, scenarios, soak_report
 from loadtests.serve import served
 from loadtests.workload import Mix, build_jobs
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.engine.watchdog import ENGINE_DEAD_EXIT_CODE
 from server.settings import Settings
-from server.watchdog import ENGINE_DEAD_EXIT_CODE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     # On SIGTERM uvicorn stops accepting, lets in-flight requests (streams included) finish for up
     # to shutdown_grace_s, then runs the lifespan's shutdown (engine closed). No per-request access
     # log line unless debugging: vLLM's own server runs with --disable-uvicorn-access-log in our argv
-    # (server.engine.vllm_argv), and the load comparison (loadtests/compare_vllm.py) holds both to
+    # (server.engine.build.vllm_argv), and the load comparison (loadtests/compare_vllm.py) holds both to
     # the same work.
     config = uvicorn.Config(
         app,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # A no-op handler here makes a graceful stop exit with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
-    if app.state.qserve.engine_dead:  # server/watchdog.py stopped us: a supervisor should restart
+    if app.state.qserve.engine_dead:  # server/engine/watchdog.py stopped us: a supervisor should restart
         return ENGINE_DEAD_EXIT_CODE
     # uvicorn returns normally when the lifespan failed; report that as failure.
     return 0 if server.started else 1

@@ -21,48 +21,24 @@ from fastapi import FastAPI
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
+from server.api.auth import BearerAuth, KeyRing
 from server.api.deps import ServerState
-from server.auth import BearerAuth, KeyRing
+from server.api.limits import AdmissionGate, BodyLimit
+from server.api.middleware import CountRequests
+from server.api.routes import adapters, dashboard, health, merges, openai
 from server.catalog import ModelCatalog
-from server.engine import open_engine, set_engine_environment, vllm_namespace
-from server.errors import error_type, install_error_handlers
-from server.limits import AdmissionGate, BodyLimit
+from server.engine.build import open_engine, set_engine_environment, vllm_namespace
+from server.engine.observed import ObservedEngine
+from server.engine.watchdog import watch_engine
+from server.errors import install_error_handlers
 from server.merge.service import MergeService
 from server.merge.store import MergedStore
 from server.metrics import ServerMetrics
-from server.observability import ObservedEngine
-from server.routes import adapters, dashboard, health, merges, openai
 from server.settings import Settings
-from server.watchdog import watch_engine
 
 log = logging.getLogger(__name__)
 
 EngineOpener = Callable[[Any], AbstractAsyncContextManager[Any]]
-
-
-class _CountRequests:
-    """Pure ASGI middleware counting responses by route and status (no body buffering,
-    so streaming and client-disconnect detection are untouched)."""
-
-    def __init__(self, app, metrics: ServerMetrics, routes: set[str]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.routes = routes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
-
-        async def send_counted(message):
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                self.metrics.requests.labels(route, str(status)).inc()
-                if status >= 400:
-                    self.metrics.errors.labels(error_type(status), str(status)).inc()
-            await send(message)
-
-        return await self.app(scope, receive, send_counted)
 
 
 async def open_adapters(settings: Settings, catalog: ModelCatalog, engine, metrics: ServerMetrics) -> AdapterRegistry:
@@ -99,7 +75,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     propagate out of the lifespan, so uvicorn exits non-zero.
 
     Raises:
-        ValueError: a malformed API keys file (server/auth.py).
+        ValueError: a malformed API keys file (server/api/auth.py).
     """
 
     @asynccontextmanager
@@ -110,7 +86,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
         set_engine_environment(settings)
         args = vllm_namespace(settings)
         async with engine_opener(args) as raw_engine:
-            # vLLM's serving layer calls generate() on this proxy: per-adapter metrics (server/observability.py).
+            # vLLM's serving layer calls generate() on this proxy: per-adapter metrics (server/engine/observed.py).
             engine = ObservedEngine(raw_engine, state.metrics, settings.served_model_name)
             state.metrics.create_series(settings.served_model_name, None)
             handlers = State()  # vLLM's serving objects for the base engine, reached through the catalog
@@ -156,9 +132,9 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     app.include_router(merges.router)
     app.include_router(dashboard.router)
     paths = {r.path for r in app.routes if hasattr(r, "path")}
-    # Outermost last: count every response, then auth, body size, admission (server/auth.py, limits.py).
+    # Outermost last: count every response, then auth, body size, admission (server/api/auth.py, limits.py).
     app.add_middleware(AdmissionGate, settings=settings)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(BearerAuth, settings=settings, keys=KeyRing.from_settings(settings))
-    app.add_middleware(_CountRequests, metrics=state.metrics, routes=paths)
+    app.add_middleware(CountRequests, metrics=state.metrics, routes=paths)
     return app

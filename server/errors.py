@@ -153,7 +153,7 @@ def engine_dead_response() -> JSONResponse:
     """503 + Retry-After for a request whose engine died under it (vLLM answers 500).
 
     The condition is temporary: a merged model's engine is restarted (server/merge/supervisor.py) and a dead
-    base engine makes the server exit for its supervisor to restart (server/watchdog.py).
+    base engine makes the server exit for its supervisor to restart (server/engine/watchdog.py).
     """
     return error_response(
         HTTPStatus.SERVICE_UNAVAILABLE,
@@ -189,7 +189,10 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
         return error_response(
             400, f"Request body is not valid JSON ({first.get('msg', 'decode error')} at character {where})"
         )
-    param = _param_of(tuple(first.get("loc", ())))
+    # A model-level validator fails at loc ("body",); its message may still start with the field's name.
+    param = _param_of(tuple(first.get("loc", ()))) or param_named_in(
+        str(first.get("msg", "")).removeprefix("Value error, ")
+    )
     where = f"'{param}'" if param else "request body"
     message = f"Invalid {where}: {first.get('msg', 'invalid value')}"
     if "input" in first and param and not isinstance(first["input"], dict | list):

@@ -8,7 +8,7 @@ and ``lora_B: [out_features, r]``. The adapted layer computes ``h = W x + scale 
 ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA) (Hu et al. 2021, "LoRA", section 4.1;
 Kalajdzievski 2023, "rsLoRA").
 
-Validation (``server/adapters/validate.py``), merging (``server/merge/lora.py``), the benchmarks and
+Validation (``server/adapters/validate.py``), merging (``server/merge/weights/lora.py``), the benchmarks and
 the training scripts all read a config through :func:`read_lora_config`, so an adapter is served and
 merged at the same scale. Defaults are PEFT's own (``LoraConfig``: ``lora_alpha`` 8), and which
 modules an adapter targets is decided by PEFT's own matcher (``check_target_module_exists``: a string

@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # --- hardening: auth (server/auth.py), limits (server/limits.py), shutdown (server/__main__.py) ---
+    # --- hardening: auth (server/api/auth.py), limits (server/api/limits.py), shutdown (server/__main__.py) ---
     api_keys: SecretStr | None = Field(None, description="comma-separated inference API keys (bearer tokens)")
     admin_api_keys: SecretStr | None = Field(
         None, description="comma-separated admin API keys (may also manage adapters)"

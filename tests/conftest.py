@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.process import ServerProcess, start_server
+from testing.process import ServerProcess, start_server
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 # Server logs of this test run: its own folder, so two runs on one machine never write over each

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from server.merge.lora import lora_scale
+from server.merge.weights.lora import lora_scale
 from server.peft import CONFIG_FILE, WEIGHTS_FILE
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 from tests.conftest import MODEL
 from tests.test_adapters_api import complete, upload
 

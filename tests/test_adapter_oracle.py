@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, launch
 
 pytestmark = pytest.mark.engine

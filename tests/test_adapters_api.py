@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from server.adapters.store import sha256_file
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, MODEL, launch
 
 pytestmark = pytest.mark.engine

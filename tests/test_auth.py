@@ -1,4 +1,4 @@
-"""Unit tests of server/auth.py and server/watchdog.py (the engine-backed tests are in test_auth_limits / test_faults)."""
+"""Unit tests of server/api/auth.py and server/engine/watchdog.py (the engine-backed tests are in test_auth_limits / test_faults)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from server.auth import KeyRing, Scope, parse_keys_file, required_scope
+from server.api.auth import KeyRing, Scope, parse_keys_file, required_scope
+from server.engine.watchdog import watch_engine
 from server.settings import Settings
-from server.watchdog import watch_engine
 
 
 def test_keys_from_settings_and_file(tmp_path):

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 from tests.conftest import ADMIN_KEY, HARDENED_LIMITS, INFERENCE_KEY, MODEL
 
 pytestmark = pytest.mark.engine

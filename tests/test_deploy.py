@@ -11,8 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.process import REPO_ROOT
 from server.settings import Settings
+from testing.process import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "k8s"

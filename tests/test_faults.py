@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from server.adapters.store import RECORD_FILE, sha256_file
+from server.engine.watchdog import ENGINE_DEAD_EXIT_CODE
 from server.peft import WEIGHTS_FILE
-from server.process import REPO_ROOT
-from server.watchdog import ENGINE_DEAD_EXIT_CODE
+from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, MODEL, launch
 
 pytestmark = pytest.mark.engine

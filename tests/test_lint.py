@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 
 
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["check", "format"])

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from loadtests.runner import Progress
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 
 SUBCOMMANDS = ("run", "sweep", "compare", "fuzz", "soak")
 

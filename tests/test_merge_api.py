@@ -23,10 +23,10 @@ import psutil
 import pytest
 import torch
 
-from server.merge.checkpoint import read_state
-from server.merge.lora import write_zero_adapter
 from server.merge.store import HISTORY_FILE
-from server.process import REPO_ROOT
+from server.merge.weights.checkpoint import read_state
+from server.merge.weights.lora import write_zero_adapter
+from testing.process import REPO_ROOT
 from tests.conftest import launch
 from tests.promtext import scrape, total
 

@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from bench.serving_bench import spec_counters
+from server.engine.observed import spec_summary
+from server.engine.speculation.speedup import break_even_acceptance, speedup
 from server.metrics import BASE_LABEL, OTHER_LABEL, AdapterLabels
-from server.observability import spec_summary
-from server.process import REPO_ROOT
-from server.speculation_math import break_even_acceptance, speedup
+from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, MODEL
 from tests.promtext import by_label, scrape, total
 

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from prometheus_client import generate_latest
 
+from server.engine.observed import ObservedEngine
 from server.metrics import OTHER_LABEL, ServerMetrics
-from server.observability import ObservedEngine
 
 
 def _output(tokens: list[int], finish: str | None, draft_hist: list[int] | None = None):

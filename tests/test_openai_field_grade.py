@@ -144,3 +144,17 @@ def test_tokenize_refuses_an_unknown_model_in_the_envelope(base_url):
     assert r.status_code == 404 and r.json()["error"]["param"] == "model" and "austen" in r.json()["error"]["message"]
     r = httpx.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": ["x"]}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+@pytest.mark.parametrize("value", ["x", 3, ["json"]])
+def test_structured_outputs_of_the_wrong_type_is_400_naming_it(base_url, route, value):
+    body = {
+        "model": MODEL,
+        "prompt": "hi",
+        "messages": [{"role": "user", "content": "hi"}],
+        "structured_outputs": value,
+    }
+    r = httpx.post(f"{base_url}/v1/{route}", json={**body, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 400, r.text  # vLLM's validator raised AttributeError: a 500
+    assert r.json()["error"]["param"] == "structured_outputs" and "must be an object" in r.json()["error"]["message"]

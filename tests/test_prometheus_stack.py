@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 
-from server.process import REPO_ROOT, free_port
+from testing.process import REPO_ROOT, free_port
 from tests.conftest import ADAPTERS, LOG_DIR, MODEL
 from tests.promtext import buckets, by_label, histogram_quantile, scrape
 

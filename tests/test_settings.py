@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.engine import vllm_argv, vllm_namespace
+from server.engine.build import vllm_argv, vllm_namespace
 from server.settings import DEMO_DRAFT, DEMO_TARGET, Settings
 
 

@@ -15,10 +15,10 @@ from fastapi import Depends, Request
 
 from server.adapters.registry import AdapterRegistry
 from server.catalog import ModelCatalog
+from server.dashboard.history import SpecHistory
 from server.errors import ServiceUnavailable
 from server.merge.service import MergeService
 from server.metrics import ServerMetrics
-from server.metrics_history import SpecHistory
 from server.settings import Settings
 
 

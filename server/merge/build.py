@@ -12,10 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
-from server.merge.checkpoint import merge_model
 from server.merge.jobs import MergeJob, Precision
-from server.merge.memory import served_weight_bytes
-from server.merge.nf4 import MergeBase
+from server.merge.weights.checkpoint import merge_model
+from server.merge.weights.memory import served_weight_bytes
+from server.merge.weights.nf4 import MergeBase
 from server.settings import Settings
 
 # Fidelity bounds per (merge_base, precision): min greedy agreement, max mean KL (nats/token) against the
@@ -96,7 +96,7 @@ def build_merge(settings: Settings, adapters, job: MergeJob, staging: Path) -> d
     """
     import torch
 
-    from server.merge.probe import fidelity_report
+    from server.merge.weights.probe import fidelity_report
 
     torch.set_num_threads(1)  # the engines' compute threads keep the cores
     s = settings

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.merge.nf4 import MergeBase
+from server.merge.weights.nf4 import MergeBase
 
 
 class JobStatus(StrEnum):

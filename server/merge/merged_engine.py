@@ -1,10 +1,10 @@
 """A merged model's own vLLM engine: open it on a merged folder, stop it, reap its processes.
 
 Each merged engine is a second ``AsyncLLM`` in this process (its engine core is its own
-process), built by :func:`server.engine.build_engine_without_prometheus` in a worker thread:
+process), built by :func:`server.engine.build.build_engine_without_prometheus` in a worker thread:
 vLLM's constructor blocks until the engine core is up (about a minute here) and the event loop
 must keep serving. The ``vllm:*`` series are the base engine's alone; a merged model's metrics
-are ours (:class:`server.observability.ObservedEngine`, labelled with its model id).
+are ours (:class:`server.engine.observed.ObservedEngine`, labelled with its model id).
 
 :data:`EngineOpener` is the shape of :func:`open_merged_engine`; the merge service takes one, so
 tests pass a fake that starts nothing.
@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.engine.observed import ObservedEngine
 from server.merge.jobs import Precision
 from server.merge.store import folder_bytes
 from server.metrics import ServerMetrics
-from server.observability import ObservedEngine
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ async def open_merged_engine(
     from starlette.datastructures import State
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
-    from server.engine import build_engine_without_prometheus, vllm_namespace
+    from server.engine.build import build_engine_without_prometheus, vllm_namespace
 
     args = vllm_namespace(merged_settings(settings, model_id, folder, Precision(manifest["precision"])))
     args.disable_log_stats = True

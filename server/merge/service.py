@@ -22,10 +22,10 @@ from server.merge.entries import MergedEntry, ModelState
 from server.merge.history import JobHistory
 from server.merge.jobs import FINAL, JobStatus, MergeCancelled, MergeJob, MergeRequest, Precision
 from server.merge.merged_engine import EngineOpener, MergedEngine, open_merged_engine, stop_merged_engine
-from server.merge.nf4 import MergeBase
 from server.merge.refusals import check_cancellable, check_new_model_id, delete_conflict, not_merged, unavailable
 from server.merge.store import MergedStore
 from server.merge.supervisor import ENGINE_POLL_S, MAX_ENGINE_RESTARTS, EngineSupervisor
+from server.merge.weights.nf4 import MergeBase
 from server.metrics import ServerMetrics
 from server.settings import Settings
 

@@ -4,7 +4,7 @@ Layout under ``root`` (``--merged-models-dir``)::
 
     <model id>/merge.json          what was merged, how, the fidelity report
     <model id>/adapter/            the adapter files merged (a copy: the adapter may change later)
-    <model id>/target/             merged target checkpoint (server/merge/checkpoint.py)
+    <model id>/target/             merged target checkpoint (server/merge/weights/checkpoint.py)
     <model id>/draft/              merged draft checkpoint, when the adapter has a draft adapter
     .staging/<job id>/             a merge being built; renamed to <model id> when complete
     .trash/                        a merged model being deleted

@@ -1,6 +1,6 @@
 """Supervising merged engines: notice a death, restart the engine, leave the model down past a limit.
 
-The base engine's death stops the whole server (server/watchdog.py); a merged engine's death
+The base engine's death stops the whole server (server/engine/watchdog.py); a merged engine's death
 (its engine core killed, e.g. by the OOM killer) takes only that model down: its requests get
 503, its engine is shut down and a restore job (listed in ``GET /v1/merges``) starts a new one on
 the same folder, up to ``max_restarts`` times per process, a restart that fails to start counting

@@ -17,7 +17,7 @@ from pathlib import Path
 from server.adapters.store import AdapterStore
 from server.adapters.validate import AdapterInfo
 from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 
 SOURCE = REPO_ROOT / "adapters" / "austen"
 INFO = AdapterInfo(16, 32.0, ("q_proj", "v_proj"), (0,), 1, None)

@@ -12,7 +12,7 @@ from server.adapters.registry import AdapterRegistry, PayloadTooLarge, Upload
 from server.adapters.staging import NO_DRAFT_MODEL, DraftInvalid
 from server.adapters.store import RECORD_FILE, AdapterStore, sha256_file
 from server.adapters.validate import AdapterInvalid
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 from tests.adapters.helpers import (
     DRAFT_SHAPE,
     SHAPE,
@@ -230,8 +230,8 @@ def test_http_form_field_draft_files(tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from server.api.routes import adapters
     from server.errors import install_error_handlers
-    from server.routes import adapters
 
     reg, _ = make(tmp_path)
     app = FastAPI()

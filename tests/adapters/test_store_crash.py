@@ -16,7 +16,7 @@ import signal
 
 from server.adapters.store import RECORD_FILE, AdapterStore, sha256_file
 from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
-from server.process import REPO_ROOT
+from testing.process import REPO_ROOT
 from tests.adapters.crash_child import OPERATIONS, run_and_die_at
 
 MAX_STEPS = 400  # far more than the sequence has; the loop ends when the child finishes

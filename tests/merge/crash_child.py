@@ -13,10 +13,10 @@ from pathlib import Path
 from server.merge import probe
 from server.merge.build import build_merge
 from server.merge.jobs import MergeJob, Precision
-from server.merge.nf4 import MergeBase
 from server.merge.store import MergedStore
-from server.process import REPO_ROOT
+from server.merge.weights.nf4 import MergeBase
 from server.settings import Settings
+from testing.process import REPO_ROOT
 from tests.merge.service_fakes import FakeRegistry, fake_report
 
 if __name__ == "__main__":

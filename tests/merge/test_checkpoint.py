@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from server.merge.checkpoint import merge_model, read_state
-from server.merge.nf4 import MergeBase, base_weights
-from server.process import REPO_ROOT
+from server.merge.weights.checkpoint import merge_model, read_state
+from server.merge.weights.nf4 import MergeBase, base_weights
+from testing.process import REPO_ROOT
 
 TARGET = REPO_ROOT / "models/target"
 
@@ -57,7 +57,7 @@ def test_merged_folder_before_bf16_rounding_matches_peft_tightly(tmp_path):
     """Without the bf16 store the merge is PEFT's forward up to float32 reassociation."""
     from transformers import AutoModelForCausalLM
 
-    from server.merge.lora import load_lora, merge_lora
+    from server.merge.weights.lora import load_lora, merge_lora
 
     weights = base_weights(read_state(TARGET), MergeBase.NF4)
     merged = merge_lora(weights, load_lora(REPO_ROOT / "adapters/austen"), dtype=torch.float32)
@@ -101,7 +101,7 @@ def test_zero_adapter_folder_merges_into_a_bit_identical_checkpoint(tmp_path):
     """A PEFT adapter with B = 0 (PEFT's own initialisation) merged into bf16 gives the base's tensors bit for bit."""
     from safetensors.torch import save_file
 
-    from server.merge.nf4 import is_quantized
+    from server.merge.weights.nf4 import is_quantized
 
     zero = tmp_path / "zero"
     zero.mkdir()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from server.merge.fidelity import greedy_agreement, mean_kl, mean_overlap
+from server.merge.weights.fidelity import greedy_agreement, mean_kl, mean_overlap
 
 
 def test_identical_logits_agree_fully():

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 
-from server.merge.checkpoint import read_state
-from server.merge.fidelity import greedy_agreement, mean_kl
-from server.merge.lora import load_lora, merge_lora
-from server.merge.nf4 import MergeBase, base_weights, requantize
-from server.merge.probe import continuation_logits, greedy, model_with
-from server.process import REPO_ROOT
+from server.merge.weights.checkpoint import read_state
+from server.merge.weights.fidelity import greedy_agreement, mean_kl
+from server.merge.weights.lora import load_lora, merge_lora
+from server.merge.weights.nf4 import MergeBase, base_weights, requantize
+from server.merge.weights.probe import continuation_logits, greedy, model_with
+from testing.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 TOKENS = 16

@@ -3,8 +3,8 @@
 import pytest
 
 from bench.weight_memory import weight_bytes
-from server.merge.memory import served_weight_bytes
-from server.process import REPO_ROOT
+from server.merge.weights.memory import served_weight_bytes
+from testing.process import REPO_ROOT
 
 
 @pytest.mark.parametrize("model", ["target", "draft"])

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 
-from server.merge.checkpoint import read_state
 from server.merge.store import MANIFEST_FILE, MergedStore
-from server.process import REPO_ROOT
+from server.merge.weights.checkpoint import read_state
+from testing.process import REPO_ROOT
 
 DELAYS_S = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.5, 4.0, 300.0)  # the last one lets it finish
 

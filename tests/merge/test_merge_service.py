@@ -11,16 +11,16 @@ import torch
 
 from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from server.merge import probe
-from server.merge.checkpoint import read_state
 from server.merge.entries import ModelState
 from server.merge.jobs import JobStatus, MergeRequest
-from server.merge.lora import write_zero_adapter
-from server.merge.nf4 import MergeBase, base_weights
 from server.merge.service import MergeService
 from server.merge.store import HISTORY_FILE, MANIFEST_FILE, MergedStore
+from server.merge.weights.checkpoint import read_state
+from server.merge.weights.lora import write_zero_adapter
+from server.merge.weights.nf4 import MergeBase, base_weights
 from server.metrics import ServerMetrics
-from server.process import REPO_ROOT
 from server.settings import Settings
+from testing.process import REPO_ROOT
 from tests.aio import run_async, wait_until
 from tests.merge.service_fakes import BlockingReport, FakeOpener, FakeRegistry, fake_report
 

@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from server.merge.lora import MergeRefused
-from server.merge.probe import NO_ADAPTER, PROBE_PROMPTS, REFERENCE, fidelity_report
-from server.process import REPO_ROOT
+from server.merge.weights.lora import MergeRefused
+from server.merge.weights.probe import NO_ADAPTER, PROBE_PROMPTS, REFERENCE, fidelity_report
+from testing.process import REPO_ROOT
 
 TARGET, DRAFT = REPO_ROOT / "models/target", REPO_ROOT / "models/draft"
 AUSTEN = REPO_ROOT / "adapters/austen"

@@ -6,16 +6,16 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
-from server.merge.lora import LoraFactors, MergeRefused, load_lora, lora_scale, merge_lora
-from server.merge.nf4 import MergeBase, base_weights, is_quantized, nf4_roundtrip, requantize
-from server.process import REPO_ROOT
+from server.merge.weights.lora import LoraFactors, MergeRefused, load_lora, lora_scale, merge_lora
+from server.merge.weights.nf4 import MergeBase, base_weights, is_quantized, nf4_roundtrip, requantize
+from testing.process import REPO_ROOT
 
 TARGET = REPO_ROOT / "models/target"
 
 
 @pytest.fixture(scope="module")
 def state():
-    from server.merge.checkpoint import read_state
+    from server.merge.weights.checkpoint import read_state
 
     return read_state(TARGET)
 
@@ -102,7 +102,7 @@ def test_scale_and_refusals():
 
 @pytest.mark.parametrize("adapter", ["austen", "stdlib-docs"])
 def test_each_shipped_adapter_has_a_draft_adapter_that_merges_into_the_draft(adapter):
-    from server.merge.checkpoint import read_state
+    from server.merge.weights.checkpoint import read_state
 
     draft = read_state(REPO_ROOT / "models/draft")
     lora = load_lora(REPO_ROOT / "adapters" / adapter / "draft")

@@ -1,11 +1,11 @@
 """Probe a merge's fidelity: run each merge option and the unmerged adapter on fixed prompts, compare.
 
 The reference p is the adapter unmerged on the NF4-dequantized base (PEFT's own
-LoRA forward over :func:`server.merge.nf4.base_weights` ``MergeBase.NF4``: the
+LoRA forward over :func:`server.merge.weights.nf4.base_weights` ``MergeBase.NF4``: the
 weights vLLM's NF4 base computes with, and the base a QLoRA adapter was trained
 against, Dettmers et al. 2023). It greedy-decodes ``tokens`` tokens after each
 probe prompt; every candidate reads the same token sequences (teacher-forced), and
-:mod:`server.merge.fidelity` compares the two next-token distributions position
+:mod:`server.merge.weights.fidelity` compares the two next-token distributions position
 by position. All compute is float32 with transformers on CPU (no vLLM), so the
 numbers measure what a merge does to the weights, not bf16 compute noise.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from server.merge.checkpoint import read_state
-from server.merge.fidelity import greedy_agreement, mean_kl
-from server.merge.lora import load_lora, merge_lora
-from server.merge.nf4 import MergeBase, base_weights, requantize
+from server.merge.weights.checkpoint import read_state
+from server.merge.weights.fidelity import greedy_agreement, mean_kl
+from server.merge.weights.lora import load_lora, merge_lora
+from server.merge.weights.nf4 import MergeBase, base_weights, requantize
 
 REFERENCE = "adapter unmerged on the NF4-dequantized base"
 NO_ADAPTER = "no adapter (NF4 base)"
@@ -133,7 +133,7 @@ def fidelity_report(
     Raises:
         ValueError: if ``prompts`` is empty or ``tokens`` < 1.
         MergeRefused: the adapter cannot be merged into this base (see
-            :func:`server.merge.lora.load_lora`, :func:`server.merge.lora.merge_lora`).
+            :func:`server.merge.weights.lora.load_lora`, :func:`server.merge.weights.lora.merge_lora`).
         FileNotFoundError: a model or adapter file is missing.
     """
     from transformers import AutoTokenizer

@@ -17,7 +17,7 @@ import math
 import struct
 from pathlib import Path
 
-from server.merge.nf4 import NF4_BLOCKSIZE, is_quantized
+from server.merge.weights.nf4 import NF4_BLOCKSIZE, is_quantized
 
 NESTED_BLOCKSIZE = 256
 

@@ -3,7 +3,7 @@
 vLLM implements the protocol (chat templates, stop strings, logprobs, SSE
 streaming, usage chunks); these routes resolve the request's ``model`` once in the
 catalog (``server/catalog.py``), call that model's vLLM handler, and turn its result
-into a response (``server/routes/responses.py``).
+into a response (``server/api/responses.py``).
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, Request
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from server.api.deps import CatalogDep, SettingsDep
+from server.api.limits import check_sampling
+from server.api.requests import ChatCompletionRequest, CompletionRequest
+from server.api.responses import respond
 from server.errors import BadRequest
-from server.limits import check_sampling
-from server.routes.responses import respond
 
 router = APIRouter(tags=["openai"])
 

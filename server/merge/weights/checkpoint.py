@@ -10,7 +10,7 @@ and no staging folder behind.
 Serving precision is not a property of the stored weights: the folder is bf16
 either way; "serve NF4" means starting vLLM on it with ``--quantization
 bitsandbytes``, which re-quantizes each decoder linear in flight
-(:func:`server.merge.nf4.requantize` emulates that).
+(:func:`server.merge.weights.nf4.requantize` emulates that).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from server.adapters.store import fsync_dir
-from server.merge.lora import load_lora, merge_lora
-from server.merge.memory import weight_bytes
-from server.merge.nf4 import MergeBase, base_weights
+from server.merge.weights.lora import load_lora, merge_lora
+from server.merge.weights.memory import weight_bytes
+from server.merge.weights.nf4 import MergeBase, base_weights
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "merge.json"

@@ -11,7 +11,7 @@ from server.api.deps import StateDep
 
 router = APIRouter(tags=["observability"])
 
-PAGE = Path(__file__).resolve().parents[1] / "static" / "dashboard.html"
+PAGE = Path(__file__).resolve().parents[2] / "dashboard" / "dashboard.html"
 
 
 @router.get("/dashboard", response_class=HTMLResponse)

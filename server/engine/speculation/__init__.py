@@ -1,0 +1,1 @@
+"""Speculative decoding: what a draft is worth (``speedup``: expected speedup and break-even acceptance)."""
