@@ -27,8 +27,9 @@ import torch
 from bench.report import argument_parser, publish
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_overlap
-from server.merge.weights.nf4 import MergeBase, base_weights
+from server.merge.weights.nf4 import base_weights
 from server.merge.weights.probe import model_with
+from server.precision import Precision
 from testing.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA
 from training.train_adapter import domain_text
@@ -60,8 +61,8 @@ def main() -> None:
     started = time.time()
     target, draft = REPO_ROOT / "models/target", REPO_ROOT / "models/draft"
     tok = AutoTokenizer.from_pretrained(target)
-    t_nf4 = base_weights(read_state(target), MergeBase.NF4)
-    d_nf4 = base_weights(read_state(draft), MergeBase.NF4)
+    t_nf4 = base_weights(read_state(target), Precision.NF4)
+    d_nf4 = base_weights(read_state(draft), Precision.NF4)
     p_base_model, q_plain_model = model_with(target, t_nf4), model_with(draft, d_nf4)
     rows = []
     for name, domain in DOMAINS.items():

@@ -30,8 +30,9 @@ from bench.report import argument_parser, publish
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_kl
 from server.merge.weights.lora import load_lora, merge_lora
-from server.merge.weights.nf4 import MergeBase, base_weights, requantize
+from server.merge.weights.nf4 import base_weights, requantize
 from server.merge.weights.probe import continuation_logits, greedy, model_with
+from server.precision import Precision
 from testing.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
@@ -52,7 +53,7 @@ def main() -> None:
     prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.prompts)
     prompt_ids = [tok(p, return_tensors="pt").input_ids for p in prompts]  # [1, P], BOS first
     state = read_state(target)
-    nf4_base = base_weights(state, MergeBase.NF4)
+    nf4_base = base_weights(state, Precision.NF4)
     rows = []  # (adapter, option, agreement, kl, exact continuations)
     for name in ADAPTERS:
         adapter = REPO_ROOT / "adapters" / name
@@ -62,7 +63,7 @@ def main() -> None:
         candidates = {"context: NF4 base, no adapter": model_with(target, nf4_base)}
         candidates["context: adapter unmerged on the bf16 base"] = model_with(target, state, adapter)
         lora = load_lora(adapter)
-        for merge_base in (MergeBase.NF4, MergeBase.BF16):
+        for merge_base in (Precision.NF4, Precision.BF16):
             merged = merge_lora(base_weights(state, merge_base), lora)  # bf16, as stored
             candidates[f"merge into {merge_base.value} base, serve bf16"] = model_with(target, merged)
             candidates[f"merge into {merge_base.value} base, serve NF4 (re-quantized)"] = model_with(

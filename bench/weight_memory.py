@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-LINEAR_SUFFIXES = (
-    "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-    "gate_proj.weight", "up_proj.weight", "down_proj.weight",
-)  # fmt: skip
+from server.peft import PROJECTIONS
+
+LINEAR_SUFFIXES = tuple(f"{name}.weight" for name in PROJECTIONS)
 
 
 def _state_bytes(state) -> int:

@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from server.peft import PROJECTIONS
 from training.corpus import DEFAULT_CORPORA, load_splits
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 from training.train_lm import SEED, batch_at, encode, heldout_loss
 
-ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_MODULES = list(PROJECTIONS)
 
 
 def domain_text(domain: str, corpora: Path) -> tuple[list[str], list[str], str]:

@@ -12,18 +12,18 @@ import shutil
 import time
 from pathlib import Path
 
-from server.merge.jobs import MergeJob, Precision
+from server.merge.jobs import MergeJob
 from server.merge.weights.checkpoint import merge_model
 from server.merge.weights.memory import served_weight_bytes
-from server.merge.weights.nf4 import MergeBase
+from server.precision import Precision
 from server.settings import Settings
 
 # Fidelity bounds per (merge_base, precision): min greedy agreement, max mean KL (nats/token) against the
 # adapter served unmerged on the NF4 base. Set from BENCHMARKS.md "Merge fidelity" (16 prompts x 32 tokens:
 # default 1.0 / ~1e-7; bf16 base served NF4 0.95-0.97 / 5e-4-1.3e-3) with room for the 8-prompt probe set.
 FIDELITY_BOUNDS = {
-    (MergeBase.NF4, Precision.BF16): (1.0, 1e-5),
-    (MergeBase.BF16, Precision.NF4): (0.85, 3e-3),
+    (Precision.NF4, Precision.BF16): (1.0, 1e-5),
+    (Precision.BF16, Precision.NF4): (0.85, 3e-3),
 }
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -36,7 +36,7 @@ class MergeFailed(Exception):
         return str(self.args[0])
 
 
-def option_key(merge_base: MergeBase, precision: Precision) -> str:
+def option_key(merge_base: Precision, precision: Precision) -> str:
     """The fidelity report's key of one merge option, e.g. ``merge_base=nf4,precision=bf16``."""
     return f"merge_base={merge_base.value},precision={precision.value}"
 
@@ -70,7 +70,7 @@ def copy_adapter(adapters, job: MergeJob, dest: Path, with_draft: bool) -> None:
         ) from None
 
 
-def fidelity_verdict(report: dict, merge_base: MergeBase, precision: Precision) -> dict:
+def fidelity_verdict(report: dict, merge_base: Precision, precision: Precision) -> dict:
     """``chosen``, ``bound`` and ``within_bound`` of ``report`` for the option merged (no bound: None)."""
     key = option_key(merge_base, precision)
     chosen = report["target"]["options"][key]
@@ -105,15 +105,14 @@ def build_merge(settings: Settings, adapters, job: MergeJob, staging: Path) -> d
     has_draft = s.speculation and s.draft_model is not None
     copy_adapter(adapters, job, adapter, with_draft=has_draft)
     job.raise_if_cancelled()
-    serve_nf4 = job.precision is Precision.NF4
     check = job.raise_if_cancelled
     job.advance("merging target", 0.05)
-    merge_model(s.model, adapter, staging / "target", job.merge_base, serve_nf4, check=check)
+    merge_model(s.model, adapter, staging / "target", job.merge_base, job.precision, check=check)
     if not has_draft:
         job.draft_summary = None
     elif (adapter / "draft").is_dir():
         job.advance("merging draft", 0.2)
-        merge_model(s.draft_model, adapter / "draft", staging / "draft", job.merge_base, serve_nf4, check=check)
+        merge_model(s.draft_model, adapter / "draft", staging / "draft", job.merge_base, job.precision, check=check)
         job.draft_summary = "merged: the adapter's draft adapter merged into the draft model"
     else:
         job.draft_summary = "plain: the adapter has no draft adapter; the base draft model proposes"
@@ -129,9 +128,9 @@ def build_merge(settings: Settings, adapters, job: MergeJob, staging: Path) -> d
         )  # fmt: skip
     report.update(fidelity_verdict(report, job.merge_base, job.precision))
     job.fidelity = report
-    weights = {"target": served_weight_bytes(staging / "target", serve_nf4)}
+    weights = {"target": served_weight_bytes(staging / "target", job.precision)}
     if (staging / "draft").is_dir():
-        weights["draft"] = served_weight_bytes(staging / "draft", serve_nf4)
+        weights["draft"] = served_weight_bytes(staging / "draft", job.precision)
     return {
         "model": job.model,
         "adapter": job.adapter,

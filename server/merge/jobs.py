@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.merge.weights.nf4 import MergeBase
+from server.precision import Precision
 
 
 class JobStatus(StrEnum):
@@ -30,13 +30,6 @@ class JobStatus(StrEnum):
 
 
 FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-
-
-class Precision(StrEnum):
-    """How a merged model is served."""
-
-    BF16 = "bf16"  # the stored bf16 merge as is
-    NF4 = "nf4"  # re-quantized in flight by vLLM's bitsandbytes loader
 
 
 class MergeCancelled(Exception):
@@ -63,7 +56,7 @@ class MergeRequest(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
     )
     precision: Precision = Field(Precision.BF16, description="serving precision: bf16 or nf4")
-    merge_base: MergeBase = Field(MergeBase.NF4, description="base weights the delta is added to: nf4 or bf16")
+    merge_base: Precision = Field(Precision.NF4, description="base weights the delta is added to: nf4 or bf16")
 
 
 @dataclass
@@ -73,7 +66,7 @@ class MergeJob:
     adapter: str
     adapter_version: int
     model: str
-    merge_base: MergeBase
+    merge_base: Precision
     precision: Precision
     restored: bool = False  # a merged model found on disk at start: only its engine is started
     id: str = field(default_factory=lambda: "merge-" + uuid.uuid4().hex[:16])
@@ -107,7 +100,7 @@ class MergeJob:
             KeyError, ValueError: ``manifest`` lacks a field or holds an unknown merge base or precision.
         """
         job = cls(
-            manifest["adapter"], manifest["adapter_version"], manifest["model"], MergeBase(manifest["merge_base"]),
+            manifest["adapter"], manifest["adapter_version"], manifest["model"], Precision(manifest["merge_base"]),
             Precision(manifest["precision"]), restored=True,
         )  # fmt: skip
         job.fidelity, job.draft_summary = manifest.get("fidelity"), manifest.get("draft")
@@ -134,7 +127,7 @@ class MergeJob:
 
         error = d["error"]
         job = cls(
-            str(d["adapter"]), int(d["adapter_version"]), str(d["model"]), MergeBase(d["merge_base"]),
+            str(d["adapter"]), int(d["adapter_version"]), str(d["model"]), Precision(d["merge_base"]),
             Precision(d["precision"]), restored=bool(d["restored"]), id=str(d["id"]),
             status=JobStatus(d["status"]), stage=str(d["stage"]), progress=min(max(number(d["progress"], False), 0), 1),
             created_at=number(d["created_at"], False), started_at=number(d["started_at"]),

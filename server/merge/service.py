@@ -20,13 +20,13 @@ from pathlib import Path
 from server.merge.build import build_merge
 from server.merge.entries import MergedEntry, ModelState
 from server.merge.history import JobHistory
-from server.merge.jobs import FINAL, JobStatus, MergeCancelled, MergeJob, MergeRequest, Precision
+from server.merge.jobs import FINAL, JobStatus, MergeCancelled, MergeJob, MergeRequest
 from server.merge.merged_engine import EngineOpener, MergedEngine, open_merged_engine, stop_merged_engine
 from server.merge.refusals import check_cancellable, check_new_model_id, delete_conflict, not_merged, unavailable
 from server.merge.store import MergedStore
 from server.merge.supervisor import ENGINE_POLL_S, MAX_ENGINE_RESTARTS, EngineSupervisor
-from server.merge.weights.nf4 import MergeBase
 from server.metrics import ServerMetrics
+from server.precision import Precision
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class MergeService:
             max_merged_models=self.settings.max_merged_models,
         )
         job = MergeJob(adapter, record.version, model, req.merge_base, req.precision)
-        if (req.merge_base, req.precision) == (MergeBase.NF4, Precision.NF4):
+        if (req.merge_base, req.precision) == (Precision.NF4, Precision.NF4):
             log.warning(
                 "merge %s: adding to the NF4 base and re-quantizing rounds twice (see the fidelity report)", job.id
             )

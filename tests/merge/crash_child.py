@@ -10,11 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from server.merge import probe
 from server.merge.build import build_merge
-from server.merge.jobs import MergeJob, Precision
+from server.merge.jobs import MergeJob
 from server.merge.store import MergedStore
-from server.merge.weights.nf4 import MergeBase
+from server.merge.weights import probe
+from server.precision import Precision
 from server.settings import Settings
 from testing.process import REPO_ROOT
 from tests.merge.service_fakes import FakeRegistry, fake_report
@@ -25,7 +25,7 @@ if __name__ == "__main__":
     settings = Settings(merged_models_dir=root, adapter_store_dir=root.parent / "unused-store")
     store = MergedStore(root)
     adapters = FakeRegistry({"austen": REPO_ROOT / "adapters/austen"})
-    job = MergeJob("austen", 1, "m", MergeBase.NF4, Precision.BF16)
+    job = MergeJob("austen", 1, "m", Precision.NF4, Precision.BF16)
     ready.write_text("ready")
     staging = store.new_staging_dir(job.id)
     manifest = build_merge(settings, adapters, job, staging)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from server.merge.weights.checkpoint import merge_model, read_state
-from server.merge.weights.nf4 import MergeBase, base_weights
+from server.merge.weights.nf4 import base_weights
+from server.precision import Precision
 from testing.process import REPO_ROOT
 
 TARGET = REPO_ROOT / "models/target"
@@ -20,7 +21,7 @@ def len_header(folder) -> int:
         return int.from_bytes(f.read(8), "little")
 
 
-def peft_logits(adapter: str, merge_base: MergeBase, ids: torch.Tensor) -> torch.Tensor:
+def peft_logits(adapter: str, merge_base: Precision, ids: torch.Tensor) -> torch.Tensor:
     """PEFT's own LoRA forward on the chosen base (fp32 compute): logits [1, S, V]."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -33,12 +34,12 @@ def peft_logits(adapter: str, merge_base: MergeBase, ids: torch.Tensor) -> torch
         return model(ids).logits
 
 
-@pytest.mark.parametrize("merge_base", list(MergeBase))
+@pytest.mark.parametrize("merge_base", list(Precision))
 def test_merged_folder_matches_peft_on_the_same_base(tmp_path, merge_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = merge_model(TARGET, REPO_ROOT / "adapters/austen", tmp_path / "merged", base=merge_base)
-    manifest = json.loads((out / "merge.json").read_text())
+    manifest = json.loads((out / "merged_weights.json").read_text())
     assert manifest["merge_base"] == merge_base.value and manifest["serve"] == "bf16"
     assert manifest["served_weight_bytes"] == (out / "model.safetensors").stat().st_size - 8 - len_header(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
@@ -59,14 +60,14 @@ def test_merged_folder_before_bf16_rounding_matches_peft_tightly(tmp_path):
 
     from server.merge.weights.lora import load_lora, merge_lora
 
-    weights = base_weights(read_state(TARGET), MergeBase.NF4)
+    weights = base_weights(read_state(TARGET), Precision.NF4)
     merged = merge_lora(weights, load_lora(REPO_ROOT / "adapters/austen"), dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.float32)
     model.load_state_dict(merged, strict=False)
     ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 200, 300]])
     with torch.no_grad():
         got = model.eval()(ids).logits
-    torch.testing.assert_close(got, peft_logits("austen", MergeBase.NF4, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, peft_logits("austen", Precision.NF4, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_a_failed_merge_leaves_nothing(tmp_path):
@@ -115,7 +116,7 @@ def test_zero_adapter_folder_merges_into_a_bit_identical_checkpoint(tmp_path):
             factors[module + ".lora_A.weight"] = torch.randn(cfg["r"], w.shape[1])
             factors[module + ".lora_B.weight"] = torch.zeros(w.shape[0], cfg["r"])
     save_file(factors, zero / "adapter_model.safetensors")
-    for merge_base in MergeBase:
+    for merge_base in Precision:
         out = merge_model(TARGET, zero, tmp_path / f"merged-{merge_base.value}", base=merge_base)
         merged, expected = read_state(out), base_weights(state, merge_base)
         assert merged.keys() == expected.keys()

@@ -17,8 +17,9 @@ import pytest
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_kl
 from server.merge.weights.lora import load_lora, merge_lora
-from server.merge.weights.nf4 import MergeBase, base_weights, requantize
+from server.merge.weights.nf4 import base_weights, requantize
 from server.merge.weights.probe import continuation_logits, greedy, model_with
+from server.precision import Precision
 from testing.process import REPO_ROOT
 from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
@@ -38,11 +39,11 @@ def test_merge_options_meet_their_bounds(adapter):
     prompt_ids = [tok(p, return_tensors="pt").input_ids for p in heldout_prompts(load_splits(DEFAULT_CORPORA), 4)]
     state = read_state(target)
     lora = load_lora(REPO_ROOT / "adapters" / adapter)
-    ref_model = model_with(target, base_weights(state, MergeBase.NF4), REPO_ROOT / "adapters" / adapter)
+    ref_model = model_with(target, base_weights(state, Precision.NF4), REPO_ROOT / "adapters" / adapter)
     seqs = greedy(ref_model, prompt_ids, TOKENS)
     ref = continuation_logits(ref_model, seqs, TOKENS)
     candidates = {
-        "nf4 base, serve bf16 (default)": merge_lora(base_weights(state, MergeBase.NF4), lora),
+        "nf4 base, serve bf16 (default)": merge_lora(base_weights(state, Precision.NF4), lora),
         "bf16 base, serve NF4": requantize(merge_lora(state, lora)),
     }
     for option, weights in candidates.items():

@@ -4,6 +4,7 @@ import pytest
 
 from bench.weight_memory import weight_bytes
 from server.merge.weights.memory import served_weight_bytes
+from server.precision import Precision
 from testing.process import REPO_ROOT
 
 
@@ -11,5 +12,5 @@ from testing.process import REPO_ROOT
 def test_served_bytes_match_bitsandbytes(model):
     folder = REPO_ROOT / "models" / model
     measured = weight_bytes(folder)
-    assert served_weight_bytes(folder, serve_nf4=False) == measured["bf16"]
-    assert served_weight_bytes(folder, serve_nf4=True) == measured["nf4"]
+    assert served_weight_bytes(folder, Precision.BF16) == measured["bf16"]
+    assert served_weight_bytes(folder, Precision.NF4) == measured["nf4"]

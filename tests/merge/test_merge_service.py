@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
-from server.merge import probe
 from server.merge.entries import ModelState
 from server.merge.jobs import JobStatus, MergeRequest
 from server.merge.service import MergeService
 from server.merge.store import HISTORY_FILE, MANIFEST_FILE, MergedStore
+from server.merge.weights import probe
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.lora import write_zero_adapter
-from server.merge.weights.nf4 import MergeBase, base_weights
+from server.merge.weights.nf4 import base_weights
 from server.metrics import ServerMetrics
+from server.precision import Precision
 from server.settings import Settings
 from testing.process import REPO_ROOT
 from tests.aio import run_async, wait_until
@@ -84,7 +85,7 @@ async def test_merge_commits_a_whole_folder_and_serves_it(tmp_path, monkeypatch)
     assert service.serving_state("demo-target") is None and service.serving_state("nope") is None
 
 
-@pytest.mark.parametrize("merge_base", [MergeBase.BF16, MergeBase.NF4])
+@pytest.mark.parametrize("merge_base", [Precision.BF16, Precision.NF4])
 @run_async
 async def test_zero_adapter_merge_is_bit_identical_to_its_base(tmp_path, monkeypatch, zero_adapter, merge_base):
     """B = 0: the merged target is the base bit for bit: the bf16 checkpoint, or the NF4-dequantized base."""

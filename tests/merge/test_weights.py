@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from server.merge.weights.lora import LoraFactors, MergeRefused, load_lora, lora_scale, merge_lora
-from server.merge.weights.nf4 import MergeBase, base_weights, is_quantized, nf4_roundtrip, requantize
+from server.merge.weights.nf4 import base_weights, is_quantized, nf4_roundtrip, requantize
+from server.precision import Precision
 from testing.process import REPO_ROOT
 
 TARGET = REPO_ROOT / "models/target"
@@ -37,12 +38,12 @@ def test_only_decoder_linears_are_quantized(state):
     quantized = sorted(k for k in state if is_quantized(k))
     assert len(quantized) == 6 * 7
     assert not is_quantized("model.embed_tokens.weight") and not is_quantized("model.norm.weight")
-    nf4 = base_weights(state, MergeBase.NF4)
+    nf4 = base_weights(state, Precision.NF4)
     for k, v in state.items():
         assert torch.equal(nf4[k], v) != is_quantized(k), k  # every quantized weight moves, nothing else does
 
 
-@pytest.mark.parametrize("merge_base", list(MergeBase))
+@pytest.mark.parametrize("merge_base", list(Precision))
 def test_zero_adapter_merges_bit_identically(state, merge_base):
     base = base_weights(state, merge_base)
     zero = {
@@ -64,7 +65,7 @@ def test_zero_adapter_on_bf16_served_nf4_is_the_nf4_base(state):
         if is_quantized(k)
     }
     served = requantize(merge_lora(state, zero))
-    nf4_base = base_weights(state, MergeBase.NF4)
+    nf4_base = base_weights(state, Precision.NF4)
     assert all(served[k].view(torch.int16).equal(nf4_base[k].view(torch.int16)) for k in state)
 
 
@@ -107,7 +108,7 @@ def test_each_shipped_adapter_has_a_draft_adapter_that_merges_into_the_draft(ada
     draft = read_state(REPO_ROOT / "models/draft")
     lora = load_lora(REPO_ROOT / "adapters" / adapter / "draft")
     assert len(lora) == 3 * 7  # every projection of the draft's 3 layers
-    base = base_weights(draft, MergeBase.NF4)
+    base = base_weights(draft, Precision.NF4)
     merged = merge_lora(base, lora)
     assert merged.keys() == draft.keys()
     assert all(not torch.equal(merged[k], base[k]) for k in lora)  # a trained B is not 0

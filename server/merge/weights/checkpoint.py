@@ -2,7 +2,8 @@
 
 The folder holds the base's ``config.json``, generation config, tokenizer and
 chat template, ``model.safetensors`` (bf16, the base's tensor names) and
-``merge.json`` (what was merged, how, and how it is meant to be served). It is
+``merged_weights.json`` (what was merged into these weights, how, and the precision to serve them at;
+the merged model's own ``merge.json`` one level up belongs to ``server/merge/store.py``). It is
 built in a hidden staging folder beside ``out_dir`` and renamed into place only
 when complete, so a failed or cancelled merge leaves nothing at ``out_dir``
 and no staging folder behind.
@@ -26,10 +27,11 @@ import torch
 from server.adapters.store import fsync_dir
 from server.merge.weights.lora import load_lora, merge_lora
 from server.merge.weights.memory import weight_bytes
-from server.merge.weights.nf4 import MergeBase, base_weights
+from server.merge.weights.nf4 import base_weights
+from server.precision import Precision
 
-WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "merge.json"
+MODEL_WEIGHTS_FILE = "model.safetensors"  # the Hugging Face name vLLM loads
+CHECKPOINT_MANIFEST_FILE = "merged_weights.json"
 # Files of the base folder that describe the model rather than its weights or its training.
 COPIED_FILES = (
     "config.json",
@@ -45,7 +47,7 @@ def read_state(model_dir: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``model_dir/model.safetensors`` (name -> tensor, checkpoint dtype)."""
     from safetensors.torch import load_file
 
-    return load_file(model_dir / WEIGHTS_FILE)
+    return load_file(model_dir / MODEL_WEIGHTS_FILE)
 
 
 def write_checkpoint(base_dir: Path, state: dict[str, torch.Tensor], out_dir: Path, manifest: dict) -> Path:
@@ -68,8 +70,10 @@ def write_checkpoint(base_dir: Path, state: dict[str, torch.Tensor], out_dir: Pa
         for name in COPIED_FILES:
             if (base_dir / name).is_file():
                 shutil.copyfile(base_dir / name, staging / name)
-        save_file({k: v.contiguous() for k, v in state.items()}, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, staging / MODEL_WEIGHTS_FILE, metadata={"format": "pt"}
+        )
+        (staging / CHECKPOINT_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -86,17 +90,17 @@ def merge_model(
     base_dir: Path,
     adapter_dir: Path,
     out_dir: Path,
-    base: MergeBase = MergeBase.NF4,
-    serve_nf4: bool = False,
+    base: Precision = Precision.NF4,
+    serve: Precision = Precision.BF16,
     check: Callable[[], None] | None = None,
 ) -> Path:
     """Merge the PEFT adapter in ``adapter_dir`` into the model in ``base_dir``; write it to ``out_dir``.
 
-    ``base`` chooses the weights the delta is added to (:class:`MergeBase`);
-    ``serve_nf4`` is recorded in ``merge.json`` as the precision to serve it at.
+    ``base`` chooses the weights the delta is added to (:class:`Precision`);
+    ``serve`` is recorded in ``merged_weights.json`` as the precision to serve it at.
     The defaults (NF4-dequantized base, served bf16) are the option that reproduces
     the adapter served on the NF4 base (BENCHMARKS.md, "Merge fidelity": greedy
-    agreement 1.0, KL ~1e-7 nats/token); to serve NF4, pass ``base=MergeBase.BF16``
+    agreement 1.0, KL ~1e-7 nats/token); to serve NF4, pass ``base=Precision.BF16``
     (re-quantizing a merge on the NF4 base rounds twice and loses most of the delta).
     ``check`` is called between steps and may raise (e.g. a cancellation) to abort;
     nothing is left at ``out_dir`` then.
@@ -116,9 +120,9 @@ def merge_model(
         "base_model": str(base_dir),
         "adapter": str(adapter_dir),
         "merge_base": base.value,
-        "serve": "nf4" if serve_nf4 else "bf16",
+        "serve": serve.value,
         "stored_dtype": "bfloat16",
         "merged_modules": len(lora),
-        "served_weight_bytes": weight_bytes({k: v.numel() for k, v in merged.items()}, serve_nf4),
+        "served_weight_bytes": weight_bytes({k: v.numel() for k, v in merged.items()}, serve),
     }
     return write_checkpoint(base_dir, merged, out_dir, manifest)

@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 
 from server.merge.weights.nf4 import NF4_BLOCKSIZE, is_quantized
+from server.precision import Precision
 
 NESTED_BLOCKSIZE = 256
 
@@ -37,13 +38,15 @@ def tensor_sizes(weights: Path) -> dict[str, int]:
     return {k: math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
-def weight_bytes(sizes: dict[str, int], serve_nf4: bool) -> int:
-    """Bytes of weights ``{name: parameter count}`` served bf16, or NF4 (decoder linears quantized)."""
-    if not serve_nf4:
+def weight_bytes(sizes: dict[str, int], serve: Precision) -> int:
+    """Bytes of weights ``{name: parameter count}`` served at ``serve``: bf16, or NF4 (decoder linears quantized)."""
+    if serve is Precision.BF16:
         return 2 * sum(sizes.values())
     return sum(nf4_bytes(n) if is_quantized(k) else 2 * n for k, n in sizes.items())
 
 
-def served_weight_bytes(model_dir: Path, serve_nf4: bool) -> int:
-    """:func:`weight_bytes` of ``model_dir/model.safetensors``."""
-    return weight_bytes(tensor_sizes(model_dir / "model.safetensors"), serve_nf4)
+def served_weight_bytes(model_dir: Path, serve: Precision) -> int:
+    """:func:`weight_bytes` of the checkpoint in ``model_dir``."""
+    from server.merge.weights.checkpoint import MODEL_WEIGHTS_FILE  # checkpoint imports this module
+
+    return weight_bytes(tensor_sizes(model_dir / MODEL_WEIGHTS_FILE), serve)

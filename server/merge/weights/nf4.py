@@ -21,27 +21,20 @@ in general (the double-quantized absmax is re-quantized; seen: max |diff|
 
 from __future__ import annotations
 
-import re
-from enum import StrEnum
-
 import torch
 
-# Weights vLLM's bitsandbytes loader quantizes in a Llama decoder (embeddings,
-# norms and the tied lm_head stay in the checkpoint dtype).
-QUANTIZED_WEIGHT_RE = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
+from server.peft import PROJECTIONS, module_path, parse_layer_module
+from server.precision import Precision
+
 NF4_BLOCKSIZE = 64
 
 
-class MergeBase(StrEnum):
-    """Which base weights the LoRA delta is added to."""
-
-    NF4 = "nf4"  # the NF4-dequantized base (what a QLoRA adapter was trained against)
-    BF16 = "bf16"  # the original checkpoint weights
-
-
 def is_quantized(name: str) -> bool:
-    """True if vLLM's in-flight NF4 quantization quantizes the checkpoint tensor ``name``."""
-    return QUANTIZED_WEIGHT_RE.match(name) is not None
+    """Whether vLLM's bitsandbytes loader quantizes checkpoint tensor ``name``: the weight of one of a
+    decoder layer's seven projections (embeddings, norms and the tied lm_head stay in the checkpoint dtype)."""
+    path = name.removesuffix(".weight")
+    layer_module = parse_layer_module(path) if path != name else None
+    return layer_module is not None and layer_module[1] in PROJECTIONS and path == module_path(*layer_module)
 
 
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
@@ -63,14 +56,14 @@ def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state)  # [out, in] bf16
 
 
-def base_weights(state: dict[str, torch.Tensor], base: MergeBase) -> dict[str, torch.Tensor]:
+def base_weights(state: dict[str, torch.Tensor], base: Precision) -> dict[str, torch.Tensor]:
     """The checkpoint ``state`` (name -> tensor) as the chosen merge ``base``.
 
-    ``MergeBase.BF16`` returns the tensors unchanged (the same objects);
-    ``MergeBase.NF4`` replaces every weight vLLM quantizes by its
+    ``Precision.BF16`` returns the tensors unchanged (the same objects);
+    ``Precision.NF4`` replaces every weight vLLM quantizes by its
     :func:`nf4_roundtrip` (bf16) and keeps the rest. ``state`` is not modified.
     """
-    return dict(state) if base is MergeBase.BF16 else requantize(state)
+    return dict(state) if base is Precision.BF16 else requantize(state)
 
 
 def requantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

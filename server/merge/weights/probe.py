@@ -1,7 +1,7 @@
 """Probe a merge's fidelity: run each merge option and the unmerged adapter on fixed prompts, compare.
 
 The reference p is the adapter unmerged on the NF4-dequantized base (PEFT's own
-LoRA forward over :func:`server.merge.weights.nf4.base_weights` ``MergeBase.NF4``: the
+LoRA forward over :func:`server.merge.weights.nf4.base_weights` ``Precision.NF4``: the
 weights vLLM's NF4 base computes with, and the base a QLoRA adapter was trained
 against, Dettmers et al. 2023). It greedy-decodes ``tokens`` tokens after each
 probe prompt; every candidate reads the same token sequences (teacher-forced), and
@@ -24,7 +24,8 @@ import torch
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_kl
 from server.merge.weights.lora import load_lora, merge_lora
-from server.merge.weights.nf4 import MergeBase, base_weights, requantize
+from server.merge.weights.nf4 import base_weights, requantize
+from server.precision import Precision
 
 REFERENCE = "adapter unmerged on the NF4-dequantized base"
 NO_ADAPTER = "no adapter (NF4 base)"
@@ -111,7 +112,7 @@ def fidelity_report(
     candidate is scored teacher-forced on those sequences, averaged over prompts:
     greedy agreement (fraction of positions where argmax candidate = argmax reference)
     and mean KL(reference || candidate) in nats/token. Candidates are the 4 options
-    ``merge_base`` (:class:`MergeBase`: the delta added to the NF4-dequantized or the
+    ``merge_base`` (:class:`Precision`: the delta added to the NF4-dequantized or the
     bf16 base; the merge stored bf16) x ``precision`` (served as stored, ``"bf16"``,
     or re-quantized to NF4 as vLLM's in-flight quantization does, ``"nf4"``), plus a
     context row: the NF4 base without the adapter.
@@ -143,15 +144,15 @@ def fidelity_report(
     step = check or (lambda: None)
     report = progress or (lambda fraction: None)
     started = time.monotonic()
-    steps = REFERENCE_STEPS + len(MergeBase) * len(PRECISIONS) + 1  # then one per candidate, context included
+    steps = REFERENCE_STEPS + len(Precision) * len(PRECISIONS) + 1  # then one per candidate, context included
     report(0.0)
     step()
     tok = AutoTokenizer.from_pretrained(base_dir)
     prompt_ids = [tok(p, return_tensors="pt").input_ids for p in prompts]  # [1, P] each, BOS first
     state = read_state(base_dir)
-    nf4_base = base_weights(state, MergeBase.NF4)
+    nf4_base = base_weights(state, Precision.NF4)
     lora = load_lora(adapter_dir)
-    merged = {MergeBase.NF4: merge_lora(nf4_base, lora)}  # refuses an adapter that does not fit before any model
+    merged = {Precision.NF4: merge_lora(nf4_base, lora)}  # refuses an adapter that does not fit before any model
     step()
     with torch.no_grad():
         model = model_with(base_dir, nf4_base, adapter_dir)
@@ -180,7 +181,7 @@ def fidelity_report(
             }
 
         options = {}
-        for merge_base in MergeBase:  # NF4, then BF16
+        for merge_base in Precision:  # NF4, then BF16
             if merge_base not in merged:
                 merged[merge_base] = merge_lora(base_weights(state, merge_base), lora)
             stored = merged.pop(merge_base)  # bf16, as a merge is stored
