@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     max_model_len: int = Field(1024, ge=16, le=1_048_576, description="context length (tokens)")
     max_num_seqs: int = Field(32, ge=1, le=4096, description="most sequences the engine batches")
     enable_lora: bool = Field(True, description="serve LoRA adapters per request")
-    max_loras: int = Field(4, ge=2, le=64, description="adapters resident in one batch (>=2: see docs/stack-notes)")
+    max_loras: int = Field(
+        4, ge=2, le=64, description="adapters resident in one batch (>=2: see tests/test_lora_slots.py)"
+    )
     max_lora_rank: int = Field(16, ge=1, le=256, description="largest adapter rank accepted")
     adapter_store_dir: Path = Field(
         REPO_ROOT / "var" / "adapters", description="where uploaded adapters are stored (survives restarts)"

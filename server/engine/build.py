@@ -54,8 +54,8 @@ def vllm_argv(settings: Settings) -> list[str]:
             "draft_sample_method": "probabilistic",
         }
         if settings.quantization == "nf4":
-            # The draft shares the target's loader format; without this the
-            # engine refuses NF4 target + draft (docs/stack-notes.md).
+            # The draft shares the target's loader format; without this vLLM refuses
+            # an NF4 target with a draft ("does not support BNB quantization for").
             spec["quantization"] = "bitsandbytes"
         argv += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary"]
     if settings.enable_lora:
@@ -81,7 +81,7 @@ def vllm_namespace(settings: Settings) -> Namespace:
 def set_engine_environment(settings: Settings) -> None:
     """Set the process environment vLLM reads at engine start (before any engine exists)."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
-    # Runtime LoRA loading is how adapters are hot-swapped (adapters issue).
+    # Runtime LoRA loading is how uploaded adapters are served without a restart.
     os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
 
 

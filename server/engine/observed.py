@@ -53,7 +53,8 @@ class _Request:
         self.first_token_at: float | None = None
         self.last: Any = None  # the latest RequestOutput
 
-    def see(self, out: Any) -> None:
+    def observe(self, out: Any) -> None:
+        """Take one ``RequestOutput`` of the request: keep it as the latest, count its new tokens per choice."""
         self.last = out
         for c in out.outputs:
             n = len(c.token_ids)
@@ -87,7 +88,7 @@ class ObservedEngine:
         self.active += 1
         try:
             async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
-                req.see(out)
+                req.observe(out)
                 if out.finished:
                     status = "ok"
                 yield out
