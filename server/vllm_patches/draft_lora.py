@@ -50,7 +50,7 @@ import numpy as np
 
 from server.vllm_patches.draft_lora_mapping import StepPlan, zero_index
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.qserve.draft_lora")  # under vLLM's "vllm" logger: its handler and level
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DRAFT_FOLDER = "draft"  # a version's draft adapter, as server/adapters/store.py lays it out
 APPLIED, ABSENT, FAILED = "applied", "absent", "failed"
