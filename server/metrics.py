@@ -89,6 +89,14 @@ class ServerMetrics:
         self.spec_steps = Counter(
             f"{PREFIX}_spec_decode_steps", "Speculation (verify) steps, i.e. drafts proposed.", ma, registry=r
         )
+        self.draft_adapter_requests = Counter(
+            f"{PREFIX}_draft_adapter_requests",
+            "Finished adapter requests by whether the engine drafted them with the adapter's paired draft adapter "
+            "(applied=true) or with the plain draft (false: none stored, or it failed to load); the engine's state "
+            "of that adapter version's draft adapter when the request ended (vllm_patches.draft_lora).",
+            [*ma, "applied"],
+            registry=r,
+        )
         self.accepted_per_pos = Counter(
             f"{PREFIX}_spec_decode_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft position (0 = first proposed token).",

@@ -38,6 +38,21 @@ class _Engine:
 
 class _Lora:
     lora_name = "a"
+    lora_int_id = 7
+
+
+class _DraftReportingEngine(_Engine):
+    """Also answers ``collective_rpc("qserve_draft_adapters")`` as vllm_patches.draft_lora's workers do."""
+
+    def __init__(self, outputs, reports) -> None:
+        super().__init__(outputs)
+        self.reports, self.calls = reports, []
+
+    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append(method)
+        if isinstance(self.reports, Exception):
+            raise self.reports
+        return self.reports
 
 
 def _run(engine: ObservedEngine, stop_after: int | None = None, delta: bool = True) -> list:
@@ -55,6 +70,8 @@ def _run(engine: ObservedEngine, stop_after: int | None = None, delta: bool = Tr
                     break
         finally:
             await gen.aclose()
+        for _ in range(3):  # let the draft-adapter look-up, a task of its own, finish
+            await asyncio.sleep(0)
         return seen
 
     return asyncio.run(go())
@@ -108,3 +125,25 @@ def test_adapter_label_cap_bounds_the_series():
     text = generate_latest(m.registry).decode()
     adapters = {x.split('adapter="')[1].split('"')[0] for x in text.splitlines() if 'adapter="' in x}
     assert adapters == {"a", "b", OTHER_LABEL}
+
+
+DRAFT = "qserve_draft_adapter_requests_total"
+
+
+@pytest.mark.parametrize(
+    ("reports", "applied", "not_applied"),
+    [
+        ([{"status": {"7": "applied"}}], 1, 0),
+        ([{"status": {"7": "failed"}}], 0, 1),
+        ([{"status": {}}], 0, 1),  # no draft/ stored for this version
+        ([None], 0, 0),  # the worker has no adapted draft (no draft model)
+        (NotImplementedError("Method 'qserve_draft_adapters' is not implemented."), 0, 0),  # patch not applied
+    ],
+)
+def test_draft_adapter_state_is_counted_per_finished_adapter_request(reports, applied, not_applied):
+    m = ServerMetrics()
+    engine = _DraftReportingEngine([_output([1], "stop")], reports)
+    _run(ObservedEngine(engine, m, "demo"))
+    assert engine.calls == ["qserve_draft_adapters"]
+    assert _value(m, DRAFT + '{adapter="a",applied="true",model="demo"}') == applied
+    assert _value(m, DRAFT + '{adapter="a",applied="false",model="demo"}') == not_applied

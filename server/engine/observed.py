@@ -13,6 +13,13 @@ that vLLM's OpenAI serving layer calls, watches every ``RequestOutput`` of
   histogram[j]), accepted at position i = sum(histogram[j] for j > i). These are
   the same per-step numbers the scheduler adds into vLLM's engine-wide
   counters, so sums over adapters equal ``vllm:spec_decode_*``.
+- draft adapters: for each finished adapter request, whether the engine drafted it
+  with the adapter version's paired draft adapter, asked from the engine's
+  workers (``qserve_draft_adapters``, added by ``vllm_patches.draft_lora``)
+  with one ``collective_rpc`` after the request ends, off the request's path.
+  It is the worker's state of that version's draft adapter at that moment
+  (loaded and applied, none stored, or failed to load); an engine without the
+  patch, or without a draft model, answers nothing and nothing is counted.
 - latency: TTFT is vLLM's own ``first_token_latency`` (arrival to first token
   in the API process); ITL is the request's mean gap between generated tokens
   (engine-core timestamps: (last - first token time) / (tokens - 1)); end to
@@ -21,11 +28,16 @@ that vLLM's OpenAI serving layer calls, watches every ``RequestOutput`` of
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+DRAFT_REPORT = "qserve_draft_adapters"  # the worker method vllm_patches.draft_lora adds
 
 
 def spec_summary(histogram: list[int], num_draft_tokens: int) -> dict[str, Any]:
@@ -71,6 +83,8 @@ class ObservedEngine:
         self._metrics = metrics
         self._model = model
         self.active = 0  # generate() calls running now (a merged model is shut down only when 0)
+        self._draft_tasks: set[asyncio.Task] = set()  # draft-adapter look-ups in flight (kept referenced)
+        self._draft_report_failed = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -99,6 +113,8 @@ class ObservedEngine:
             self.active -= 1
             self._metrics.in_flight.labels(*labels).dec()
             self._record(labels, req, status)
+            if lora is not None and req.last is not None:
+                self._spawn_draft_record(labels, lora.lora_int_id)
 
     def _record(self, labels: tuple[str, str], req: _Request, status: str) -> None:
         m = self._metrics
@@ -132,3 +148,27 @@ class ObservedEngine:
             m.ttft.labels(*labels).observe(req.first_token_at - req.started)
             if gen > 1:
                 m.itl.labels(*labels).observe((ended - req.first_token_at) / (gen - 1))
+
+    def _spawn_draft_record(self, labels: tuple[str, str], lora_int_id: int) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the generator was finalized outside the event loop: nothing to ask with
+            return
+        task = loop.create_task(self._record_draft(labels, lora_int_id))
+        self._draft_tasks.add(task)
+        task.add_done_callback(self._draft_tasks.discard)
+
+    async def _record_draft(self, labels: tuple[str, str], lora_int_id: int) -> None:
+        """Count one finished adapter request under ``applied`` = the engine's state of its draft adapter."""
+        try:
+            reports = await self._engine.collective_rpc(DRAFT_REPORT)
+        except Exception as e:  # noqa: BLE001 (an engine without the patch, or one shutting down: count nothing)
+            if not self._draft_report_failed:
+                self._draft_report_failed = True
+                log.info("draft adapter state not available from the engine (%s); not counted", e)
+            return
+        report = next((r for r in reports or () if r), None)
+        if report is None:  # no draft model, or the draft is not adapted
+            return
+        applied = report["status"].get(str(lora_int_id)) == "applied"
+        self._metrics.draft_adapter_requests.labels(*labels, "true" if applied else "false").inc()

@@ -21,12 +21,16 @@ docs/upstream/.
 - ``spec_logits``: ``min_p`` and ``logit_bias`` were refused (400) with
   speculation on; the rejection sampler now applies them to the target's
   distribution at every draft position, as the plain sampler does.
+- ``draft_lora``: an adapter's paired draft adapter (``draft/`` in its
+  version folder) was never applied: the draft model ran unadapted for
+  every request; it now has its own LoRA manager and per-step mapping.
 
 To run an engine without them (to reproduce a fault), start it with
 ``VLLM_PLUGINS=bitsandbytes`` in the environment: vLLM then loads only the
 bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
-to a comma-separated subset of ``abort_metrics,chat_top_logprobs,cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits``
+to a comma-separated subset of
+``abort_metrics,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,seeded_drafts,spec_logits``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -41,13 +45,22 @@ from server.vllm_patches import (
     chat_top_logprobs,
     cpu_kernels,
     cpu_lora_index,
+    draft_lora,
     seeded_drafts,
     spec_logits,
 )
 
 log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
-PATCHES = ("abort_metrics", "chat_top_logprobs", "cpu_kernels", "cpu_lora_index", "seeded_drafts", "spec_logits")
+PATCHES = (
+    "abort_metrics",
+    "chat_top_logprobs",
+    "cpu_kernels",
+    "cpu_lora_index",
+    "draft_lora",
+    "seeded_drafts",
+    "spec_logits",
+)
 
 
 def apply() -> None:
@@ -74,3 +87,5 @@ def apply() -> None:
         chat_top_logprobs.patch()
     if "spec_logits" in wanted:
         spec_logits.patch()
+    if "draft_lora" in wanted:
+        draft_lora.patch()
