@@ -1,6 +1,6 @@
 """What each speculation guard costs: tokens/s with and without it, side by side in one run.
 
-The guards are the start-up patches in server/vllm_patches/ (each can be left
+The guards are the start-up patches in server/engine/vllm_patches/ (each can be left
 out with ``QSERVE_VLLM_PATCHES``). Four servers run one after another on the
 same prompts: speculation with every patch, speculation without
 ``seeded_drafts``, speculation without ``cpu_kernels``, and no speculation

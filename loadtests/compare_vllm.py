@@ -6,7 +6,7 @@ Three servers run at once on 127.0.0.1 with the same engine settings
 (``server.engine.build.vllm_argv``): ours (speculation on), vLLM's own
 ``vllm.entrypoints.openai.api_server`` (speculation on, the shipped adapters via
 ``--lora-modules``), and ours with ``--no-speculation``. vLLM's server loads our
-general plugin (``server.vllm_patches``, an entry point in the venv) too, so the
+general plugin (``server.engine.vllm_patches``, an entry point in the venv) too, so the
 engines are identical; only the HTTP layer differs. Each concurrency level is
 sent to the three in turn, in a rotated order on every repeat, with the same
 seeded jobs, so machine contention (2 shared cores) hits all alike.

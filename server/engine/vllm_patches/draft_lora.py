@@ -26,7 +26,7 @@ Fix, in the worker process:
 - ``DraftModelProposer.propose`` gets a :class:`StepPlan` (adapter id per
   request, target query tokens per request), and a forward pre-hook on the
   draft sets the mapping of each pass from its token count
-  (``server/vllm_patches/draft_lora_mapping.py``); any other count (dummy and
+  (``server/engine/vllm_patches/draft_lora_mapping.py``); any other count (dummy and
   profile runs, or a shape this code does not know) gets the all-zero mapping:
   the plain draft, never an engine error;
 - ``remove_lora`` also removes the draft side.
@@ -48,7 +48,7 @@ import os
 
 import numpy as np
 
-from server.vllm_patches.draft_lora_mapping import StepPlan, zero_index
+from server.engine.vllm_patches.draft_lora_mapping import StepPlan, zero_index
 
 log = logging.getLogger("vllm.qserve.draft_lora")  # under vLLM's "vllm" logger: its handler and level
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import os
 
-from server.vllm_patches import (
+from server.engine.vllm_patches import (
     abort_metrics,
     chat_top_logprobs,
     cpu_kernels,
