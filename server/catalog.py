@@ -66,11 +66,12 @@ class ModelCatalog:
     def kind_of(self, model_id: str | None) -> ModelKind | None:
         """The kind of ``model_id`` (a missing or empty id is the base, as in vLLM), or None if unknown.
 
-        A merged id counts while its merge or restore job holds it, before its engine serves.
+        A merged id counts in every state: while its merge or restore job builds it, while it serves,
+        and while it is down (requests then get 503 saying why).
         """
         if not model_id or model_id == self.base_id:
             return ModelKind.BASE
-        if self.merges is not None and self.merges.id_in_use(model_id):
+        if self.merges is not None and self.merges.has(model_id):
             return ModelKind.MERGED
         if self.handlers is not None and model_id in self._serving_models.lora_requests:
             return ModelKind.ADAPTER
@@ -153,10 +154,9 @@ class ModelCatalog:
             BadRequest: bad syntax, the base model's name, or a merged model's id (or one being merged).
         """
         self.check_syntax(name, "adapter name", "name")
-        kind = self.kind_of(name)
-        if kind is ModelKind.BASE:
+        if name == self.base_id:
             raise BadRequest(f"adapter name {name!r} is the base model's name; choose another", param="name")
-        if kind is ModelKind.MERGED:
+        if self._held_by_merge(name):
             raise BadRequest(
                 f"{name!r} is a merged model's id (or one being merged); choose another name or delete the merged "
                 f"model with DELETE /v1/models/{name}",
@@ -171,18 +171,22 @@ class ModelCatalog:
             Conflict: a merged model or a running merge holds it.
         """
         self.check_syntax(model_id, "model id", "model")
-        kind = self.kind_of(model_id)
-        if kind is ModelKind.BASE or kind is ModelKind.ADAPTER or self._is_stored_adapter(model_id):
+        if self.kind_of(model_id) in (ModelKind.BASE, ModelKind.ADAPTER) or self._is_stored_adapter(model_id):
             raise BadRequest(
                 f"model id {model_id!r} is already the base model's or an adapter's name; choose another 'model'",
                 param="model",
             )
-        if kind is ModelKind.MERGED:
+        if self._held_by_merge(model_id):
             raise Conflict(
                 f"model id {model_id!r} is already a merged model or being merged; delete it with "
                 f"DELETE /v1/models/{model_id} or choose another 'model'",
                 param="model",
             )
+
+    def _held_by_merge(self, model_id: str) -> bool:
+        """A merged model serves ``model_id`` or a job builds or restores it. A down merged model's id is
+        not held: its folder on disk is what guards a new merge of it (``server/merge/refusals.py``)."""
+        return self.merges is not None and self.merges.id_in_use(model_id)
 
     def _is_stored_adapter(self, name: str) -> bool:
         return self.adapters is not None and name in self.adapters.records
