@@ -3,7 +3,7 @@
 For each shipped adapter and each option {add the delta to the NF4-dequantized
 base, to the original bf16} x {serve the bf16 merge as is, re-quantize it to NF4
 as vLLM's in-flight ``--quantization bitsandbytes`` does}, on held-out probe
-prompts (``training.corpus.heldout_prompts``):
+prompts (``prompts.heldout_prompts``):
 
 - the reference p is PEFT's LoRA forward on the NF4-dequantized base
   (bitsandbytes NF4, blocksize 64, double quant: the weights vLLM's NF4 base
@@ -27,13 +27,13 @@ import time
 import torch
 
 from bench.report import argument_parser, publish
+from prompts import heldout_prompts
 from server.merge.checkpoint import read_state
 from server.merge.fidelity import greedy_agreement, mean_kl
 from server.merge.lora import load_lora, merge_lora
 from server.merge.nf4 import MergeBase, base_weights, requantize
 from server.merge.probe import continuation_logits, greedy, model_with
 from server.process import REPO_ROOT
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 ADAPTERS = ("austen", "stdlib-docs")
 
@@ -49,7 +49,7 @@ def main() -> None:
     started = time.time()
     target = REPO_ROOT / "models/target"
     tok = AutoTokenizer.from_pretrained(target)
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.prompts)
+    prompts = heldout_prompts(a.prompts)
     prompt_ids = [tok(p, return_tensors="pt").input_ids for p in prompts]  # [1, P], BOS first
     state = read_state(target)
     nf4_base = base_weights(state, MergeBase.NF4)

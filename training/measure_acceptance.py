@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
+from prompts import heldout_prompts
 
 
 def summarize(outputs) -> dict:
@@ -55,7 +55,6 @@ def main() -> None:
     ap.add_argument("--quantization", choices=["none", "nf4"], default="none")
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
     ap.add_argument("--draft-sample-method", choices=["probabilistic", "greedy"], default="probabilistic")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -81,7 +80,7 @@ def main() -> None:
         seed=0,
         **kwargs,
     )
-    prompts = heldout_prompts(load_splits(args.corpora), args.prompts)
+    prompts = heldout_prompts(args.prompts)
     result = {
         "target": args.target,
         "draft": args.draft,
@@ -90,7 +89,7 @@ def main() -> None:
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "command": "python -m training.measure_acceptance "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "corpora"),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
     }
     for temperature in (0.0, 1.0):
         started = time.time()
