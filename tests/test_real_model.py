@@ -53,3 +53,14 @@ def test_a_corrupted_gguf_is_refused_with_the_fix(tmp_path: Path):
     with pytest.raises(RealModelError):
         convert(out, gguf=bad)
     assert not out.exists()
+
+
+def test_a_missing_package_is_named_with_the_fix(monkeypatch):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(RealModelError, match=f"{PACKAGE} is not installed.*bash scripts/install.sh"):
+        find_gguf()
