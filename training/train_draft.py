@@ -2,10 +2,10 @@
 
 Three resumable stages in ``--run`` (git-ignored ``runs/``):
 
-1. ``answers.pt``: the target answers the training prompts (``prompts/``: chat, python-docs and style
+1. ``answers-*.pt``: the target answers the training prompts (``prompts/``: chat, python-docs and style
    sets, minus the first ``--eval`` of each, kept for evaluation), once greedily and ``--samples``
    times sampled at temperature 1;
-2. ``teacher.pt``: the target's next-token distribution at every answer position, kept as its top
+2. ``teacher-<samples>.pt``: the target's next-token distribution at every answer position, kept as its top
    ``--topk`` log-probabilities plus the tail mass (one bucket), so the target runs once;
 3. training: the draft (same tokenizer; hidden 256, 4 layers, 4 heads x 64, tied embedding
    initialised from the target's by PCA) minimises ``KL(p || q) + w * TV(p, q)`` over those buckets.
@@ -47,7 +47,7 @@ def prompt_sets(n_eval: int, n_train: int | None = None) -> tuple[list[str], lis
 
 @torch.no_grad()
 def answer(
-    target, tok, questions: list[str], sample: bool, max_new: int, batch: int = 8
+    target, tok, questions: list[str], sample: bool, max_new: int, batch: int = 16
 ) -> list[tuple[list[int], int]]:
     """The target's chat answer to each question: (prompt + answer token ids ending at EOS, prompt length)."""
     tok.padding_side = "left"
@@ -197,17 +197,16 @@ def main() -> None:
     target = AutoModelForCausalLM.from_pretrained(a.target, dtype=torch.float32).eval()
     train_q, eval_q = prompt_sets(a.eval, a.train_prompts)
 
-    def make_answers():
-        data = {
-            "eval": answer(target, tok, eval_q, False, a.max_new),
-            "train": answer(target, tok, train_q, False, a.max_new),
-        }
-        for _ in range(a.samples):
-            data["train"] += answer(target, tok, train_q, True, a.max_new)
-        return data
-
-    data = cached(a.run / "answers.pt", make_answers)
-    teach = cached(a.run / "teacher.pt", lambda: {k: teacher_buckets(target, v, a.topk) for k, v in data.items()})
+    # One cache file per part, so a rerun with more samples keeps what was generated.
+    data = {"eval": cached(a.run / "answers-eval.pt", lambda: answer(target, tok, eval_q, False, a.max_new))}
+    data["train"] = cached(a.run / "answers-greedy.pt", lambda: answer(target, tok, train_q, False, a.max_new))
+    for i in range(a.samples):
+        data["train"] = data["train"] + cached(
+            a.run / f"answers-sample{i}.pt", lambda: answer(target, tok, train_q, True, a.max_new)
+        )
+    teach = cached(
+        a.run / f"teacher-{a.samples}.pt", lambda: {k: teacher_buckets(target, v, a.topk) for k, v in data.items()}
+    )
     draft = build_draft(target, a.hidden, a.layers, a.heads, a.intermediate)
     opt = torch.optim.AdamW(draft.parameters(), lr=a.lr, weight_decay=0.0)
     ckpt, start = a.run / "checkpoint.pt", 0
