@@ -243,7 +243,7 @@ def main() -> None:
         log.write(json.dumps(record) + "\n")
         log.flush()
         print(json.dumps(record), flush=True)
-    draft.save_pretrained(a.run / "model")
+    draft.to(torch.bfloat16).save_pretrained(a.run / "model")  # served bf16 or NF4, like the demo models
     tok.save_pretrained(a.run / "model")
     (a.run / "model" / "draft.json").write_text(json.dumps(vars(a) | {"parameters": n_params}, default=str, indent=2))
 
