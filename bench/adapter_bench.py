@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 
 from bench.report import argument_parser, publish
+from prompts import heldout_prompts
 from testing.process import REPO_ROOT, start_server
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 SHIPPED = ("austen", "stdlib-docs")
 
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--uploads", type=int, default=5, help="fresh uploads timed for upload-to-servable")
     a = ap.parse_args()
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
+    prompts = heldout_prompts(a.requests)
     import tempfile
 
     store = tempfile.mkdtemp(prefix="qserve-bench-store-")

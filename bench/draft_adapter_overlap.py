@@ -31,8 +31,7 @@ from server.merge.weights.nf4 import base_weights
 from server.merge.weights.probe import model_with
 from server.precision import Precision
 from testing.process import REPO_ROOT
-from training.corpus import DEFAULT_CORPORA
-from training.train_adapter import domain_text
+from training.train_adapter import heldout_texts
 from training.train_lm import encode
 
 DOMAINS = {"austen": "austen", "stdlib-docs": "stdlib"}
@@ -66,7 +65,7 @@ def main() -> None:
     p_base_model, q_plain_model = model_with(target, t_nf4), model_with(draft, d_nf4)
     rows = []
     for name, domain in DOMAINS.items():
-        x = windows(encode(tok, domain_text(domain, DEFAULT_CORPORA)[1]), a.windows, a.seq)  # [n, seq]
+        x = windows(encode(tok, heldout_texts(domain)), a.windows, a.seq)  # [n, seq]
         p_base, q_plain = logits(p_base_model, x), logits(q_plain_model, x)
         p_adapt = logits(model_with(target, t_nf4, REPO_ROOT / "adapters" / name), x)
         q_adapt = logits(model_with(draft, d_nf4, REPO_ROOT / "adapters" / name / "draft"), x)

@@ -21,8 +21,8 @@ import httpx
 
 from bench.report import argument_parser, publish
 from bench.serving_bench import LOGS, run_load, spec_counters
+from prompts import heldout_prompts
 from testing.process import start_server
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 ALL = "cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits"
 SERVERS = {
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=4)
     a = ap.parse_args()
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
+    prompts = heldout_prompts(a.requests)
     table: dict[str, dict[str, str]] = {w: {} for w in WORKLOADS}
     for name, (args, patches) in SERVERS.items():
         slug = name.replace(", ", "-").replace(" ", "_")

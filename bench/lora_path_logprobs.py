@@ -26,9 +26,9 @@ import httpx
 
 from bench.merge_serving import merge
 from bench.report import argument_parser, publish
+from prompts import heldout_prompts
 from server.merge.weights.lora import write_zero_adapter
 from testing.process import REPO_ROOT, start_server
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")
 SERVERS = {"--enable-lora": [], "--no-enable-lora": ["--no-enable-lora"]}
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=16)
     a = ap.parse_args()
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
+    prompts = heldout_prompts(a.requests)
     started = time.time()
     runs = {}
     for name, args in SERVERS.items():

@@ -3,7 +3,7 @@
 For each shipped adapter and each option {add the delta to the NF4-dequantized
 base, to the original bf16} x {serve the bf16 merge as is, re-quantize it to NF4
 as vLLM's in-flight ``--quantization bitsandbytes`` does}, on held-out probe
-prompts (``training.corpus.heldout_prompts``):
+prompts (``prompts.heldout_prompts``):
 
 - the reference p is PEFT's LoRA forward on the NF4-dequantized base
   (bitsandbytes NF4, blocksize 64, double quant: the weights vLLM's NF4 base
@@ -27,6 +27,7 @@ import time
 import torch
 
 from bench.report import argument_parser, publish
+from prompts import heldout_prompts
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_kl
 from server.merge.weights.lora import load_lora, merge_lora
@@ -34,7 +35,6 @@ from server.merge.weights.nf4 import base_weights, requantize
 from server.merge.weights.probe import continuation_logits, greedy, model_with
 from server.precision import Precision
 from testing.process import REPO_ROOT
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 ADAPTERS = ("austen", "stdlib-docs")
 
@@ -50,7 +50,7 @@ def main() -> None:
     started = time.time()
     target = REPO_ROOT / "models/target"
     tok = AutoTokenizer.from_pretrained(target)
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.prompts)
+    prompts = heldout_prompts(a.prompts)
     prompt_ids = [tok(p, return_tensors="pt").input_ids for p in prompts]  # [1, P], BOS first
     state = read_state(target)
     nf4_base = base_weights(state, Precision.NF4)

@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 
 from bench.report import argument_parser, publish
+from prompts import heldout_prompts
 from testing.process import start_server
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")
 OPTIONS = {  # label -> merge request body
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     a = ap.parse_args()
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
+    prompts = heldout_prompts(a.requests)
     work = Path(tempfile.mkdtemp(prefix="qserve-merge-bench-"))
     env = {"QSERVE_ADAPTER_STORE_DIR": str(work / "store"), "QSERVE_MERGED_MODELS_DIR": str(work / "merged")}
     proc = start_server(["--max-merged-models", str(len(OPTIONS))], LOGS / "merge-serving.log", env=env)

@@ -28,8 +28,8 @@ import httpx
 
 from bench.report import argument_parser, publish
 from bench.weight_memory import weight_bytes
+from prompts import heldout_prompts
 from testing.process import REPO_ROOT, start_server
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 LOGS = Path("/tmp/qserve-bench-logs")
 
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     a = ap.parse_args()
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), a.requests)
+    prompts = heldout_prompts(a.requests)
     k = a.k
     spec = measure("spec-on", ["--num-speculative-tokens", str(k)], "demo-target", prompts, a.max_tokens, (1, 8))
     plain = measure("spec-off", ["--no-speculation"], "demo-target", prompts, a.max_tokens, (1, 8))

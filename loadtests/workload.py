@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from training.corpus import DEFAULT_CORPORA, load_splits
+import prompts
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def zipf_weights(n: int, s: float) -> list[float]:
 
 def corpus_words() -> list[list[str]]:
     """Held-out text of each base corpus (never trained on), as word lists, one per corpus."""
-    return [s.heldout.split() for s in load_splits(DEFAULT_CORPORA)]
+    return prompts.corpus_words()
 
 
 def build_jobs(mix: Mix, n: int, seed: int = 0, words: list[list[str]] | None = None) -> list[Job]:

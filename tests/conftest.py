@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from prompts import heldout_prompts
 from testing.process import ServerProcess, start_server
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 # Server logs of this test run: its own folder, so two runs on one machine never write over each
 # other's logs (tests read them back); QSERVE_TEST_LOGS names another folder.
@@ -61,8 +61,8 @@ def client(base_url: str):
 
 @pytest.fixture(scope="session")
 def prompts() -> list[str]:
-    """Held-out prompts (never trained on) from the shared corpora."""
-    return heldout_prompts(load_splits(DEFAULT_CORPORA), 24)
+    """Held-out prompts (never trained on), stored in prompts/heldout/."""
+    return heldout_prompts(24)
 
 
 # --- the hardened server: keys and small limits (tests/test_auth_limits.py, tests/test_fuzz.py) ---

@@ -1,15 +1,14 @@
 """Corpus loading and the train / held-out split shared by every training script.
 
-The texts live in ``../shared/corpora`` (public-domain Project Gutenberg
-editions). They are never copied into the repository.
+The texts (public-domain Project Gutenberg editions) live outside the repository, in the folder
+each training script is given with ``--corpora DIR``; only their held-out parts are copied into
+``prompts/heldout/`` (``training.extract_heldout``), which is what tests and benchmarks read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-DEFAULT_CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
 
 # The general base model and its draft learn from these; Austen is kept out so
 # that the style adapter has something to shift (see the corpora README).
@@ -45,7 +44,7 @@ def split_text(name: str, text: str, heldout_fraction: float = HELDOUT_FRACTION)
     return Split(name=name, train=text[:cut], heldout=text[cut:])
 
 
-def load_splits(corpora_dir: Path = DEFAULT_CORPORA, files: tuple[str, ...] = BASE_FILES) -> list[Split]:
+def load_splits(corpora_dir: Path, files: tuple[str, ...] = BASE_FILES) -> list[Split]:
     """Read each corpus file and split it into train and held-out text.
 
     Raises:
@@ -55,7 +54,9 @@ def load_splits(corpora_dir: Path = DEFAULT_CORPORA, files: tuple[str, ...] = BA
     for name in files:
         path = corpora_dir / name
         if not path.is_file():
-            raise FileNotFoundError(f"corpus file {path} not found; pass --corpora DIR (the shared/corpora folder)")
+            raise FileNotFoundError(
+                f"corpus file {path} not found; pass --corpora DIR (the folder of the corpus texts)"
+            )
         splits.append(split_text(name, path.read_text(encoding="utf-8")))
     return splits
 

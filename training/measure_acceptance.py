@@ -4,7 +4,10 @@ Usage: python -m training.measure_acceptance --quantization none --out models/dr
 
 Runs vLLM's offline engine with draft-model speculative decoding on held-out
 prompts (never trained on) at temperature 0 and 1 and sums each request's
-speculative-decoding metrics (``CompletionOutput.spec_decode_metrics``):
+speculative-decoding metrics (``CompletionOutput.spec_decode_metrics``). With
+``--prompt-set chat`` (an instruct pair such as SmolLM2 and ``training/train_draft.py``'s
+draft) the prompts are the first ``--prompts`` chat prompts, sent through the chat template;
+train_draft holds out the first 8 of each set by default.
 
 - acceptance rate = accepted draft tokens / proposed draft tokens;
 - mean acceptance length = 1 + accepted / verification steps (tokens emitted
@@ -19,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
+from prompts import chat_prompts, heldout_prompts
 
 
 def summarize(outputs) -> dict:
@@ -54,8 +57,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--quantization", choices=["none", "nf4"], default="none")
     ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument(
+        "--prompt-set",
+        choices=["heldout", "chat"],
+        default="heldout",
+        help="held-out corpus passages (completions, ignore_eos) or chat prompts (chat template, stop at EOS)",
+    )
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
     ap.add_argument("--draft-sample-method", choices=["probabilistic", "greedy"], default="probabilistic")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -81,7 +89,8 @@ def main() -> None:
         seed=0,
         **kwargs,
     )
-    prompts = heldout_prompts(load_splits(args.corpora), args.prompts)
+    chat = args.prompt_set == "chat"
+    prompts = chat_prompts(args.prompts) if chat else heldout_prompts(args.prompts)
     result = {
         "target": args.target,
         "draft": args.draft,
@@ -90,13 +99,15 @@ def main() -> None:
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "command": "python -m training.measure_acceptance "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "corpora"),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
     }
     for temperature in (0.0, 1.0):
         started = time.time()
-        outs = llm.generate(
-            prompts, SamplingParams(temperature=temperature, max_tokens=args.max_tokens, ignore_eos=True)
-        )
+        params = SamplingParams(temperature=temperature, max_tokens=args.max_tokens, ignore_eos=not chat)
+        if chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outs = llm.generate(prompts, params)
         result[f"temperature_{temperature:g}"] = summarize(outs) | {"seconds": round(time.time() - started, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from training.corpus import DEFAULT_CORPORA, load_splits
+from training.corpus import load_splits
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 VOCAB_SIZE = 4096
@@ -69,7 +69,7 @@ def save_hf(tok: Tokenizer, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
+    ap.add_argument("--corpora", type=Path, required=True, help="the folder of the corpus texts")
     ap.add_argument("--out", type=Path, default=Path("models/tokenizer"))
     ap.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = ap.parse_args()

@@ -36,21 +36,38 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+import prompts
 from server.peft import PROJECTIONS
-from training.corpus import DEFAULT_CORPORA, load_splits
+from training.corpus import load_splits
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 from training.train_lm import SEED, batch_at, encode, heldout_loss
 
 ALL_MODULES = list(PROJECTIONS)
 
 
-def domain_text(domain: str, corpora: Path) -> tuple[list[str], list[str], str]:
-    """(train texts, held-out texts, description) of ``domain``."""
+def domain_text(domain: str, corpora: Path | None) -> tuple[list[str], list[str], str]:
+    """(train texts, held-out texts, description) of ``domain``; ``corpora`` is the corpus folder (austen only).
+
+    Raises:
+        ValueError: ``austen`` without a corpus folder.
+    """
     if domain == "austen":
+        if corpora is None:
+            raise ValueError("the austen domain trains on the corpus text: pass --corpora DIR")
         s = load_splits(corpora, ("austen_pride_and_prejudice.txt",))[0]
         return [s.train], [s.heldout], "Pride and Prejudice, J. Austen (../shared/corpora; last 2% held out)"
     train, heldout = split_docstrings(stdlib_docstrings())
     return train, heldout, "Python standard library docstrings, extracted with ast (every 20th held out)"
+
+
+def heldout_texts(domain: str) -> list[str]:
+    """The held-out texts ``domain_text(domain, corpora)`` returns, read from the repository (no corpus folder).
+
+    Austen's comes from ``prompts/heldout/``, the stdlib docstrings from this Python's own library.
+    """
+    if domain == "austen":
+        return [prompts.heldout_text("austen_pride_and_prejudice.txt")]
+    return split_docstrings(stdlib_docstrings())[1]
 
 
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
@@ -102,9 +119,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
+    ap.add_argument("--corpora", type=Path, help="the folder of the corpus texts (needed by --domain austen)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.domain == "austen" and args.corpora is None:
+        ap.error("--domain austen trains on Pride and Prejudice: pass --corpora DIR (the corpora folder)")
 
     torch.manual_seed(SEED)
     torch.set_num_threads(args.threads)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from training.corpus import BASE_FILES, DEFAULT_CORPORA, load_splits
+from training.corpus import BASE_FILES, load_splits
 
 SEED = 1234
 
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, default=Path("models/tokenizer"))
     ap.add_argument("--teacher", type=Path, help="target model folder (draft distillation)")
-    ap.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA)
+    ap.add_argument("--corpora", type=Path, required=True, help="the folder of the corpus texts")
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 
+from prompts import heldout_prompts
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_kl
 from server.merge.weights.lora import load_lora, merge_lora
@@ -21,7 +22,6 @@ from server.merge.weights.nf4 import base_weights, requantize
 from server.merge.weights.probe import continuation_logits, greedy, model_with
 from server.precision import Precision
 from testing.process import REPO_ROOT
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 
 TOKENS = 16
 BOUNDS = {  # option -> (min greedy agreement, max mean KL nats/token)
@@ -36,7 +36,7 @@ def test_merge_options_meet_their_bounds(adapter):
 
     target = REPO_ROOT / "models/target"
     tok = AutoTokenizer.from_pretrained(target)
-    prompt_ids = [tok(p, return_tensors="pt").input_ids for p in heldout_prompts(load_splits(DEFAULT_CORPORA), 4)]
+    prompt_ids = [tok(p, return_tensors="pt").input_ids for p in heldout_prompts(4)]
     state = read_state(target)
     lora = load_lora(REPO_ROOT / "adapters" / adapter)
     ref_model = model_with(target, base_weights(state, Precision.NF4), REPO_ROOT / "adapters" / adapter)

@@ -1,0 +1,71 @@
+"""The prompt sets that live in the repository: what tests, benchmarks and load tests send.
+
+- ``heldout/<corpus>.txt``: the held-out 2% of each corpus (public-domain Project Gutenberg
+  editions), copied once by ``training.extract_heldout``; never trained on.
+- ``chat.txt``, ``python_docs.txt``, ``style.txt``: prompts for an instruct model, one a line,
+  written for this project (see README.md here for sources and licences).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.corpus import BASE_FILES, Split
+from training.corpus import heldout_prompts as _heldout_prompts
+
+PROMPTS_DIR = Path(__file__).resolve().parent
+HELDOUT_DIR = PROMPTS_DIR / "heldout"
+DOMAINS = {"chat": "chat.txt", "python-docs": "python_docs.txt", "style": "style.txt"}
+
+
+def heldout_text(corpus: str) -> str:
+    """Held-out text of ``corpus`` (a corpus file name, e.g. ``"melville_moby_dick.txt"``), as split.
+
+    Raises:
+        FileNotFoundError: no held-out text of that corpus is stored, naming the folder.
+    """
+    path = HELDOUT_DIR / corpus
+    if not path.is_file():
+        known = sorted(p.name for p in HELDOUT_DIR.glob("*.txt"))
+        raise FileNotFoundError(f"no held-out text {corpus!r} in {HELDOUT_DIR}; stored: {known}")
+    return path.read_text(encoding="utf-8")
+
+
+def heldout_splits(files: tuple[str, ...] = BASE_FILES) -> list[Split]:
+    """The held-out part of each base corpus as ``Split``s (``train`` empty: it is not stored)."""
+    return [Split(name=name, train="", heldout=heldout_text(name)) for name in files]
+
+
+def heldout_prompts(n: int, words: int = 12) -> list[str]:
+    """``n`` prompts of ``words`` words from the base corpora's held-out text, round-robin.
+
+    The same list, in the same order, as ``training.corpus.heldout_prompts(load_splits(corpora), n)``
+    on the full corpora; the first ``m`` of ``n`` prompts are the ``m`` prompts.
+    """
+    return _heldout_prompts(heldout_splits(), n, words)
+
+
+def corpus_words() -> list[list[str]]:
+    """Held-out text of each base corpus (never trained on) as a word list, one list per corpus."""
+    return [s.heldout.split() for s in heldout_splits()]
+
+
+def domain_prompts(domain: str, n: int | None = None) -> list[str]:
+    """The first ``n`` (all when None) prompts of ``domain``: ``"chat"``, ``"python-docs"`` or ``"style"``.
+
+    Raises:
+        ValueError: an unknown domain, or ``n`` above the number stored (naming it).
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown prompt domain {domain!r}; known: {sorted(DOMAINS)}")
+    lines = (PROMPTS_DIR / DOMAINS[domain]).read_text(encoding="utf-8").splitlines()
+    if n is None:
+        return lines
+    if not 0 <= n <= len(lines):
+        raise ValueError(f"{domain} holds {len(lines)} prompts, asked for {n}")
+    return lines[:n]
+
+
+def chat_prompts(n: int | None = None) -> list[str]:
+    """The first ``n`` (all 64 when None) chat prompts for an instruct model."""
+    return domain_prompts("chat", n)

@@ -1,0 +1,31 @@
+"""The draft distillation loss (training/train_draft.py): bucketed KL and acceptance sum min(p, q) = 1 - TV."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.train_draft import bucket_logq, lk_loss
+
+
+def test_buckets_hold_the_top_k_and_the_tail_mass():
+    logits = torch.randn(5, 50)
+    idx = logits.topk(4, -1).indices.int()
+    q = bucket_logq(logits, idx).exp()  # [5, 5]
+    full = F.softmax(logits, -1)
+    assert torch.allclose(q[:, :4], full.gather(-1, idx.long()), atol=1e-6)
+    assert torch.allclose(q.sum(-1), torch.ones(5), atol=1e-5)
+
+
+def test_a_draft_equal_to_the_teacher_is_accepted_always_and_a_different_one_pays_its_tv():
+    logits = torch.randn(6, 40)
+    idx = logits.topk(8, -1).indices.int()
+    logp = bucket_logq(logits, idx)
+    loss, stats = lk_loss(logp, logits, idx, tv_weight=1.0)
+    assert abs(stats["kl"]) < 1e-5 and abs(stats["accept"] - 1) < 1e-5 and stats["argmax"] == 1.0
+    other = torch.randn(6, 40)
+    loss, stats = lk_loss(logp, other, idx, tv_weight=1.0)
+    p, q = logp.exp(), bucket_logq(other, idx).exp()
+    tv = 0.5 * (p - q).abs().sum(-1).mean().item()
+    assert abs((1 - stats["accept"]) - tv) < 1e-5
+    assert abs(loss.item() - (stats["kl"] + tv)) < 1e-5
