@@ -99,8 +99,8 @@ class ServerMetrics:
         )
         self.speculation_k = Gauge(
             f"{PREFIX}_speculation_k",
-            "Draft tokens per step the engine's speculation policy gave the adapter's requests in the last step "
-            "they ran (vllm_patches.adaptive_k; the fixed policy: num_speculative_tokens).",
+            "Draft tokens per step the engine's speculation policy gives the adapter's requests: the mean over "
+            "their last ~32 request-steps (vllm_patches.adaptive_k; the fixed policy: num_speculative_tokens).",
             ma,
             registry=r,
         )
@@ -186,11 +186,11 @@ class ServerMetrics:
             self.merge_jobs.labels(status)
 
     def set_speculation(self, model: str, report: dict) -> None:
-        """Export the engine's speculation report (``vllm_patches.adaptive_k``): per adapter key, ``k`` and
+        """Export the engine's speculation report (``vllm_patches.adaptive_k``): per adapter key, ``mean_k`` and
         ``acceptance``; the key ``(base)`` is the base model."""
         for key, entry in report.get("adapters", {}).items():
             labels = (model, self.adapter_label(None if key == BASE_LABEL else key))
-            self.speculation_k.labels(*labels).set(entry["k"])
+            self.speculation_k.labels(*labels).set(entry["mean_k"])
             self.speculation_acceptance.labels(*labels).set(entry["acceptance"])
 
     MERGED_KINDS = {"weight": "weight_bytes", "kv_cache": "kv_cache_bytes", "engine_rss": "engine_rss_bytes",

@@ -114,3 +114,16 @@ def test_a_held_adapter_is_probed_and_recovers():
         policy.observe("far", 2, 2)
     assert policy.plan(batch)[-1] >= 1
     assert policy.report()["adapters"]["far"]["acceptance"] > 0.9
+
+
+def test_the_report_gives_a_mean_k_and_counts_mixed_steps():
+    policy = AdaptivePolicy(k_max=4, probe_every=1000)
+    for _ in range(40):
+        policy.observe("far", 1, 0)
+    batch = [("(base)", False)] * 8 + [("far", False)] * 8
+    for _ in range(10):
+        assert policy.plan(batch)[-1] == 0
+    report = policy.report()
+    assert report["mixed_steps"] == 10  # the base drafts (prior 0.6), "far" does not
+    assert report["adapters"]["far"]["mean_k"] == 0.0
+    assert report["adapters"]["(base)"]["mean_k"] == report["adapters"]["(base)"]["k"] >= 1

@@ -180,6 +180,9 @@ class AdaptivePolicy:
     memory: float = 256.0
     estimates: dict[str, AcceptanceEstimate] = field(default_factory=dict)
     last_k: dict[str, int] = field(default_factory=dict)
+    mean_k: dict[str, float] = field(default_factory=dict)  # k per request-step, exponential mean
+    k_window: float = 32.0  # request-steps the mean of k spans
+    mixed_steps: int = 0  # steps whose requests got different k
     idle_steps: dict[str, int] = field(default_factory=dict)  # steps seen at k = 0 since the last probe
     probes: int = 0
 
@@ -214,6 +217,10 @@ class AdaptivePolicy:
         for (key, pinned), k in by_key.items():
             if not pinned:
                 self.last_k[key] = k
+                mean = self.mean_k.get(key, float(k))
+                self.mean_k[key] = mean + (k - mean) * (1 - (1 - 1 / self.k_window) ** keys[(key, pinned)])
+        if len(set(by_key.values())) > 1:
+            self.mixed_steps += 1
         return [by_key[r] for r in requests]
 
     def observe(self, key: str, drafted: int, accepted: int) -> None:
@@ -221,17 +228,20 @@ class AdaptivePolicy:
         self.estimate(key).observe(drafted, accepted)
 
     def report(self) -> dict:
-        """Per adapter key: ``k`` (drafts its requests got in the last step they ran), ``acceptance``
-        (the estimate), ``trials``; and ``probes`` (how many probe steps were given)."""
+        """Per adapter key: ``k`` (drafts its requests got in the last step they ran), ``mean_k`` (drafts per
+        request-step, exponential mean over ``k_window`` request-steps), ``acceptance`` (the estimate),
+        ``trials``; ``probes`` (probe steps given) and ``mixed_steps`` (steps whose requests got different k)."""
         keys = set(self.estimates) | set(self.last_k)
         return {
             "adapters": {
                 key: {
                     "k": self.last_k.get(key, self.k_max),
+                    "mean_k": self.mean_k.get(key, float(self.last_k.get(key, self.k_max))),
                     "acceptance": self.estimate(key).mean,
                     "trials": self.estimate(key).trials,
                 }
                 for key in sorted(keys)
             },
             "probes": self.probes,
+            "mixed_steps": self.mixed_steps,
         }

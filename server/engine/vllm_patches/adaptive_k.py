@@ -60,6 +60,7 @@ class SchedulerPolicy:
         self.adaptive = adaptive
         self.k_for: dict[str, int] = {}  # request id -> drafts it keeps from this step's proposals
         self.failures = 0
+        self._mixed_logged = False
 
     def plan(self, scheduler, output) -> None:
         """Choose k per scheduled request of ``output`` (a ``SchedulerOutput``) and cap its draft passes."""
@@ -78,6 +79,9 @@ class SchedulerPolicy:
             self._failed(e)
             return
         self.k_for = dict(zip(ids, ks, strict=True))
+        if not self._mixed_logged and len(set(ks)) > 1:
+            self._mixed_logged = True
+            log.info("adaptive_k: first step whose requests draft different k: %s", sorted(ks))
         output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, max(ks))
 
     def cut(self, draft_token_ids) -> None:
@@ -112,7 +116,7 @@ class SchedulerPolicy:
         report = self.policy.report()
         if not self.adaptive:  # fixed: every request drafts k_max
             for entry in report["adapters"].values():
-                entry["k"] = self.policy.k_max
+                entry["k"] = entry["mean_k"] = self.policy.k_max
         return {**report, "policy": ADAPTIVE if self.adaptive else FIXED, "k_max": self.policy.k_max,
                 "failures": self.failures}  # fmt: skip
 
