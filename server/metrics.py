@@ -97,6 +97,20 @@ class ServerMetrics:
             [*ma, "applied"],
             registry=r,
         )
+        self.speculation_k = Gauge(
+            f"{PREFIX}_speculation_k",
+            "Draft tokens per step the engine's speculation policy gives the adapter's requests: the mean over "
+            "their last ~32 request-steps (vllm_patches.adaptive_k; the fixed policy: num_speculative_tokens).",
+            ma,
+            registry=r,
+        )
+        self.speculation_acceptance = Gauge(
+            f"{PREFIX}_speculation_acceptance_estimate",
+            "The engine's running estimate of the adapter's per-token draft acceptance (discounted Beta "
+            "posterior over its verify steps, server/engine/speculation/policy.py).",
+            ma,
+            registry=r,
+        )
         self.accepted_per_pos = Counter(
             f"{PREFIX}_spec_decode_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft position (0 = first proposed token).",
@@ -170,6 +184,14 @@ class ServerMetrics:
         )
         for status in ("succeeded", "failed", "cancelled"):
             self.merge_jobs.labels(status)
+
+    def set_speculation(self, model: str, report: dict) -> None:
+        """Export the engine's speculation report (``vllm_patches.adaptive_k``): per adapter key, ``mean_k`` and
+        ``acceptance``; the key ``(base)`` is the base model."""
+        for key, entry in report.get("adapters", {}).items():
+            labels = (model, self.adapter_label(None if key == BASE_LABEL else key))
+            self.speculation_k.labels(*labels).set(entry["mean_k"])
+            self.speculation_acceptance.labels(*labels).set(entry["acceptance"])
 
     MERGED_KINDS = {"weight": "weight_bytes", "kv_cache": "kv_cache_bytes", "engine_rss": "engine_rss_bytes",
                     "disk": "disk_bytes"}  # fmt: skip

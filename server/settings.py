@@ -49,7 +49,14 @@ class Settings(BaseSettings):
     served_model_name: str = Field("demo-target", description="model id clients send in 'model'")
     draft_model: Path | None = Field(DEMO_DRAFT, description="draft model folder for draft-target speculative decoding")
     speculation: bool = Field(True, description="draft-target speculative decoding on/off")
-    num_speculative_tokens: int = Field(4, ge=1, le=16, description="draft tokens proposed per step (k)")
+    num_speculative_tokens: int = Field(
+        4, ge=1, le=16, description="draft tokens proposed per step (k); with the adaptive policy the most"
+    )
+    speculation_policy: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="fixed: every request drafts num_speculative_tokens each step; adaptive: each request's k "
+        "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size",
+    )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: 4-bit NF4 via bitsandbytes (QLoRA); none: serve the checkpoint dtype"
     )

@@ -72,3 +72,12 @@ def test_parallelism_reaches_vllm_unchanged():
 def test_keys_file_must_exist(tmp_path):
     with pytest.raises(ValueError, match="--api-keys-file"):
         Settings(api_keys_file=tmp_path / "missing.txt")
+
+
+def test_the_speculation_policy_reaches_the_engine_core_as_additional_config():
+    assert Settings().speculation_policy == "fixed"
+    args = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive"]))
+    assert args.additional_config == {"qserve_speculation": {"policy": "adaptive"}}
+    assert "--additional-config" not in vllm_argv(Settings(speculation=False))
+    with pytest.raises(ValidationError, match="'fixed' or 'adaptive'"):
+        Settings(speculation_policy="sometimes")

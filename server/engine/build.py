@@ -58,6 +58,8 @@ def vllm_argv(settings: Settings) -> list[str]:
             # an NF4 target with a draft ("does not support BNB quantization for").
             spec["quantization"] = "bitsandbytes"
         argv += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary"]
+        # Read in the engine core by vllm_patches.adaptive_k (vLLM's channel for plugin config).
+        argv += ["--additional-config", json.dumps({"qserve_speculation": {"policy": settings.speculation_policy}})]
     if settings.enable_lora:
         argv += [
             "--enable-lora",

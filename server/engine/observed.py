@@ -20,6 +20,9 @@ that vLLM's OpenAI serving layer calls, watches every ``RequestOutput`` of
   It is the worker's state of that version's draft adapter at that moment
   (loaded and applied, none stored, or failed to load); an engine without the
   patch, or without a draft model, answers nothing and nothing is counted.
+- speculation: the engine's per-adapter k and acceptance estimate (``qserve_speculation``, an
+  engine-core utility added by ``vllm_patches.adaptive_k``), asked after a request ends (at most
+  every ``SPECULATION_REFRESH_S``) and by :meth:`ObservedEngine.refresh_speculation`.
 - latency: TTFT is vLLM's own ``first_token_latency`` (arrival to first token
   in the API process); ITL is the request's mean gap between generated tokens
   (engine-core timestamps: (last - first token time) / (tokens - 1)); end to
@@ -38,6 +41,8 @@ from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 DRAFT_REPORT = "qserve_draft_adapters"  # the worker method vllm_patches.draft_lora adds
+SPECULATION_REPORT = "qserve_speculation"  # the engine-core utility vllm_patches.adaptive_k adds
+SPECULATION_REFRESH_S = 0.5
 
 
 def spec_summary(histogram: list[int], num_draft_tokens: int) -> dict[str, Any]:
@@ -83,8 +88,10 @@ class ObservedEngine:
         self._metrics = metrics
         self._model = model
         self.active = 0  # generate() calls running now (a merged model is shut down only when 0)
-        self._draft_tasks: set[asyncio.Task] = set()  # draft-adapter look-ups in flight (kept referenced)
+        self._tasks: set[asyncio.Task] = set()  # engine look-ups in flight (kept referenced)
         self._draft_report_failed = False
+        self._speculation_asked = 0.0  # monotonic time of the last speculation look-up
+        self._speculation_failed = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -114,7 +121,10 @@ class ObservedEngine:
             self._metrics.in_flight.labels(*labels).dec()
             self._record(labels, req, status)
             if lora is not None and req.last is not None:
-                self._spawn_draft_record(labels, lora.lora_int_id)
+                self._spawn(self._record_draft(labels, lora.lora_int_id))
+            if time.monotonic() - self._speculation_asked >= SPECULATION_REFRESH_S:
+                self._speculation_asked = time.monotonic()
+                self._spawn(self.refresh_speculation())
 
     def _record(self, labels: tuple[str, str], req: _Request, status: str) -> None:
         m = self._metrics
@@ -149,14 +159,31 @@ class ObservedEngine:
             if gen > 1:
                 m.itl.labels(*labels).observe((ended - req.first_token_at) / (gen - 1))
 
-    def _spawn_draft_record(self, labels: tuple[str, str], lora_int_id: int) -> None:
+    def _spawn(self, coro) -> None:
+        """Run ``coro`` off the request's path (kept referenced until done)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # the generator was finalized outside the event loop: nothing to ask with
+            coro.close()
             return
-        task = loop.create_task(self._record_draft(labels, lora_int_id))
-        self._draft_tasks.add(task)
-        task.add_done_callback(self._draft_tasks.discard)
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def refresh_speculation(self) -> None:
+        """Set ``qserve_speculation_k`` / ``_acceptance_estimate`` from the engine core's speculation report.
+
+        An engine without the patch or without speculation (or one shutting down) sets nothing.
+        """
+        try:
+            report = await self._engine.engine_core.call_utility_async(SPECULATION_REPORT)
+        except Exception as e:  # noqa: BLE001 (no such utility, or the engine is gone: nothing to export)
+            if not self._speculation_failed:
+                self._speculation_failed = True
+                log.info("speculation state not available from the engine (%s); not exported", e)
+            return
+        if report:
+            self._metrics.set_speculation(self._model, report)
 
     async def _record_draft(self, labels: tuple[str, str], lora_int_id: int) -> None:
         """Count one finished adapter request under ``applied`` = the engine's state of its draft adapter."""

@@ -14,10 +14,15 @@ Below the acceptance rate where speedup = 1, speculation costs more than it save
 from __future__ import annotations
 
 
+def expected_tokens(a: float, k: int) -> float:
+    """Expected tokens one verify step yields with ``k`` drafts at per-token acceptance ``a`` in [0, 1]:
+    ``(1 - a^(k+1)) / (1 - a)`` (Leviathan et al. 2023, eq. 1); 1.0 at k = 0, k + 1 at a = 1."""
+    return k + 1.0 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)
+
+
 def speedup(a: float, k: int, c: float) -> float:
     """Expected walltime improvement factor (Leviathan et al. 2023, Thm 3.8); ``a`` in [0, 1]."""
-    tokens_per_step = k + 1 if a >= 1.0 else (1 - a ** (k + 1)) / (1 - a)  # eq. 1
-    return tokens_per_step / (k * c + 1)
+    return expected_tokens(a, k) / (k * c + 1)
 
 
 def break_even_acceptance(k: int, c: float) -> float:

@@ -21,6 +21,9 @@ docs/upstream/.
 - ``spec_logits``: ``min_p`` and ``logit_bias`` were refused (400) with
   speculation on; the rejection sampler now applies them to the target's
   distribution at every draft position, as the plain sampler does.
+- ``adaptive_k``: every request drafted the same k at every step; with
+  ``--speculation-policy adaptive`` each request's k is chosen per step from
+  its adapter's acceptance and the batch size (server/engine/speculation/policy.py).
 - ``draft_lora``: an adapter's paired draft adapter (``draft/`` in its
   version folder) was never applied: the draft model ran unadapted for
   every request; it now has its own LoRA manager and per-step mapping.
@@ -30,7 +33,7 @@ To run an engine without them (to reproduce a fault), start it with
 bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
-``abort_metrics,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,seeded_drafts,spec_logits``
+``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,seeded_drafts,spec_logits``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -42,6 +45,7 @@ import os
 
 from server.engine.vllm_patches import (
     abort_metrics,
+    adaptive_k,
     chat_top_logprobs,
     cpu_kernels,
     cpu_lora_index,
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
 PATCHES = (
     "abort_metrics",
+    "adaptive_k",
     "chat_top_logprobs",
     "cpu_kernels",
     "cpu_lora_index",
@@ -89,3 +94,5 @@ def apply() -> None:
         spec_logits.patch()
     if "draft_lora" in wanted:
         draft_lora.patch()
+    if "adaptive_k" in wanted:
+        adaptive_k.patch()

@@ -1,0 +1,247 @@
+"""Adaptive speculation: how many draft tokens each request of a step gets (pure; no vLLM imports).
+
+Model (Leviathan, Kalman and Matias 2023, "Fast Inference from Transformers via Speculative
+Decoding", eq. 1): a request whose drafts are accepted independently with probability ``a`` gets
+``E(a, k) = (1 - a^(k+1)) / (1 - a)`` tokens from a verify step with ``k`` drafts. One engine step
+over a batch of ``B`` requests, request ``i`` drafting ``k_i`` and ``K = max k_i`` (vLLM runs the
+draft ``K`` times for every row and keeps ``k_i``), costs (:class:`CostModel`, linear in tokens):
+
+    T = Tt(n) + Td(n + B) + max(K - 1, 0) Td(B),   n = sum_i (k_i + 1)
+
+``Tt(x) = t0 + t1 x`` is a target forward over ``x`` tokens (``n``: each request's new token and its
+drafts to verify), ``Td(x) = d0 + d1 x`` a draft forward: vLLM's first draft pass takes every target
+query token plus one slot per request (``n + B``, and it runs even at ``K = 0``, to keep the draft's
+KV cache in step), then ``K - 1`` passes of one token per request. :func:`choose_k` maximizes expected
+tokens per unit time ``sum_i E(a_i, k_i) / T`` over ``K`` in ``0..k_max`` and, for each ``K``, over
+``k_i <= K`` by Dinkelbach's method (Dinkelbach 1967, "On nonlinear fractional programming"): for a
+price ``lam`` the best ``k_i`` maximizes ``E(a_i, k) - lam s k`` (``s = t1 + d1``, the cost of one more
+verify token), i.e. keeps draft ``j`` while its marginal yield ``a_i^j`` exceeds ``lam s``; then
+``lam`` <- the resulting rate, until it stops rising.
+
+Acceptance per adapter (:class:`AcceptanceEstimate`): each verify step with ``d`` drafts and ``m``
+accepted is ``m`` successes in ``m + [m < d]`` Bernoulli(a) trials (the first rejection ends the
+step), folded into a Beta posterior whose past is discounted by ``exp(-trials / memory)`` so it
+follows drift; a new adapter starts from the prior. An adapter held at ``k = 0`` yields no data, so
+:class:`AdaptivePolicy` gives it ``probe_k`` drafts every ``probe_every`` steps it is seen at 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from server.engine.speculation.speedup import expected_tokens
+
+BASE_KEY = "(base)"  # the adapter key of requests without an adapter (server.metrics.BASE_LABEL's value)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Step-time model, milliseconds: target forward ``t0 + t1 x``, draft forward ``d0 + d1 x`` over ``x`` tokens.
+
+    Defaults fitted by hand to this repository's demo pair on its 2-core CPU hosts (BENCHMARKS.md,
+    "Load: ... speculation on vs off"): no speculation runs one step in ~31 ms at concurrency 1 and
+    ~38 ms at 16 (t0 30, t1 0.4); the draft's single-token forward is c = 0.372 of the target's
+    (d0 10); speculation at k=4 then predicts 73 ms and 116 ms per step at concurrency 1 and 16
+    against 71 and 113 ms measured (d1 0.1). ``bench/adaptive_spec.py`` refits them from step timings.
+    """
+
+    t0: float = 30.0
+    t1: float = 0.4
+    d0: float = 10.0
+    d1: float = 0.1
+
+    def step_ms(self, batch: int, verify_tokens: int, passes: int) -> float:
+        """Predicted step time (ms) for ``batch`` requests, ``verify_tokens`` = sum(k_i + 1), ``passes`` = K."""
+        n = verify_tokens
+        return (
+            self.t0 + self.t1 * n + self.d0 + self.d1 * (n + batch) + max(passes - 1, 0) * (self.d0 + self.d1 * batch)
+        )
+
+    def plain_step_ms(self, batch: int) -> float:
+        """Predicted step time (ms) of the same batch with no draft model at all (one token per request)."""
+        return self.t0 + self.t1 * batch
+
+
+@dataclass(frozen=True)
+class Group:
+    """Requests of one step that share an acceptance estimate: ``count`` of them at acceptance ``a``.
+
+    ``pinned``: they must draft exactly the maximum k (seeded sampled requests: their realized output
+    depends on how many drafts each step verifies, so it stays that of the fixed policy).
+    """
+
+    a: float
+    count: int
+    pinned: bool = False
+
+
+def _best_k(a: float, limit: int, price: float) -> int:
+    """argmax over k in 0..limit of E(a, k) - price k: drafts whose marginal yield a^j exceeds ``price``."""
+    k = 0
+    while k < limit and a ** (k + 1) > price:
+        k += 1
+    return k
+
+
+def _rate(groups: Sequence[Group], ks: Sequence[int], passes: int, cost: CostModel) -> float:
+    """Expected tokens per ms of a step with ``ks`` drafts per group and ``passes`` draft passes."""
+    batch = sum(g.count for g in groups)
+    tokens = sum(g.count * expected_tokens(g.a, k) for g, k in zip(groups, ks, strict=True))
+    verify = sum(g.count * (k + 1) for g, k in zip(groups, ks, strict=True))
+    return tokens / cost.step_ms(batch, verify, passes)
+
+
+def choose_k(groups: Sequence[Group], k_max: int, cost: CostModel) -> tuple[list[int], float]:
+    """Drafts per group maximizing expected tokens per ms of the step (model in the module doc).
+
+    Args:
+        groups: the step's requests, grouped (each ``a`` in [0, 1], ``count`` >= 1).
+        k_max: the most drafts a request may get (the configured ``num_speculative_tokens``), >= 0.
+        cost: the step-time model.
+
+    Returns:
+        (k per group, in ``groups`` order; the predicted rate in tokens/ms). Ties go to fewer drafts.
+        Empty ``groups``: ([], 0.0).
+
+    Raises:
+        ValueError: ``k_max`` < 0, a count < 1 or an ``a`` outside [0, 1].
+    """
+    if k_max < 0 or any(g.count < 1 or not 0.0 <= g.a <= 1.0 for g in groups):
+        raise ValueError(f"need k_max >= 0, counts >= 1 and a in [0, 1]; got k_max={k_max}, groups={groups}")
+    if not groups:
+        return [], 0.0
+    s = cost.t1 + cost.d1
+    lowest = k_max if any(g.pinned for g in groups) else 0
+    best: tuple[float, list[int]] | None = None
+    for passes in range(lowest, k_max + 1):
+        ks = [passes if g.pinned else 0 for g in groups]
+        lam = _rate(groups, ks, passes, cost)
+        for _ in range(32):  # Dinkelbach on this K: the rate rises strictly until optimal (a few rounds)
+            nxt = [passes if g.pinned else _best_k(g.a, passes, lam * s) for g in groups]
+            r = _rate(groups, nxt, passes, cost)
+            if r <= lam * (1 + 1e-12):
+                break
+            ks, lam = nxt, r
+        lam = _rate(groups, ks, max(ks), cost)  # fewer passes if no group drafts K
+        if best is None or lam > best[0] * (1 + 1e-9):
+            best = (lam, ks)
+    assert best is not None
+    return best[1], best[0]
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Per-token acceptance of one adapter's drafts: a discounted Beta posterior (module doc).
+
+    ``prior_mean`` in (0, 1) and ``prior_strength`` > 0 (pseudo-trials) define the prior; ``memory``
+    (trials) is how fast old evidence fades.
+    """
+
+    prior_mean: float = 0.6
+    prior_strength: float = 4.0
+    memory: float = 256.0
+    successes: float = 0.0
+    failures: float = 0.0
+    trials: int = 0  # undiscounted, for reports
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """Fold in one verify step: ``drafted`` >= 1 drafts of which the first ``accepted`` were accepted."""
+        if drafted <= 0:
+            return
+        accepted = min(max(accepted, 0), drafted)
+        n = accepted + (1 if accepted < drafted else 0)
+        keep = math.exp(-n / self.memory)
+        self.successes = self.successes * keep + accepted
+        self.failures = self.failures * keep + (n - accepted)
+        self.trials += n
+
+    @property
+    def mean(self) -> float:
+        """The posterior mean acceptance, in (0, 1)."""
+        a0 = self.prior_mean * self.prior_strength
+        return (self.successes + a0) / (self.successes + self.failures + self.prior_strength)
+
+
+@dataclass
+class AdaptivePolicy:
+    """The engine's speculation policy across steps: acceptance per adapter, probing, the last k of each.
+
+    ``k_max`` >= 1 drafts at most; ``probe_every`` >= 1 steps at k = 0 before a probe of ``probe_k`` drafts.
+    """
+
+    k_max: int
+    cost: CostModel = field(default_factory=CostModel)
+    probe_every: int = 32
+    probe_k: int = 1
+    prior_mean: float = 0.6
+    prior_strength: float = 4.0
+    memory: float = 256.0
+    estimates: dict[str, AcceptanceEstimate] = field(default_factory=dict)
+    last_k: dict[str, int] = field(default_factory=dict)
+    mean_k: dict[str, float] = field(default_factory=dict)  # k per request-step, exponential mean
+    k_window: float = 32.0  # request-steps the mean of k spans
+    mixed_steps: int = 0  # steps whose requests got different k
+    idle_steps: dict[str, int] = field(default_factory=dict)  # steps seen at k = 0 since the last probe
+    probes: int = 0
+
+    def estimate(self, key: str) -> AcceptanceEstimate:
+        """The estimate of adapter ``key`` (created from the prior on first use)."""
+        est = self.estimates.get(key)
+        if est is None:
+            est = self.estimates[key] = AcceptanceEstimate(self.prior_mean, self.prior_strength, self.memory)
+        return est
+
+    def plan(self, requests: Sequence[tuple[str, bool]]) -> list[int]:
+        """Drafts for each of a step's requests, given as (adapter key, pinned); same order as ``requests``."""
+        keys: dict[tuple[str, bool], int] = {}
+        for key, pinned in requests:
+            keys[(key, pinned)] = keys.get((key, pinned), 0) + 1
+        order = list(keys)
+        groups = [Group(self.estimate(key).mean, n, pinned) for (key, pinned), n in keys.items()]
+        ks, _ = choose_k(groups, self.k_max, self.cost)
+        by_key = dict(zip(order, ks, strict=True))
+        for (key, pinned), k in list(by_key.items()):
+            if pinned:
+                continue
+            if k > 0:
+                self.idle_steps[key] = 0
+                continue
+            idle = self.idle_steps.get(key, 0) + 1
+            if idle >= self.probe_every:
+                by_key[(key, pinned)] = min(self.probe_k, self.k_max)
+                self.probes += 1
+                idle = 0
+            self.idle_steps[key] = idle
+        for (key, pinned), k in by_key.items():
+            if not pinned:
+                self.last_k[key] = k
+                mean = self.mean_k.get(key, float(k))
+                self.mean_k[key] = mean + (k - mean) * (1 - (1 - 1 / self.k_window) ** keys[(key, pinned)])
+        if len(set(by_key.values())) > 1:
+            self.mixed_steps += 1
+        return [by_key[r] for r in requests]
+
+    def observe(self, key: str, drafted: int, accepted: int) -> None:
+        """One verify step of a request of adapter ``key``: ``drafted`` drafts, ``accepted`` of them accepted."""
+        self.estimate(key).observe(drafted, accepted)
+
+    def report(self) -> dict:
+        """Per adapter key: ``k`` (drafts its requests got in the last step they ran), ``mean_k`` (drafts per
+        request-step, exponential mean over ``k_window`` request-steps), ``acceptance`` (the estimate),
+        ``trials``; ``probes`` (probe steps given) and ``mixed_steps`` (steps whose requests got different k)."""
+        keys = set(self.estimates) | set(self.last_k)
+        return {
+            "adapters": {
+                key: {
+                    "k": self.last_k.get(key, self.k_max),
+                    "mean_k": self.mean_k.get(key, float(self.last_k.get(key, self.k_max))),
+                    "acceptance": self.estimate(key).mean,
+                    "trials": self.estimate(key).trials,
+                }
+                for key in sorted(keys)
+            },
+            "probes": self.probes,
+            "mixed_steps": self.mixed_steps,
+        }

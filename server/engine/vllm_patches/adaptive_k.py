@@ -1,0 +1,190 @@
+"""Draft tokens per request chosen each step by the adaptive policy (vLLM drafts a fixed k for everyone).
+
+Why: vLLM 0.32 drafts ``num_speculative_tokens`` for every running request at every step, whatever
+the request's acceptance and the batch size. On the demo pair's CPU hosts that made speculation slower
+than none from concurrency 4 on (BENCHMARKS.md, "Load: ... speculation on vs off"), and an adapter
+drafted by a draft that does not know its domain (acceptance ~0.03) pays k draft tokens per step for
+nothing. vLLM has no per-request k; its Dynamic SD (``num_speculative_tokens_per_batch_size``) picks one
+k per step from the batch size alone, blind to acceptance and adapters.
+
+What the patch does, in the engine-core process (``server/engine/speculation/policy.py`` decides):
+
+- ``Scheduler.schedule`` (``vllm/v1/core/sched/scheduler.py`` ~591): after vLLM schedules the step, the
+  policy picks ``k_i`` for each scheduled request from its adapter's acceptance estimate and the batch
+  size, and the step's ``num_spec_tokens_to_schedule`` (how many draft passes the runner makes, read by
+  ``GPUModelRunner.propose_draft_token_ids`` ~4763, the knob Dynamic SD turns) is capped at ``max k_i``;
+- ``Scheduler.update_draft_token_ids`` (~2550): each request's proposed drafts are cut to its ``k_i``
+  before the scheduler stores them; the next step schedules ``1 + k_i`` tokens for it. Rows with fewer
+  drafts than others are normal in the runner (``_calc_spec_decode_metadata`` takes per-request counts,
+  ~2194-2225; prefill rows have 0) and in the rejection sampler (a row with 0 drafts yields only its new
+  token; a step with no drafts at all is the path ``cpu_kernels`` fixed); the draft probabilities the
+  sampler uses are taken per row as its first ``num_draft`` positions (``_get_spec_decode_draft_probs``),
+  which is what a cut keeps. At ``k = 0`` vLLM still runs the draft's first pass
+  (``llm_base_proposer.py`` ~618) so its KV cache stays in step: a k = 0 step is not free;
+- ``Scheduler.make_spec_decoding_stats`` (~2961, called per request from ``update_from_output`` with the
+  drafts verified and accepted): folds them into the adapter's estimate (``request.lora_request``).
+
+Exactness is untouched: the target verifies whatever is drafted (greedy output is the target's; sampled
+output keeps the speculative-sampling distribution). Requests with a ``seed`` keep the maximum k, so
+their realized output stays what the fixed policy gives (it depends on how many drafts each step
+verifies). A failure in the policy is logged once and that step runs with the fixed k.
+
+Config: ``additional_config["qserve_speculation"]`` (set by ``server/engine/build.py`` from Settings):
+``policy`` (``adaptive`` | ``fixed``; with ``fixed`` acceptance is still estimated, for the metrics). The estimates are readable from the API process with the engine-core utility
+``qserve_speculation`` (``AsyncLLM.engine_core.call_utility_async``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy
+
+log = logging.getLogger("vllm.qserve.adaptive_k")  # under vLLM's "vllm" logger: its handler and level
+CONFIG_KEY = "qserve_speculation"
+ADAPTIVE, FIXED = "adaptive", "fixed"
+
+
+def adapter_key(request) -> str:
+    """The policy's key for a vLLM ``Request``: its adapter's name, ``(base)`` without one."""
+    lora = getattr(request, "lora_request", None)
+    return BASE_KEY if lora is None else lora.lora_name
+
+
+class SchedulerPolicy:
+    """The policy bound to one scheduler: this step's k per request, and the fall-back when it fails."""
+
+    def __init__(self, policy: AdaptivePolicy, adaptive: bool) -> None:
+        self.policy = policy
+        self.adaptive = adaptive
+        self.k_for: dict[str, int] = {}  # request id -> drafts it keeps from this step's proposals
+        self.failures = 0
+        self._mixed_logged = False
+
+    def plan(self, scheduler, output) -> None:
+        """Choose k per scheduled request of ``output`` (a ``SchedulerOutput``) and cap its draft passes."""
+        self.k_for = {}
+        if not self.adaptive or output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
+            return
+        try:
+            ids = list(output.num_scheduled_tokens)
+            rows = []
+            for req_id in ids:
+                request = scheduler.requests[req_id]
+                params = request.sampling_params
+                rows.append((adapter_key(request), params is not None and params.seed is not None))
+            ks = self.policy.plan(rows)
+        except Exception as e:  # noqa: BLE001 (a policy error must not kill the engine step)
+            self._failed(e)
+            return
+        self.k_for = dict(zip(ids, ks, strict=True))
+        if not self._mixed_logged and len(set(ks)) > 1:
+            self._mixed_logged = True
+            log.info("adaptive_k: first step whose requests draft different k: %s", sorted(ks))
+        output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, max(ks))
+
+    def cut(self, draft_token_ids) -> None:
+        """Cut each request's proposed drafts (``DraftTokenIds``: req_ids [B], draft_token_ids [B][K]) to its k."""
+        if not self.k_for:
+            return
+        drafts = draft_token_ids.draft_token_ids
+        for i, req_id in enumerate(draft_token_ids.req_ids):
+            k = self.k_for.get(req_id)
+            if k is not None and len(drafts[i]) > k:
+                drafts[i] = drafts[i][:k]
+
+    def observe(self, scheduler, request_id: str, drafted: int, accepted: int, invalid: dict | None) -> None:
+        """One verify step of ``request_id``: ``drafted`` drafts (less grammar-invalidated ones), ``accepted``."""
+        try:
+            request = scheduler.requests.get(request_id)
+            if request is None:
+                return
+            drafted -= (invalid or {}).get(request_id, 0)
+            self.policy.observe(adapter_key(request), drafted, accepted)
+        except Exception as e:  # noqa: BLE001 (statistics must not kill the engine step)
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        self.failures += 1
+        self.k_for = {}
+        if self.failures == 1:
+            log.warning("adaptive speculation failed (%s: %s); this step drafts the fixed k", type(e).__name__, e)
+
+    def report(self) -> dict:
+        """:meth:`AdaptivePolicy.report` with the policy name, ``k_max`` and the failure count."""
+        report = self.policy.report()
+        if not self.adaptive:  # fixed: every request drafts k_max
+            for entry in report["adapters"].values():
+                entry["k"] = entry["mean_k"] = self.policy.k_max
+        return {**report, "policy": ADAPTIVE if self.adaptive else FIXED, "k_max": self.policy.k_max,
+                "failures": self.failures}  # fmt: skip
+
+
+def _state(scheduler) -> SchedulerPolicy | None:
+    """The scheduler's policy, made on first use from its vLLM config; None without speculation."""
+    state = getattr(scheduler, "_qserve_adaptive", False)
+    if state is not False:
+        return state
+    state = None
+    k_max = getattr(scheduler, "num_spec_tokens", 0) or 0
+    if k_max > 0:
+        config = (scheduler.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        policy = AdaptivePolicy(k_max=k_max)
+        state = SchedulerPolicy(policy, config.get("policy", FIXED) == ADAPTIVE)
+        log.info("adaptive_k: speculation policy %s, k_max %d (patch from %s)",
+                 ADAPTIVE if state.adaptive else FIXED, k_max, __file__)  # fmt: skip
+    scheduler._qserve_adaptive = state
+    return state
+
+
+def patch() -> None:
+    """Wrap the scheduler's schedule / update_draft_token_ids / make_spec_decoding_stats (idempotent)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+
+    if getattr(Scheduler.schedule, "_qserve_patched", False):
+        return
+    schedule, update_drafts, spec_stats = (
+        Scheduler.schedule,
+        Scheduler.update_draft_token_ids,
+        Scheduler.make_spec_decoding_stats,
+    )
+
+    @functools.wraps(schedule)
+    def patched_schedule(self, *args, **kwargs):
+        output = schedule(self, *args, **kwargs)
+        state = _state(self)
+        if state is not None:
+            state.plan(self, output)
+        return output
+
+    @functools.wraps(update_drafts)
+    def patched_update_draft_token_ids(self, draft_token_ids):
+        state = _state(self)
+        if state is not None:
+            try:
+                state.cut(draft_token_ids)
+            except Exception as e:  # noqa: BLE001 (uncut drafts are the fixed policy: still exact)
+                state._failed(e)
+        return update_drafts(self, draft_token_ids)
+
+    @functools.wraps(spec_stats)
+    def patched_make_spec_decoding_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                                         num_invalid_spec_tokens, request_id):  # fmt: skip
+        state = _state(self)
+        if state is not None:
+            state.observe(self, request_id, num_draft_tokens, num_accepted_tokens, num_invalid_spec_tokens)
+        return spec_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
+                          num_invalid_spec_tokens, request_id)  # fmt: skip
+
+    def qserve_speculation(self) -> dict | None:
+        """The scheduler's :meth:`SchedulerPolicy.report`; None without speculation."""
+        state = _state(self.scheduler)
+        return None if state is None else state.report()
+
+    patched_schedule._qserve_patched = True
+    Scheduler.schedule = patched_schedule
+    Scheduler.update_draft_token_ids = patched_update_draft_token_ids
+    Scheduler.make_spec_decoding_stats = patched_make_spec_decoding_stats
+    EngineCore.qserve_speculation = qserve_speculation

@@ -1,0 +1,129 @@
+"""The adaptive speculation policy (server/engine/speculation/policy.py) against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from server.engine.speculation.policy import AcceptanceEstimate, AdaptivePolicy, CostModel, Group, choose_k
+from server.engine.speculation.speedup import expected_tokens, speedup
+
+# t1 = d1 = 0: a step costs 1 + K c for K >= 1 drafts (1 + c at K = 0): Leviathan et al.'s own cost model.
+LEVIATHAN = CostModel(t0=1.0, t1=0.0, d0=0.372, d1=0.0)
+
+
+def test_expected_tokens_is_eq_1():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.0, 4) == 1.0
+
+
+@pytest.mark.parametrize(("a", "c", "want"), [(0.5, 0.372, 1), (0.8, 0.1, 4), (0.7, 0.372, 2), (0.9, 0.372, 4)])
+def test_one_request_at_the_leviathan_cost_takes_the_k_of_the_best_speedup(a, c, want):
+    cost = CostModel(t0=1.0, t1=0.0, d0=c, d1=0.0)
+    best = max(range(1, 5), key=lambda k: speedup(a, k, c))
+    assert best == want  # hand check: a=0.5, c=0.372: k=1 1.5/1.372=1.093 > k=2 1.75/1.744=1.003
+    ks, rate = choose_k([Group(a, 1)], 4, cost)
+    assert ks == [want]
+    assert rate == pytest.approx(speedup(a, want, c))
+
+
+def test_hand_computed_step_at_the_default_cost():
+    # B=1, a=0.5: k=0 1/40.6, k=1 1.5/41.1 (30+0.8+10+0.3), k=2 1.75/51.7 (+10.1 for the second pass)
+    ks, rate = choose_k([Group(0.5, 1)], 4, CostModel())
+    assert ks == [1]
+    assert rate == pytest.approx(1.5 / 41.1)
+    assert CostModel().step_ms(1, 3, 2) == pytest.approx(51.7)
+
+
+def test_requests_of_one_batch_get_different_k():
+    # Free draft, 0.1 ms per verify token: the a=0.9 request drafts all 2 (E 3.71 over 1.4 ms: 2.65 tokens/ms;
+    # 1 draft: 2.9/1.3 = 2.23; 0: 2/1.2 = 1.67); the a=0 one drafts nothing (each draft costs, none is kept).
+    ks, rate = choose_k([Group(0.9, 1), Group(0.0, 1)], 2, CostModel(t0=1.0, t1=0.1, d0=0.0, d1=0.0))
+    assert ks == [2, 0]
+    assert rate == pytest.approx(3.71 / 1.4)
+
+
+def test_a_large_batch_drafts_less_than_a_small_one():
+    k1 = choose_k([Group(0.7, 1)], 4, CostModel())[0][0]
+    k32 = choose_k([Group(0.7, 32)], 4, CostModel())[0][0]
+    assert (k1, k32) == (2, 1)
+
+
+def test_a_hopeless_adapter_drafts_nothing_at_a_large_batch():
+    ks, _ = choose_k([Group(0.7, 8), Group(0.05, 8)], 4, CostModel())
+    assert ks[1] == 0 and ks[0] >= 1
+
+
+def test_choose_k_is_the_brute_force_optimum():
+    cost = CostModel()
+    groups = [Group(0.8, 3), Group(0.4, 5), Group(0.1, 2)]
+    best = 0.0
+    for k0 in range(4):
+        for k1 in range(4):
+            for k2 in range(4):
+                ks = (k0, k1, k2)
+                tokens = sum(g.count * expected_tokens(g.a, k) for g, k in zip(groups, ks, strict=True))
+                verify = sum(g.count * (k + 1) for g, k in zip(groups, ks, strict=True))
+                best = max(best, tokens / cost.step_ms(10, verify, max(ks)))
+    assert choose_k(groups, 3, cost)[1] == pytest.approx(best)
+
+
+def test_pinned_requests_keep_the_maximum_k():
+    ks, _ = choose_k([Group(0.0, 4, pinned=True), Group(0.0, 4)], 3, CostModel())
+    assert ks == [3, 0]
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="a in"):
+        choose_k([Group(1.5, 1)], 4, CostModel())
+    assert choose_k([], 4, CostModel()) == ([], 0.0)
+
+
+def test_the_estimate_counts_the_trials_a_step_reached():
+    est = AcceptanceEstimate(prior_mean=0.6, prior_strength=4.0, memory=1e9)
+    assert est.mean == pytest.approx(0.6)
+    est.observe(4, 2)  # accepted, accepted, rejected: 3 trials, 2 successes
+    assert est.mean == pytest.approx((2 + 2.4) / (3 + 4))
+    est.observe(4, 4)  # 4 trials, 4 successes: no rejection reached
+    assert est.mean == pytest.approx((6 + 2.4) / (7 + 4))
+    assert est.trials == 7
+
+
+def test_old_evidence_fades():
+    est = AcceptanceEstimate(prior_mean=0.5, prior_strength=2.0, memory=2.0)
+    est.observe(4, 0)  # 1 trial, a failure
+    est.observe(4, 4)  # keeps exp(-4/2) of the past
+    keep = math.exp(-2.0)
+    assert est.mean == pytest.approx((4 + 1) / (4 + keep + 2))
+
+
+def test_a_held_adapter_is_probed_and_recovers():
+    policy = AdaptivePolicy(k_max=4, probe_every=4, prior_mean=0.6)
+    batch = [("(base)", False)] * 8 + [("far", False)] * 8
+    for _ in range(40):
+        policy.observe("far", 1, 0)
+        policy.observe("(base)", 4, 3)
+    seen = [policy.plan(batch)[-1] for _ in range(8)]
+    assert seen == [0, 0, 0, 1, 0, 0, 0, 1]  # a probe every 4th step it is held at 0
+    assert policy.probes == 2
+    assert policy.report()["adapters"]["far"]["k"] == 1
+    for _ in range(400):  # its drafts start being accepted: the estimate follows, and so does k
+        policy.observe("far", 2, 2)
+    assert policy.plan(batch)[-1] >= 1
+    assert policy.report()["adapters"]["far"]["acceptance"] > 0.9
+
+
+def test_the_report_gives_a_mean_k_and_counts_mixed_steps():
+    policy = AdaptivePolicy(k_max=4, probe_every=1000)
+    for _ in range(40):
+        policy.observe("far", 1, 0)
+    batch = [("(base)", False)] * 8 + [("far", False)] * 8
+    for _ in range(10):
+        assert policy.plan(batch)[-1] == 0
+    report = policy.report()
+    assert report["mixed_steps"] == 10  # the base drafts (prior 0.6), "far" does not
+    assert report["adapters"]["far"]["mean_k"] == 0.0
+    assert report["adapters"]["(base)"]["mean_k"] == report["adapters"]["(base)"]["k"] >= 1
