@@ -66,12 +66,11 @@ class ModelCatalog:
     def kind_of(self, model_id: str | None) -> ModelKind | None:
         """The kind of ``model_id`` (a missing or empty id is the base, as in vLLM), or None if unknown.
 
-        A merged id counts in every state: while its merge or restore job builds it, while it serves,
-        and while it is down (requests then get 503 saying why).
+        A merged id counts while it serves and while its merge or restore job builds it.
         """
         if not model_id or model_id == self.base_id:
             return ModelKind.BASE
-        if self.merges is not None and self.merges.has(model_id):
+        if self._held_by_merge(model_id):
             return ModelKind.MERGED
         if self.handlers is not None and model_id in self._serving_models.lora_requests:
             return ModelKind.ADAPTER
@@ -96,9 +95,11 @@ class ModelCatalog:
         """
         if self.handlers is None:
             raise ServiceUnavailable("the engine is still loading; retry when GET /ready returns 200")
+        # Asked first and for every state: a merged model that is down answers 503 saying why.
+        merged = self.merges.serving_state(model_id) if self.merges is not None and model_id else None
+        if merged is not None:
+            return Resolved(model_id, ModelKind.MERGED, merged)
         kind = self.kind_of(model_id)
-        if kind is ModelKind.MERGED:
-            return Resolved(model_id, kind, self.merges.serving_state(model_id))
         if kind is None:
             raise self.not_found(model_id)
         return Resolved(model_id or self.base_id, kind, self.handlers)

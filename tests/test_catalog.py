@@ -16,9 +16,6 @@ class FakeMerges:
     def __init__(self, serving=(), building=(), down=()):
         self.serving, self.building, self.down = set(serving), set(building), set(down)
 
-    def has(self, model_id):
-        return model_id in self.serving | self.building | self.down
-
     def id_in_use(self, model_id):
         return model_id in self.serving | self.building
 
@@ -28,7 +25,9 @@ class FakeMerges:
     def serving_state(self, model_id):
         if model_id in self.serving:
             return f"handlers of {model_id}"
-        raise ServiceUnavailable(f"merged model {model_id!r} is not served")
+        if model_id in self.building | self.down:
+            raise ServiceUnavailable(f"merged model {model_id!r} is not served")
+        return None
 
 
 def catalog(adapters=("austen",), **merges) -> ModelCatalog:

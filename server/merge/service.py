@@ -64,10 +64,6 @@ class MergeService:
             poll_s=engine_poll_s, max_restarts=max_engine_restarts,
         )  # fmt: skip
 
-    def has(self, model_id: str) -> bool:
-        """True if ``model_id`` is a merged model in any state (down included: it answers 503 saying why)."""
-        return model_id in self.entries
-
     def id_in_use(self, model_id: str) -> bool:
         """True if ``model_id`` is a merged model or the target of a merge or restore job not yet finished."""
         entry = self.entries.get(model_id)
