@@ -63,5 +63,7 @@ async def metrics(state: StateDep):
             await registry.refresh_residency()
         except Exception as exc:  # a dead engine must not take /metrics down with it
             log.warning("adapter residency not refreshed: %s: %s", type(exc).__name__, exc)
+    if state.engine is not None and state.ready:
+        await state.engine.refresh_speculation()  # k in force and acceptance estimate per adapter; never raises
     body = generate_latest(REGISTRY) + generate_latest(state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
