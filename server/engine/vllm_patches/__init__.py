@@ -56,16 +56,18 @@ from server.engine.vllm_patches import (
 
 log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
-PATCHES = (
-    "abort_metrics",
-    "adaptive_k",
-    "chat_top_logprobs",
-    "cpu_kernels",
-    "cpu_lora_index",
-    "draft_lora",
-    "seeded_drafts",
-    "spec_logits",
-)
+# Each patch by name, in the order they are applied (the CPU kernels first: later patches run on them).
+APPLY = {
+    "cpu_kernels": cpu_kernels.patch,
+    "cpu_lora_index": cpu_lora_index.patch,
+    "seeded_drafts": seeded_drafts.patch,
+    "abort_metrics": abort_metrics.patch,
+    "chat_top_logprobs": chat_top_logprobs.patch,
+    "spec_logits": spec_logits.patch,
+    "draft_lora": draft_lora.patch,
+    "adaptive_k": adaptive_k.patch,
+}
+PATCHES = tuple(sorted(APPLY))
 
 
 def apply() -> None:
@@ -79,20 +81,6 @@ def apply() -> None:
     unknown = set(wanted) - set(PATCHES) - {""}
     if unknown:
         raise ValueError(f"QSERVE_VLLM_PATCHES names unknown patches {sorted(unknown)}; allowed: {', '.join(PATCHES)}")
-    if "cpu_kernels" in wanted:
-        cpu_kernels.patch_empty_top_k()
-        cpu_kernels.patch_cpu_expand_kernel()
-    if "cpu_lora_index" in wanted:
-        cpu_lora_index.patch()
-    if "seeded_drafts" in wanted:
-        seeded_drafts.patch()
-    if "abort_metrics" in wanted:
-        abort_metrics.patch()
-    if "chat_top_logprobs" in wanted:
-        chat_top_logprobs.patch()
-    if "spec_logits" in wanted:
-        spec_logits.patch()
-    if "draft_lora" in wanted:
-        draft_lora.patch()
-    if "adaptive_k" in wanted:
-        adaptive_k.patch()
+    for name, patch in APPLY.items():
+        if name in wanted:
+            patch()

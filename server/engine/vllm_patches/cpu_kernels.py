@@ -66,3 +66,9 @@ def patch_cpu_expand_kernel() -> None:
     from vllm.utils import cpu_triton_utils
 
     cpu_triton_utils._expand_kernel_impl = expand_to_tokens
+
+
+def patch() -> None:
+    """Apply both CPU rejection-sampler fixes (:func:`patch_empty_top_k`, :func:`patch_cpu_expand_kernel`)."""
+    patch_empty_top_k()
+    patch_cpu_expand_kernel()
