@@ -76,7 +76,7 @@ def test_bad_merge_requests_get_clear_errors(srv):
     url = srv.base_url
     cases = [
         ("post", "/v1/adapters/nope/merge", {}, 404, "name", "does not exist"),
-        ("post", "/v1/adapters/austen/merge", {"precision": "fp8"}, 400, "precision", "'bf16' or 'nf4'"),
+        ("post", "/v1/adapters/austen/merge", {"precision": "fp8"}, 400, "precision", "'nf4' or 'bf16'"),
         ("post", "/v1/adapters/austen/merge", {"merge_base": "int8"}, 400, "merge_base", "'nf4' or 'bf16'"),
         ("post", "/v1/adapters/austen/merge", {"model": "a/b"}, 400, "model", "pattern"),
         ("post", "/v1/adapters/austen/merge", {"model": "stdlib-docs"}, 400, "model", "adapter's name"),
