@@ -37,8 +37,8 @@ def _error_of(event: str) -> ErrorResponse | None:
         return None
 
 
-def _typed(event: str, err: ErrorResponse) -> str:
-    """``event`` rewritten so its error ``type`` is the envelope's type for its ``code``."""
+def _typed(err: ErrorResponse) -> str:
+    """The SSE error event carrying ``err`` with the envelope's ``type`` for its ``code``."""
     err.error.type = error_type(err.error.code)
     return f"data: {json.dumps({'error': err.error.model_dump()})}\n\n"
 
@@ -48,7 +48,7 @@ async def _rest(first: str, events: AsyncIterator[str]) -> AsyncGenerator[str, N
     yield first
     async for event in events:
         err = _error_of(event)
-        yield _typed(event, err) if err is not None else event
+        yield _typed(err) if err is not None else event
 
 
 def _echo_only(request) -> bool:
