@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 
 from bench.report import argument_parser, publish
+from prompts import heldout_prompts
 from testing.process import REPO_ROOT, start_server
-from training.corpus import DEFAULT_CORPORA, heldout_prompts, load_splits
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 
 LOGS = Path("/tmp/qserve-bench-logs")
@@ -95,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     configs = {name: CONFIGS[name] for name in args.configs.split(",")}
-    prompts = heldout_prompts(load_splits(DEFAULT_CORPORA), 24)
+    prompts = heldout_prompts(24)
     stdlib = [" ".join(d.split()[:12]) for d in split_docstrings(stdlib_docstrings())[1][:8]]
     cells: dict[tuple[str, str, int], list[float]] = {}
     gauges: dict[str, tuple[float, float]] = {}
