@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -47,10 +46,7 @@ def stdlib_prompts() -> list[str]:
 
 
 def gauges(url: str, adapter: str) -> tuple[float, float]:
-    """(k, acceptance estimate) of ``adapter`` from /metrics, after the engine's report has been asked."""
-    time.sleep(0.6)  # the gauges are refreshed after a request ends, at most every 0.5 s
-    complete(url, MODEL, "Refresh.", 1)
-    time.sleep(0.6)
+    """(k, acceptance estimate) of ``adapter`` from /metrics (a scrape asks the engine for its report first)."""
     s = scrape(url)
     return total(s, K_GAUGE, adapter=adapter), total(s, A_GAUGE, adapter=adapter)
 

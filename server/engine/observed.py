@@ -21,8 +21,8 @@ that vLLM's OpenAI serving layer calls, watches every ``RequestOutput`` of
   (loaded and applied, none stored, or failed to load); an engine without the
   patch, or without a draft model, answers nothing and nothing is counted.
 - speculation: the engine's per-adapter k and acceptance estimate (``qserve_speculation``, an
-  engine-core utility added by ``vllm_patches.adaptive_k``), asked after a request ends (at most
-  every ``SPECULATION_REFRESH_S``) and by :meth:`ObservedEngine.refresh_speculation`.
+  engine-core utility added by ``vllm_patches.adaptive_k``), asked by
+  :meth:`ObservedEngine.refresh_speculation` when ``/metrics`` is scraped (the only reader of the gauges).
 - latency: TTFT is vLLM's own ``first_token_latency`` (arrival to first token
   in the API process); ITL is the request's mean gap between generated tokens
   (engine-core timestamps: (last - first token time) / (tokens - 1)); end to
@@ -42,7 +42,6 @@ from server.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 DRAFT_REPORT = "qserve_draft_adapters"  # the worker method vllm_patches.draft_lora adds
 SPECULATION_REPORT = "qserve_speculation"  # the engine-core utility vllm_patches.adaptive_k adds
-SPECULATION_REFRESH_S = 0.5
 
 
 def spec_summary(histogram: list[int], num_draft_tokens: int) -> dict[str, Any]:
@@ -90,7 +89,6 @@ class ObservedEngine:
         self.active = 0  # generate() calls running now (a merged model is shut down only when 0)
         self._tasks: set[asyncio.Task] = set()  # engine look-ups in flight (kept referenced)
         self._draft_report_failed = False
-        self._speculation_asked = 0.0  # monotonic time of the last speculation look-up
         self._speculation_failed = False
 
     def __getattr__(self, name: str) -> Any:
@@ -122,9 +120,6 @@ class ObservedEngine:
             self._record(labels, req, status)
             if lora is not None and req.last is not None:
                 self._spawn(self._record_draft(labels, lora.lora_int_id))
-            if time.monotonic() - self._speculation_asked >= SPECULATION_REFRESH_S:
-                self._speculation_asked = time.monotonic()
-                self._spawn(self.refresh_speculation())
 
     def _record(self, labels: tuple[str, str], req: _Request, status: str) -> None:
         m = self._metrics
