@@ -10,7 +10,7 @@ speculative sampling at temperature 1, Leviathan et al. 2023, section 3.3) and
   vLLM applies no LoRA to the draft);
 - target + adapter p vs draft + its draft adapter q (a merged target with its merged draft).
 
-Target and draft are both NF4-dequantized (bitsandbytes NF4, blocksize 64, double
+Target and draft are both NF4-dequantized (bitsandbytes NF4, blocks of NF4_BLOCK_SIZE, double
 quant; the engine serves both NF4) and computed in float32; adapters are PEFT's own
 forward. The target + adapter stands for the merged target too (bench/merge_fidelity.py
 measures how close they are). This is an estimate, not vLLM's measured acceptance rate.

@@ -6,7 +6,7 @@ as vLLM's in-flight ``--quantization bitsandbytes`` does}, on held-out probe
 prompts (``prompts.heldout_prompts``):
 
 - the reference p is PEFT's LoRA forward on the NF4-dequantized base
-  (bitsandbytes NF4, blocksize 64, double quant: the weights vLLM's NF4 base
+  (bitsandbytes NF4, blocks of NF4_BLOCK_SIZE, double quant: the weights vLLM's NF4 base
   computes with), greedy-decoded for ``--tokens`` tokens per prompt;
 - each candidate q reads the same token sequences (teacher-forced), and we report
   greedy agreement (argmax q = argmax p), mean KL(p || q) per token (nats), and how
@@ -33,7 +33,7 @@ from server.merge.weights.fidelity import greedy_agreement, mean_kl
 from server.merge.weights.lora import load_lora, merge_lora
 from server.merge.weights.nf4 import base_weights, requantize
 from server.merge.weights.probe import continuation_logits, greedy, model_with
-from server.precision import Precision
+from server.precision import NF4_BLOCK_SIZE, Precision
 from testing.process import REPO_ROOT
 
 ADAPTERS = ("austen", "stdlib-docs")
@@ -83,7 +83,7 @@ def main() -> None:
         "## Merge fidelity: merged weights vs the adapter served unmerged on the NF4 base",
         "",
         f"Command: `{cmd}` ({time.time() - started:.0f} s on the 2-core CPU; transformers, float32 compute, no vLLM).",
-        f"Reference: PEFT LoRA on the NF4-dequantized target (bitsandbytes NF4, blocksize 64, double quant),"
+        f"Reference: PEFT LoRA on the NF4-dequantized target (bitsandbytes NF4, blocks of {NF4_BLOCK_SIZE}, double quant),"
         f" greedy, {a.prompts} held-out prompts x {a.tokens} tokens. Agreement: teacher-forced argmax equal to the"
         " reference's token; KL(p_ref || p_merged) per token, nats; exact: prompts whose free-running greedy"
         f' continuation ({a.tokens} tokens) equals the reference\'s. Merges are stored bf16; "serve NF4" applies'

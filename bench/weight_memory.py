@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.peft import PROJECTIONS
+from server.precision import NF4_BLOCK_SIZE
 
 LINEAR_SUFFIXES = tuple(f"{name}.weight" for name in PROJECTIONS)
 
@@ -42,7 +43,7 @@ def weight_bytes(model_dir: Path) -> dict[str, int]:
             bf16 += tensor.numel() * 2
             if name.endswith(LINEAR_SUFFIXES):
                 packed, state = bnbf.quantize_4bit(
-                    tensor.to(torch.bfloat16), quant_type="nf4", compress_statistics=True
+                    tensor.to(torch.bfloat16), blocksize=NF4_BLOCK_SIZE, quant_type="nf4", compress_statistics=True
                 )
                 nf4 += packed.numel() * packed.element_size() + _state_bytes(state)
                 quantized += tensor.numel()

@@ -8,7 +8,7 @@ Usage:
 QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
 eq. 5): Y = X doubleDequant(c1, c2, W_NF4) + s X L1 L2, only L1, L2 trained.
 With ``--qlora`` every linear weight of the decoder layers is quantized by
-bitsandbytes exactly as its ``Linear4bit`` stores it (NF4, blocksize 64, double
+bitsandbytes exactly as its ``Linear4bit`` stores it (NF4, blocks of ``NF4_BLOCK_SIZE``, double
 quantization) and dequantized again, so the LoRA learns against the very
 weights the NF4 base computes with (and that vLLM serves). ``--qlora-impl
 linear4bit`` instead loads the base through transformers' ``BitsAndBytesConfig``
@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import prompts
 from server.peft import PROJECTIONS
+from server.precision import NF4_BLOCK_SIZE
 from training.corpus import load_splits
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 from training.train_lm import SEED, batch_at, encode, heldout_loss
@@ -71,13 +72,15 @@ def heldout_texts(domain: str) -> list[str]:
 
 
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] as the NF4 base holds it: bitsandbytes NF4 (blocksize 64, double quant), dequantized.
+    """``weight`` [out, in] as the NF4 base holds it: bitsandbytes NF4 (``NF4_BLOCK_SIZE``, double quant), dequantized.
 
     Returns float32 of the same shape.
     """
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(weight.to(torch.bfloat16), quant_type="nf4", compress_statistics=True)
+    packed, state = bnbf.quantize_4bit(
+        weight.to(torch.bfloat16), blocksize=NF4_BLOCK_SIZE, quant_type="nf4", compress_statistics=True
+    )
     return bnbf.dequantize_4bit(packed, state).to(torch.float32)
 
 

@@ -1,19 +1,24 @@
-"""Distil a narrow Llama draft for SmolLM2-135M-Instruct (the real target) from the target's own chat answers.
+"""Distil a draft for SmolLM2-135M-Instruct (the real target) from the served target's own chat answers.
 
-Three resumable stages in ``--run`` (git-ignored ``runs/``):
+Two resumable stages in ``--run`` (git-ignored ``runs/``):
 
-1. ``answers-*.pt``: the target answers the training prompts (``prompts/``: chat, python-docs and style
-   sets, minus the first ``--eval`` of each, kept for evaluation), once greedily and ``--samples``
-   times sampled at temperature 1;
-2. ``teacher-<samples>.pt``: the target's next-token distribution at every answer position, kept as its top
-   ``--topk`` log-probabilities plus the tail mass (one bucket), so the target runs once;
-3. training: the draft (same tokenizer; hidden 256, 4 layers, 4 heads x 64, tied embedding
-   initialised from the target's by PCA) minimises ``KL(p || q) + w * TV(p, q)`` over those buckets.
-   ``1 - TV(p, q) = sum_x min(p(x), q(x))`` is the probability that speculative sampling accepts one
-   draft token (Leviathan et al. 2023, section 3.3), so the TV term trains acceptance directly;
-   over buckets, TV is a lower bound of the full TV (acceptance reported here is an upper estimate).
+1. ``answers/``: ``python -m training.draft_data`` has the NF4 target, served by vLLM as our server
+   serves it, answer the training prompts greedily (``training.chat_prompts``; the evaluation sets in
+   ``prompts/`` are held out), keeping its top-20 log-probabilities at every answer position;
+2. training (here): the draft minimises ``KL(p || q) + w * TV(p, q)`` over the teacher's buckets (top-k
+   plus one tail bucket). ``1 - TV(p, q) = sum_x min(p(x), q(x))`` is the probability that speculative
+   sampling accepts one draft token (Leviathan et al. 2023, section 3.3), so the TV term trains
+   acceptance directly; over buckets TV is a lower bound of the full TV (acceptance reported here is an
+   upper estimate). Greedy acceptance is the draft's full-vocabulary argmax equal to the target's.
 
-Usage: nice -n 19 python -m training.train_draft --run runs/draft-smollm2 --steps 400 --threads 1
+Initialisation (``--init``): ``layers`` (default) copies the target's embedding (tied, frozen), its
+first ``--layers`` decoder layers and its final norm, so the draft starts from the target's own
+features (self-speculative drafts, Zhang et al. 2023, "Draft & Verify"); ``narrow`` builds a Llama of
+width ``--hidden`` whose embedding is the target's on its top principal axes. The shared 49152-row
+embedding/lm_head is most of a draft's cost at this size: ``layers`` with 4 layers is 42M
+parameters, c = 0.20 measured (docs/stack-notes in BENCHMARKS.md), ``narrow`` at 256 is 15.7M.
+
+Usage: python -m training.draft_data --run runs/draft-smollm2 && python -m training.train_draft --run runs/draft-smollm2
 """
 
 from __future__ import annotations
@@ -28,59 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import prompts
 from training.real_model import DEFAULT_OUT
 
 SEED = 1234
-DOMAINS = ("chat", "python-docs", "style")
-
-
-def prompt_sets(n_eval: int, n_train: int | None = None) -> tuple[list[str], list[str]]:
-    """(train prompts, eval prompts): the first ``n_eval`` of each domain are held out, the next ``n_train`` (all) trained on."""
-    train, heldout = [], []
-    for domain in DOMAINS:
-        lines = prompts.domain_prompts(domain)
-        heldout += lines[:n_eval]
-        train += lines[n_eval:][:n_train]
-    return train, heldout
-
-
-@torch.no_grad()
-def answer(
-    target, tok, questions: list[str], sample: bool, max_new: int, batch: int = 16
-) -> list[tuple[list[int], int]]:
-    """The target's chat answer to each question: (prompt + answer token ids ending at EOS, prompt length)."""
-    tok.padding_side = "left"
-    # temperature 1 with no top-k/top-p cut: the target's own distribution, what speculative sampling verifies
-    how = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {"do_sample": False}
-    out = []
-    for i in range(0, len(questions), batch):
-        chats = [[{"role": "user", "content": q}] for q in questions[i : i + batch]]
-        enc = tok.apply_chat_template(
-            chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
-        )
-        gen = target.generate(**enc, max_new_tokens=max_new, **how)
-        width = enc["input_ids"].shape[1]
-        for row, mask in zip(gen, enc["attention_mask"], strict=True):
-            prompt = row[:width][mask.bool()].tolist()
-            ans = row[width:].tolist()
-            if tok.eos_token_id in ans:
-                ans = ans[: ans.index(tok.eos_token_id) + 1]
-            out.append((prompt + ans, len(prompt)))
-        print(f"  answered {min(i + batch, len(questions))}/{len(questions)} (sample={sample})", flush=True)
-    return out
-
-
-@torch.no_grad()
-def teacher_buckets(target, seqs: list[tuple[list[int], int]], topk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sequence: (top-k token ids [T, k] int32, log-probs [T, k+1] with the tail bucket last) at its T answer positions."""
-    out = []
-    for ids, plen in seqs:
-        logp = F.log_softmax(target(torch.tensor([ids])).logits[0, plen - 1 : -1].float(), -1)  # [T, V]
-        top, idx = logp.topk(topk, -1)  # [T, k]
-        tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))  # [T]
-        out.append((idx.int(), torch.cat([top, tail[:, None]], -1)))
-    return out
 
 
 def bucket_logq(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -107,11 +62,26 @@ def lk_loss(logp: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor, tv_weig
     return loss, {"kl": kl.item(), "accept": accept.item(), "argmax": agree.item()}
 
 
-def build_draft(target, hidden: int, layers: int, heads: int, intermediate: int):
-    """A Llama draft with the target's tokenizer and RoPE; embedding = the target's (centred) on its top ``hidden`` principal axes, rescaled to the usual init std."""
+def build_draft(target, init: str, hidden: int, layers: int, heads: int, intermediate: int):
+    """A Llama draft with the target's tokenizer and RoPE (see the module docstring for ``init``).
+
+    ``layers``: the target's config with ``layers`` decoder layers, weights copied from its first ones,
+    the tied embedding frozen. ``narrow``: width ``hidden``, ``heads`` x ``hidden // heads``; embedding =
+    the target's (centred) on its top ``hidden`` principal axes, rescaled to the usual init std.
+    Raises ValueError for an unknown ``init``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t = target.config
+    if init == "layers":
+        config = LlamaConfig(**(t.to_dict() | {"num_hidden_layers": layers}))
+        draft = LlamaForCausalLM(config)
+        own = draft.state_dict()
+        draft.load_state_dict({k: v for k, v in target.state_dict().items() if k in own}, strict=True)
+        draft.get_input_embeddings().weight.requires_grad_(False)
+        return draft
+    if init != "narrow":
+        raise ValueError(f"--init {init!r}: allowed are 'layers' and 'narrow'")
     config = LlamaConfig(
         vocab_size=t.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, head_dim=hidden // heads, intermediate_size=intermediate,
@@ -131,9 +101,29 @@ def build_draft(target, hidden: int, layers: int, heads: int, intermediate: int)
     return draft
 
 
-def batches(seqs, buckets, batch: int, rng: random.Random):
-    """One random batch: right-padded ids [B, L] and, flattened over answer positions, (rows, cols, idx, logp)."""
-    pick = rng.sample(range(len(seqs)), min(batch, len(seqs)))
+def load_answers(folder: Path, split: str) -> tuple[list, list]:
+    """(seqs, buckets) of ``training.draft_data`` shards ``<split>*.pt`` in ``folder``; a bucket is
+    (top-k ids [T, k] int32, log-probs [T, k + 1] with the tail bucket last).
+    Raises FileNotFoundError naming the command that makes them."""
+    files = sorted(folder.glob(f"{split}*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no {split}*.pt in {folder}: run python -m training.draft_data --run {folder.parent}")
+    seqs, buckets = [], []
+    for f in files:
+        shard = torch.load(f)
+        for (ids, plen), idx, top in zip(shard["seqs"], shard["idx"], shard["logp"], strict=True):
+            if len(ids) == plen:
+                continue
+            tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))  # [T]
+            seqs.append((ids, plen))
+            buckets.append((idx, torch.cat([top, tail[:, None]], -1)))
+    return seqs, buckets
+
+
+def batches(seqs, buckets, batch: int, rng: random.Random | None):
+    """One batch (random with ``rng``, else the first ``batch``): right-padded ids [B, L] and, flattened over
+    answer positions, (rows, cols, idx, logp)."""
+    pick = rng.sample(range(len(seqs)), min(batch, len(seqs))) if rng else list(range(min(batch, len(seqs))))
     width = max(len(seqs[i][0]) for i in pick)
     x = torch.zeros(len(pick), width, dtype=torch.long)
     rows, cols, idx, logp = [], [], [], []
@@ -148,67 +138,50 @@ def batches(seqs, buckets, batch: int, rng: random.Random):
     return x, torch.cat(rows), torch.cat(cols), torch.cat(idx), torch.cat(logp)
 
 
-def evaluate(draft, seqs, buckets, tv_weight: float) -> dict:
-    """Mean loss terms of ``draft`` over every answer position of ``seqs`` (no gradient)."""
+def evaluate(draft, seqs, buckets, tv_weight: float, batch: int = 16) -> dict:
+    """Mean loss terms of ``draft`` over every answer position of ``seqs`` (no gradient), weighted by positions."""
     draft.eval()
-    with torch.no_grad():
-        x, rows, cols, idx, logp = batches(seqs, buckets, len(seqs), random.Random(0))
-        logits = draft(x).logits[rows, cols]  # [N, V]
-        _, stats = lk_loss(logp, logits, idx, tv_weight)
+    totals, n = {}, 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, len(seqs), batch):
+            part = list(range(i, min(i + batch, len(seqs))))
+            x, rows, cols, idx, logp = batches([seqs[j] for j in part], [buckets[j] for j in part], len(part), None)
+            _, stats = lk_loss(logp, draft(x).logits[rows, cols], idx, tv_weight)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v * len(rows)
+            n += len(rows)
     draft.train()
-    return stats
-
-
-def cached(path: Path, make):
-    """``torch.load(path)`` if it exists, else ``make()`` saved there."""
-    if path.exists():
-        return torch.load(path)
-    value = make()
-    torch.save(value, path)
-    return value
+    return {k: v / n for k, v in totals.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--run", type=Path, default=Path("runs/draft-smollm2"))
-    ap.add_argument("--eval", type=int, default=8, help="prompts of each domain held out for evaluation")
-    ap.add_argument("--train-prompts", type=int, help="train prompts per domain (all when omitted)")
-    ap.add_argument("--samples", type=int, default=2, help="sampled answers per prompt, besides the greedy one")
-    ap.add_argument("--max-new", type=int, default=96)
-    ap.add_argument("--topk", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--init", choices=("layers", "narrow"), default="layers")
+    ap.add_argument("--hidden", type=int, default=256, help="width (narrow only)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=688)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (narrow only)")
+    ap.add_argument("--intermediate", type=int, default=688, help="MLP width (narrow only)")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--tv-weight", type=float, default=1.0)
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(SEED)
     torch.set_num_threads(a.threads)
-    a.run.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(a.target)
     target = AutoModelForCausalLM.from_pretrained(a.target, dtype=torch.float32).eval()
-    train_q, eval_q = prompt_sets(a.eval, a.train_prompts)
-
-    # One cache file per part, so a rerun with more samples keeps what was generated.
-    data = {"eval": cached(a.run / "answers-eval.pt", lambda: answer(target, tok, eval_q, False, a.max_new))}
-    data["train"] = cached(a.run / "answers-greedy.pt", lambda: answer(target, tok, train_q, False, a.max_new))
-    for i in range(a.samples):
-        data["train"] = data["train"] + cached(
-            a.run / f"answers-sample{i}.pt", lambda: answer(target, tok, train_q, True, a.max_new)
-        )
-    teach = cached(
-        a.run / f"teacher-{a.samples}.pt", lambda: {k: teacher_buckets(target, v, a.topk) for k, v in data.items()}
-    )
-    draft = build_draft(target, a.hidden, a.layers, a.heads, a.intermediate)
-    opt = torch.optim.AdamW(draft.parameters(), lr=a.lr, weight_decay=0.0)
+    train, train_b = load_answers(a.run / "answers", "train")
+    heldout, heldout_b = load_answers(a.run / "answers", "eval")
+    draft = build_draft(target, a.init, a.hidden, a.layers, a.heads, a.intermediate)
+    del target
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     ckpt, start = a.run / "checkpoint.pt", 0
     if ckpt.exists():
         state = torch.load(ckpt)
@@ -216,36 +189,40 @@ def main() -> None:
         opt.load_state_dict(state["opt"])
         start = state["step"]
     n_params = sum(p.numel() for p in draft.parameters())
-    print(
-        f"draft {n_params / 1e6:.2f}M parameters; {len(data['train'])} train / {len(data['eval'])} eval answers",
-        flush=True,
-    )
+    tokens = sum(len(s) - p for s, p in train)
+    print(f"draft {n_params / 1e6:.2f}M parameters; {len(train)} train answers ({tokens} tokens), {len(heldout)} held out",
+          flush=True)  # fmt: skip
     log = (a.run / "log.jsonl").open("a")
+    if start == 0:
+        before = {k: round(v, 4) for k, v in evaluate(draft, heldout, heldout_b, a.tv_weight).items()}
+        log.write(json.dumps({"step": 0, "eval": before}) + "\n")
+        print(json.dumps({"step": 0, "eval": before}), flush=True)
     rng = random.Random(SEED + start)
     started = time.time()
     for step in range(start, a.steps):
         lr = a.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, rows, cols, idx, logp = batches(data["train"], teach["train"], a.batch, rng)
-        loss, stats = lk_loss(logp, draft(x).logits[rows, cols], idx, a.tv_weight)
+        x, rows, cols, idx, logp = batches(train, train_b, a.batch, rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = draft(x).logits[rows, cols]
+        loss, stats = lk_loss(logp, logits, idx, a.tv_weight)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         record = {"step": step + 1, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in stats.items()}}
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-            record["eval"] = {
-                k: round(v, 4) for k, v in evaluate(draft, data["eval"], teach["eval"], a.tv_weight).items()
-            }
+            record["eval"] = {k: round(v, 4) for k, v in evaluate(draft, heldout, heldout_b, a.tv_weight).items()}
             torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
         record["seconds"] = round(time.time() - started, 1)
         log.write(json.dumps(record) + "\n")
         log.flush()
         print(json.dumps(record), flush=True)
-    draft.to(torch.bfloat16).save_pretrained(a.run / "model")  # served bf16 or NF4, like the demo models
+    draft.to(torch.bfloat16).save_pretrained(a.run / "model")  # served NF4 beside the NF4 target
     tok.save_pretrained(a.run / "model")
-    (a.run / "model" / "draft.json").write_text(json.dumps(vars(a) | {"parameters": n_params}, default=str, indent=2))
+    info = vars(a) | {"parameters": n_params, "train_answers": len(train), "train_tokens": tokens}
+    (a.run / "model" / "draft.json").write_text(json.dumps(info, default=str, indent=2))
 
 
 if __name__ == "__main__":

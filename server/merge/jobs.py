@@ -41,7 +41,7 @@ class MergeRequest(BaseModel):
 
     ``precision``: how the merged target (and draft) are served: ``bf16`` (the
     stored merge as is) or ``nf4`` (re-quantized in flight by vLLM's bitsandbytes
-    loader, blocksize 64). ``merge_base``: the base weights the LoRA delta is added
+    loader, blocks of NF4_BLOCK_SIZE). ``merge_base``: the base weights the LoRA delta is added
     to: ``nf4`` (the NF4-dequantized base, which a QLoRA adapter was trained
     against) or ``bf16`` (the original checkpoint). Defaults: the option the
     fidelity numbers pick (BENCHMARKS.md, "Merge fidelity").

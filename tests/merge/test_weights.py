@@ -8,7 +8,7 @@ import torch
 
 from server.merge.weights.lora import LoraFactors, MergeRefused, load_lora, lora_scale, merge_lora
 from server.merge.weights.nf4 import base_weights, is_quantized, nf4_roundtrip, requantize
-from server.precision import Precision
+from server.precision import NF4_BLOCK_SIZE, Precision
 from testing.process import REPO_ROOT
 
 TARGET = REPO_ROOT / "models/target"
@@ -23,13 +23,13 @@ def state():
 
 def test_nf4_roundtrip_is_bitsandbytes_nf4_with_double_quant(state):
     w = state["model.layers.0.self_attn.q_proj.weight"]  # [384, 384] bf16
-    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    assert qs.blocksize == 64 and qs.nested and qs.quant_type == "nf4"
+    packed, qs = bnbf.quantize_4bit(w, blocksize=NF4_BLOCK_SIZE, compress_statistics=True, quant_type="nf4")
+    assert qs.blocksize == NF4_BLOCK_SIZE and qs.nested and qs.quant_type == "nf4"
     assert torch.equal(nf4_roundtrip(w), bnbf.dequantize_4bit(packed, qs))
     # and it is what a transformers QLoRA user's Linear4bit holds (Params4bit, same settings)
     import bitsandbytes as bnb
 
-    p = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64)
+    p = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=NF4_BLOCK_SIZE)
     p = p._quantize("cpu")
     assert torch.equal(nf4_roundtrip(w), bnbf.dequantize_4bit(p.data, p.quant_state))
 

@@ -24,6 +24,8 @@ docs/upstream/.
 - ``adaptive_k``: every request drafted the same k at every step; with
   ``--speculation-policy adaptive`` each request's k is chosen per step from
   its adapter's acceptance and the batch size (server/engine/speculation/policy.py).
+- ``nf4_block_size``: in-flight NF4 used bitsandbytes' default blocks of 64 weights,
+  whatever the model; it now uses ``server.precision.NF4_BLOCK_SIZE`` (32).
 - ``draft_lora``: an adapter's paired draft adapter (``draft/`` in its
   version folder) was never applied: the draft model ran unadapted for
   every request; it now has its own LoRA manager and per-step mapping.
@@ -33,7 +35,8 @@ To run an engine without them (to reproduce a fault), start it with
 bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
-``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,seeded_drafts,spec_logits``
+``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,nf4_block_size,seeded_drafts,
+spec_logits``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -50,6 +53,7 @@ from server.engine.vllm_patches import (
     cpu_kernels,
     cpu_lora_index,
     draft_lora,
+    nf4_block_size,
     seeded_drafts,
     spec_logits,
 )
@@ -58,6 +62,7 @@ log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
 # Each patch by name, in the order they are applied (the CPU kernels first: later patches run on them).
 APPLY = {
+    "nf4_block_size": nf4_block_size.patch,
     "cpu_kernels": cpu_kernels.patch,
     "cpu_lora_index": cpu_lora_index.patch,
     "seeded_drafts": seeded_drafts.patch,

@@ -2,8 +2,8 @@
 
 bf16: 2 bytes a parameter. NF4 as vLLM's bitsandbytes loader stores a quantized
 weight of n parameters (QLoRA, Dettmers et al. 2023, sections 3.1-3.2; bitsandbytes
-``quantize_4bit(blocksize=64, compress_statistics=True)``): n/2 bytes of packed
-4-bit codes, one uint8 absmax per block of 64 (double-quantized), one float32
+``quantize_4bit(blocksize=NF4_BLOCK_SIZE, compress_statistics=True)``): n/2 bytes of packed
+4-bit codes, one uint8 absmax per block of ``NF4_BLOCK_SIZE`` (double-quantized), one float32
 absmax per 256 of those, the float32 offset, the 256-entry float32 8-bit code of
 the nested quantization and the 16-entry float32 NF4 code. Embeddings and norms
 stay bf16. Counted from the safetensors header: nothing is loaded or quantized.
@@ -17,15 +17,15 @@ import math
 import struct
 from pathlib import Path
 
-from server.merge.weights.nf4 import NF4_BLOCKSIZE, is_quantized
-from server.precision import Precision
+from server.merge.weights.nf4 import is_quantized
+from server.precision import NF4_BLOCK_SIZE, Precision
 
 NESTED_BLOCKSIZE = 256
 
 
 def nf4_bytes(n: int) -> int:
     """Bytes bitsandbytes holds for an NF4 double-quantized weight of ``n`` parameters."""
-    blocks = math.ceil(n / NF4_BLOCKSIZE)
+    blocks = math.ceil(n / NF4_BLOCK_SIZE)
     nested = math.ceil(blocks / NESTED_BLOCKSIZE)
     return math.ceil(n / 2) + blocks + 4 * nested + 4 + 4 * 256 + 4 * 16
 

@@ -3,15 +3,16 @@
 QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
 section 3, eq. 5) trains the adapter against ``doubleDequant(c1, c2, W_NF4)``:
 the 4-bit NormalFloat weights, blocks of 64 with one absmax each, the absmaxes
-themselves quantized to 8 bits in blocks of 256 ("double quantization"). A
+themselves quantized to 8 bits in blocks of 256 ("double quantization"); we use blocks of
+``server.precision.NF4_BLOCK_SIZE`` (32, see there why). A
 QLoRA adapter therefore fits the dequantized NF4 weights, not the bf16 weights
 they came from; merging it into bf16 adds it to the wrong base.
 
 vLLM's bitsandbytes loader (``vllm_bnb_plugin`` 0.0.3,
 ``BitsAndBytesModelLoader._unquantized_generator``) quantizes each decoder
 linear weight of a bf16 checkpoint in flight with
-``quantize_4bit(w, compress_statistics=True, quant_type="nf4")`` (default
-blocksize 64) and computes with its dequantization. :func:`nf4_roundtrip` is
+``quantize_4bit(w, compress_statistics=True, quant_type="nf4")``, its block size set to
+``NF4_BLOCK_SIZE`` by ``server/engine/vllm_patches/nf4_block_size.py``, and computes with its dequantization. :func:`nf4_roundtrip` is
 exactly that pair, so it gives the weights the served NF4 base computes with,
 and applied to a merged weight it emulates serving the merge re-quantized.
 NF4 is not idempotent here: ``nf4_roundtrip(nf4_roundtrip(w)) != nf4_roundtrip(w)``
@@ -24,9 +25,7 @@ from __future__ import annotations
 import torch
 
 from server.peft import PROJECTIONS, module_path, parse_layer_module
-from server.precision import Precision
-
-NF4_BLOCKSIZE = 64
+from server.precision import NF4_BLOCK_SIZE, Precision
 
 
 def is_quantized(name: str) -> bool:
@@ -40,7 +39,7 @@ def is_quantized(name: str) -> bool:
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [out, in] quantized to NF4 and dequantized, as bitsandbytes and vLLM do.
 
-    ``bitsandbytes.functional.quantize_4bit(w, blocksize=64, compress_statistics=True,
+    ``bitsandbytes.functional.quantize_4bit(w, blocksize=NF4_BLOCK_SIZE, compress_statistics=True,
     quant_type="nf4")`` then ``dequantize_4bit``. The input is cast to bf16 first
     (the checkpoint dtype vLLM quantizes from); the result is bf16, same shape.
 
@@ -52,7 +51,7 @@ def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     if weight.ndim != 2 or not weight.is_floating_point():
         raise ValueError(f"expected a 2-D float weight [out, in], got {tuple(weight.shape)} {weight.dtype}")
     w = weight.detach().to(torch.bfloat16).contiguous()  # [out, in]
-    packed, state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+    packed, state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCK_SIZE, compress_statistics=True, quant_type="nf4")
     return bnbf.dequantize_4bit(packed, state)  # [out, in] bf16
 
 
