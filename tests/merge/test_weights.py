@@ -29,7 +29,9 @@ def test_nf4_roundtrip_is_bitsandbytes_nf4_with_double_quant(state):
     # and it is what a transformers QLoRA user's Linear4bit holds (Params4bit, same settings)
     import bitsandbytes as bnb
 
-    p = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=NF4_BLOCK_SIZE)
+    p = bnb.nn.Params4bit(
+        w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=NF4_BLOCK_SIZE
+    )
     p = p._quantize("cpu")
     assert torch.equal(nf4_roundtrip(w), bnbf.dequantize_4bit(p.data, p.quant_state))
 
