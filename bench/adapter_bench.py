@@ -73,12 +73,12 @@ def main() -> None:
     try:
         url = proc.base_url
         times = [
-            first_token_after_upload(url, f"fresh-{i}", REPO_ROOT / "adapters" / SHIPPED[i % 2])
+            first_token_after_upload(url, f"fresh-{i}", REPO_ROOT / "models/demo-adapters" / SHIPPED[i % 2])
             for i in range(a.uploads)
         ]
         names = [f"mix-{i}" for i in range(16)]
         for i, n in enumerate(names):
-            upload(url, n, REPO_ROOT / "adapters" / SHIPPED[i % 2])
+            upload(url, n, REPO_ROOT / "models/demo-adapters" / SHIPPED[i % 2])
         traffic(url, ["demo-target"], prompts[:4], 4, 4)  # warm-up
         rows = {
             "base only": traffic(url, ["demo-target"], prompts, a.concurrency, a.max_tokens),

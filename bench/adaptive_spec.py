@@ -66,7 +66,7 @@ def run_cell(url: str, cases: list[tuple[str, str]], level: int, max_tokens: int
 
 
 def upload_nodraft(url: str) -> None:
-    folder = REPO_ROOT / "adapters" / "stdlib-docs"
+    folder = REPO_ROOT / "models/demo-adapters" / "stdlib-docs"
     files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
     r = httpx.post(url + "/v1/adapters", data={"name": "nodraft"}, files=files, timeout=120)
     r.raise_for_status()

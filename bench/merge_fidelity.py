@@ -56,7 +56,7 @@ def main() -> None:
     nf4_base = base_weights(state, Precision.NF4)
     rows = []  # (adapter, option, agreement, kl, exact continuations)
     for name in ADAPTERS:
-        adapter = REPO_ROOT / "adapters" / name
+        adapter = REPO_ROOT / "models/demo-adapters" / name
         ref_model = model_with(target, nf4_base, adapter)
         ref_seqs = greedy(ref_model, prompt_ids, a.tokens)
         ref = continuation_logits(ref_model, ref_seqs, a.tokens)

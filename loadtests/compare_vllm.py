@@ -33,7 +33,7 @@ ARMS = ("ours", "vllm", "ours-nospec")
 def start_arms(logs: Path) -> dict[str, ServerProcess]:
     """Start the three servers one after another (each waits for readiness); returns name -> process."""
     settings = Settings(_cli_parse_args=[])
-    lora = [f"{n}={REPO_ROOT / 'adapters' / n}" for n in ("austen", "stdlib-docs")]
+    lora = [f"{n}={REPO_ROOT / 'models/demo-adapters' / n}" for n in ("austen", "stdlib-docs")]
     procs: dict[str, ServerProcess] = {}
     try:
         store = tempfile.mkdtemp(prefix="qserve-cmp-store-")

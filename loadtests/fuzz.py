@@ -70,7 +70,7 @@ class Fuzzer:
         self.failures: list[str] = []
         self._real_uploads: set[str] = set()  # names steered into real uploads
         self.stateful_stopped: str | None = None
-        self._adapter = [(f, (REPO_ROOT / "adapters" / "austen" / f).read_bytes()) for f in ADAPTER_FILES]
+        self._adapter = [(f, (REPO_ROOT / "models/demo-adapters" / "austen" / f).read_bytes()) for f in ADAPTER_FILES]
 
     def steer(self, case) -> None:
         """Make a valid case reach past validation: the served model (or a shipped adapter), a prompt, few

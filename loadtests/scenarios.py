@@ -40,7 +40,7 @@ def ensure_adapters(base_url: str, n: int) -> tuple[str, ...]:
     """
     names = list(SHIPPED[:n])
     for i in range(len(names), n):
-        folder = REPO_ROOT / "adapters" / SHIPPED[i % 2]
+        folder = REPO_ROOT / "models/demo-adapters" / SHIPPED[i % 2]
         files = [
             ("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")
         ]
@@ -76,6 +76,6 @@ def build(
         return Scenario(name, build_jobs(mix, requests, seed), Load("concurrency", value, max_seconds))
     if name in ("adapters", "churn"):
         mix = replace(mix, adapters=adapters, base_share=0.3)
-        churn = Churn(REPO_ROOT / "adapters" / SHIPPED[0]) if name == "churn" else None
+        churn = Churn(REPO_ROOT / "models/demo-adapters" / SHIPPED[0]) if name == "churn" else None
         return Scenario(name, build_jobs(mix, requests, seed), Load("rate", value, max_seconds), churn)
     raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(NAMES)}")

@@ -144,7 +144,7 @@ def soak(base_url: str, pid: int, cfg: SoakConfig) -> dict:
     sat = saturation(base_url, mix, cfg)
     rate = cfg.fraction * sat["saturation_rps"]
     jobs = build_jobs(mix, math.ceil(rate * cfg.seconds * 1.5) + 16, seed=1)
-    churn = runner.Churn(REPO_ROOT / "adapters" / scenarios.SHIPPED[0])
+    churn = runner.Churn(REPO_ROOT / "models/demo-adapters" / scenarios.SHIPPED[0])
     sampler = Sampler(pid, cfg.sample_s)
     started = time.perf_counter()
     sampler.start()

@@ -10,23 +10,68 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_TARGET = REPO_ROOT / "models" / "target"
-DEMO_DRAFT = REPO_ROOT / "models" / "draft"
+
+
+class ModelPair(NamedTuple):
+    """A target, its served name, its draft and the adapters trained for them (seeded at start)."""
+
+    target: Path
+    served_model_name: str
+    draft: Path
+    seed_adapters: Path
+
+
+# The pair a server runs by default (``--pair``); each of the four can still be set on its own.
+PAIRS = {
+    # SmolLM2-135M-Instruct, assembled by scripts/install.sh (training/real_model.py), with its distilled draft.
+    "smollm2": ModelPair(
+        REPO_ROOT / "models" / "smollm2-135m-instruct",
+        "smollm2-135m-instruct",
+        REPO_ROOT / "models" / "smollm2-135m-draft",
+        REPO_ROOT / "adapters",
+    ),
+    # The 12M demo pair trained on five books: the fast fixture of the mechanics tests.
+    "demo": ModelPair(
+        REPO_ROOT / "models" / "target",
+        "demo-target",
+        REPO_ROOT / "models" / "draft",
+        REPO_ROOT / "models" / "demo-adapters",
+    ),
+}
+DEMO_TARGET, DEMO_DRAFT = PAIRS["demo"].target, PAIRS["demo"].draft
 
 
 def _check_model_dir(path: Path, what: str, flag: str) -> Path:
     """Return ``path`` if it is a Hugging Face model folder, else raise ValueError naming ``flag``."""
     if not path.is_dir():
-        raise ValueError(f"{what} folder {path} does not exist; set {flag} to a Hugging Face model folder")
+        assembled = path in (PAIRS["smollm2"].target, PAIRS["smollm2"].draft)
+        fix = " (or run `bash scripts/install.sh`: it assembles this folder)" if assembled else ""
+        raise ValueError(f"{what} folder {path} does not exist; set {flag} to a Hugging Face model folder{fix}")
     if not (path / "config.json").is_file():
         raise ValueError(f"{what} folder {path} has no config.json; set {flag} to a Hugging Face model folder")
     return path
+
+
+def _check_same_tokenizer(target: Path, draft: Path) -> None:
+    """Raise ValueError if both folders have a ``tokenizer.json`` and their vocabularies differ: the target
+    verifies the draft's token ids, so the same id must be the same token."""
+    t, d = target / "tokenizer.json", draft / "tokenizer.json"
+    if not (t.is_file() and d.is_file()):
+        return
+    vt, vd = (json.loads(f.read_text(encoding="utf-8")).get("model", {}).get("vocab") for f in (t, d))
+    if vt != vd:
+        differ = sorted(set(vt or {}).symmetric_difference(vd or {}))[:3] if isinstance(vt, dict) else []
+        raise ValueError(
+            f"the draft's tokenizer ({d}) is not the target's ({t}): token ids map to other tokens"
+            f"{' (e.g. ' + ', '.join(map(repr, differ)) + ')' if differ else ''}; use a draft trained "
+            "with the target's tokenizer"
+        )
 
 
 class Settings(BaseSettings):
@@ -45,9 +90,16 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
-    model: Path = Field(DEMO_TARGET, description="target model folder (Hugging Face format)")
-    served_model_name: str = Field("demo-target", description="model id clients send in 'model'")
-    draft_model: Path | None = Field(DEMO_DRAFT, description="draft model folder for draft-target speculative decoding")
+    pair: Literal["smollm2", "demo"] = Field(
+        "smollm2",
+        description="model pair whose target, served name, draft and seeded adapters are the defaults of "
+        "--model, --served-model-name, --draft-model and --seed-adapters-dir (server/settings.py PAIRS)",
+    )
+    model: Path = Field(description="target model folder (Hugging Face format); default: the pair's")
+    served_model_name: str = Field(description="model id clients send in 'model'; default: the pair's")
+    draft_model: Path | None = Field(
+        description="draft model folder for draft-target speculative decoding; default: the pair's"
+    )
     speculation: bool = Field(True, description="draft-target speculative decoding on/off")
     num_speculative_tokens: int = Field(
         4, ge=1, le=16, description="draft tokens proposed per step (k); with the adaptive policy the most"
@@ -72,7 +124,7 @@ class Settings(BaseSettings):
         REPO_ROOT / "var" / "adapters", description="where uploaded adapters are stored (survives restarts)"
     )
     seed_adapters_dir: Path | None = Field(
-        REPO_ROOT / "adapters", description="adapter folders stored and served at start if not stored yet"
+        description="adapter folders stored and served at start if not stored yet; default: the pair's"
     )
     merged_models_dir: Path = Field(
         REPO_ROOT / "var" / "merged", description="where merged models are stored (survives restarts)"
@@ -115,6 +167,23 @@ class Settings(BaseSettings):
         True, description="exit non-zero when the engine dies (a supervisor restarts us)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pair_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("pair", "smollm2")
+        pair = PAIRS.get(name)
+        if pair is None:
+            return data  # the field's own validation names the allowed pairs
+        defaults = {
+            "model": pair.target,
+            "served_model_name": pair.served_model_name,
+            "draft_model": pair.draft,
+            "seed_adapters_dir": pair.seed_adapters,
+        }
+        return {**defaults, **data}
+
     @field_validator("api_keys_file")
     @classmethod
     def _keys_file_exists(cls, v: Path | None) -> Path | None:
@@ -156,6 +225,7 @@ class Settings(BaseSettings):
                     f"draft vocab_size {drf.get('vocab_size')} differs from target vocab_size "
                     f"{tgt.get('vocab_size')}; the draft must share the target's tokenizer"
                 )
+            _check_same_tokenizer(self.model, self.draft_model)
         return self
 
     @property

@@ -74,8 +74,12 @@ def start_server(
     timeout_s: float = 420.0,
     env: dict[str, str] | None = None,
     attempts: int = 3,
+    pair: str = "demo",
 ) -> ServerProcess:
     """Start ``python -m server ARGS`` (or vLLM's own OpenAI server with ``vllm_own``) and wait for readiness.
+
+    ``pair`` is the server's ``QSERVE_PAIR`` (server/settings.py ``PAIRS``): the 12M demo pair unless a
+    caller asks for ``smollm2``, because the mechanics tests and benchmarks were built on its speed.
 
     ``args`` must not contain ``--port``/``--host``; a free port on 127.0.0.1 is chosen.
     The port is bound only after the engine has loaded (tens of seconds), so another
@@ -87,7 +91,7 @@ def start_server(
     """
     for attempt in range(attempts):
         try:
-            return _start_once(args, log_path, vllm_own, ready_path, timeout_s, env)
+            return _start_once(args, log_path, vllm_own, ready_path, timeout_s, {"QSERVE_PAIR": pair, **(env or {})})
         except PortTaken:
             if attempt == attempts - 1:
                 raise

@@ -59,7 +59,7 @@ def peft_tokens(adapter: str, prompts: list[str], nf4: bool) -> tuple[list[list[
         )
     else:
         base = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, REPO_ROOT / "adapters" / adapter).eval()
+    model = PeftModel.from_pretrained(base, REPO_ROOT / "models/demo-adapters" / adapter).eval()
     out, logprobs = [], []
     with torch.no_grad():
         for prompt in prompts:

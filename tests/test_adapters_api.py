@@ -64,11 +64,11 @@ def test_shipped_adapters_are_served_and_listed_with_the_base_as_parent(client, 
 def test_shipped_adapters_report_their_draft(base_url):
     by_name = {a["name"]: a for a in httpx.get(base_url + "/v1/adapters").json()["data"]}
     for name in ADAPTERS:
-        assert by_name[name]["draft"] == draft_of(REPO_ROOT / "adapters" / name)
+        assert by_name[name]["draft"] == draft_of(REPO_ROOT / "models/demo-adapters" / name)
 
 
 def test_upload_with_draft_files_shows_the_draft_and_serves(base_url):
-    austen, stdlib = REPO_ROOT / "adapters/austen", REPO_ROOT / "adapters/stdlib-docs"
+    austen, stdlib = REPO_ROOT / "models/demo-adapters/austen", REPO_ROOT / "models/demo-adapters/stdlib-docs"
     prompt = "It is a truth universally acknowledged"
     r = upload(base_url, "paired", stdlib, draft=austen / "draft")  # any draft-shaped adapter will do
     assert r.status_code == 201, r.text
@@ -105,7 +105,7 @@ def test_mixed_batch_gives_each_request_its_solo_output(base_url, prompts):
 
 
 def test_upload_new_version_delete_and_errors(base_url, tmp_path):
-    austen, stdlib = REPO_ROOT / "adapters/austen", REPO_ROOT / "adapters/stdlib-docs"
+    austen, stdlib = REPO_ROOT / "models/demo-adapters/austen", REPO_ROOT / "models/demo-adapters/stdlib-docs"
     prompt = "It is a truth universally acknowledged"
     r = upload(base_url, "mine", austen)
     assert r.status_code == 201, r.text
@@ -141,7 +141,7 @@ def test_upload_new_version_delete_and_errors(base_url, tmp_path):
 
 
 def test_delete_while_streaming_lets_the_stream_finish(base_url):
-    assert upload(base_url, "doomed", REPO_ROOT / "adapters/austen").status_code == 201
+    assert upload(base_url, "doomed", REPO_ROOT / "models/demo-adapters/austen").status_code == 201
     body = {
         "model": "doomed",
         "prompt": "Mr. Darcy",
@@ -177,8 +177,8 @@ def test_uploaded_adapter_survives_a_restart(tmp_path):
     store = tmp_path / "store"
     first = launch("restart-1", "--no-speculation", "--seed-adapters-dir", "null", store=store)
     try:
-        assert upload(first.base_url, "kept", REPO_ROOT / "adapters/stdlib-docs").status_code == 201
-        austen = REPO_ROOT / "adapters/austen"
+        assert upload(first.base_url, "kept", REPO_ROOT / "models/demo-adapters/stdlib-docs").status_code == 201
+        austen = REPO_ROOT / "models/demo-adapters/austen"
         r = upload(first.base_url, "with-draft", austen, draft=austen / "draft")  # no draft model here
         assert r.status_code == 400 and r.json()["error"]["param"] == "draft_files"
         assert "speculation is off" in r.json()["error"]["message"]
@@ -196,17 +196,17 @@ def test_uploaded_adapter_survives_a_restart(tmp_path):
 def test_reupload_after_delete_serves_the_new_weights(base_url):
     # Long enough to fill KV-cache blocks, so a stale prefix-cache hit would show.
     prompt = " ".join(["It is a truth universally acknowledged, that a single man in possession of a fortune."] * 4)
-    assert upload(base_url, "again", REPO_ROOT / "adapters/austen").status_code == 201
+    assert upload(base_url, "again", REPO_ROOT / "models/demo-adapters/austen").status_code == 201
     assert complete(base_url, "again", prompt) == complete(base_url, "austen", prompt)
     assert httpx.delete(base_url + "/v1/adapters/again").status_code == 200
-    r = upload(base_url, "again", REPO_ROOT / "adapters/stdlib-docs")
+    r = upload(base_url, "again", REPO_ROOT / "models/demo-adapters/stdlib-docs")
     assert r.status_code == 201 and r.json()["version"] == 1
     assert complete(base_url, "again", prompt) == complete(base_url, "stdlib-docs", prompt)
 
 
 def test_new_version_while_streaming_keeps_the_running_request_on_its_version(base_url):
     prompt = "Mr. Darcy"
-    assert upload(base_url, "swap", REPO_ROOT / "adapters/austen").status_code == 201
+    assert upload(base_url, "swap", REPO_ROOT / "models/demo-adapters/austen").status_code == 201
     # Long enough (seconds) that the upload below lands while it streams, even on a busy machine.
     body = {"model": "swap", "prompt": prompt, "max_tokens": 480, "temperature": 0, "ignore_eos": True}
     v1_alone = httpx.post(base_url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
@@ -223,7 +223,7 @@ def test_new_version_while_streaming_keeps_the_running_request_on_its_version(ba
     t = threading.Thread(target=stream)
     t.start()
     assert started.wait(60)
-    r = upload(base_url, "swap", REPO_ROOT / "adapters/stdlib-docs")  # version 2 while v1 streams
+    r = upload(base_url, "swap", REPO_ROOT / "models/demo-adapters/stdlib-docs")  # version 2 while v1 streams
     assert r.status_code == 201 and r.json()["version"] == 2
     assert t.is_alive(), "the stream ended before version 2 existed; nothing was tested"
     t.join(120)

