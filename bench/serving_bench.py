@@ -1,9 +1,12 @@
-"""Serving benchmark for the demo pair: speculation on vs off, NF4 vs bf16 weights, in one run.
+"""Serving benchmark of a model pair: speculation on vs off, NF4 vs bf16 weights, in one run.
 
-Usage: python -m bench.serving_bench [--requests 16] [--max-tokens 64] [--write BENCHMARKS.md]
+Usage: python -m bench.serving_bench [--pair smollm2] [--requests 16] [--max-tokens 64] [--write BENCHMARKS.md]
 
 Starts each server configuration in turn (never two at once, so they do not
-share the 2 CPU cores), drives it over HTTP with held-out prompts and prints:
+share the 2 CPU cores), drives it over HTTP with held-out prompts (smollm2: the
+chat prompts of ``prompts/chat.txt`` through ``/v1/chat/completions``, answers
+ending at EOS or ``--max-tokens``; demo: held-out book text through
+``/v1/completions``, ``ignore_eos``) and prints:
 
 - output tokens/s at concurrency 1 and 8, speculation on and off (NF4 target);
 - acceptance rate and mean acceptance length, from the engine's own
@@ -28,8 +31,9 @@ import httpx
 
 from bench.report import argument_parser, publish
 from bench.weight_memory import weight_bytes
-from prompts import heldout_prompts
-from testing.process import REPO_ROOT, start_server
+from prompts import chat_prompts, heldout_prompts
+from server.settings import PAIRS
+from testing.process import start_server
 
 LOGS = Path("/tmp/qserve-bench-logs")
 
@@ -45,17 +49,29 @@ def spec_counters(base_url: str) -> dict[str, float]:
 
 
 def run_load(
-    base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, sampling: dict | None = None
+    base_url: str,
+    model: str,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    sampling: dict | None = None,
+    chat: bool = False,
 ) -> dict:
     """Send every prompt once with ``concurrency`` in flight; returns tokens/s (output tokens / wall s).
 
     ``sampling`` overrides the request's sampling parameters (default greedy, ``temperature`` 0).
+    ``chat``: each prompt is one user message to ``/v1/chat/completions`` and the answer may end at
+    EOS; otherwise a ``/v1/completions`` prompt generating exactly ``max_tokens`` (``ignore_eos``).
     """
 
     def one(prompt: str) -> int:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body |= {"prompt": prompt, "ignore_eos": True}
         body |= sampling or {}
-        r = httpx.post(base_url + "/v1/completions", json=body, timeout=600)
+        r = httpx.post(base_url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body, timeout=600)
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
 
@@ -80,12 +96,23 @@ def alpha_from_mean_length(mean_len: float, k: int) -> float:
 
 
 def measure(
-    name: str, args: list[str], model: str, prompts: list[str], max_tokens: int, levels: tuple[int, ...]
+    name: str,
+    args: list[str],
+    model: str,
+    prompts: list[str],
+    max_tokens: int,
+    levels: tuple[int, ...],
+    pair: str = "demo",
 ) -> dict:
-    proc = start_server(args, LOGS / f"{name}.log")
+    """Start one server (``args``, ``pair``), run :func:`run_load` at each concurrency of ``levels``, stop it.
+
+    Returns {concurrency: run_load's dict, "spec": the speculative-decoding counters' growth over the run}.
+    """
+    proc = start_server(args, LOGS / f"{name}.log", pair=pair)
+    chat = pair == "smollm2"
     try:
         before = spec_counters(proc.base_url)
-        result = {c: run_load(proc.base_url, model, prompts, c, max_tokens) for c in levels}
+        result = {c: run_load(proc.base_url, model, prompts, c, max_tokens, chat=chat) for c in levels}
         after = spec_counters(proc.base_url)
     finally:
         proc.stop()
@@ -97,30 +124,19 @@ def measure(
 
 def main() -> None:
     ap = argument_parser(__doc__)
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     a = ap.parse_args()
-    prompts = heldout_prompts(a.requests)
-    k = a.k
-    spec = measure("spec-on", ["--num-speculative-tokens", str(k)], "demo-target", prompts, a.max_tokens, (1, 8))
-    plain = measure("spec-off", ["--no-speculation"], "demo-target", prompts, a.max_tokens, (1, 8))
+    pair, k = PAIRS[a.pair], a.k
+    prompts = chat_prompts(a.requests) if a.pair == "smollm2" else heldout_prompts(a.requests)
+    model = pair.served_model_name
+    spec = measure("spec-on", ["--num-speculative-tokens", str(k)], model, prompts, a.max_tokens, (1, 8), a.pair)
+    plain = measure("spec-off", ["--no-speculation"], model, prompts, a.max_tokens, (1, 8), a.pair)
     # The draft served alone (same NF4 quantization) gives the cost ratio c.
-    draft = measure(
-        "draft-alone",
-        [
-            "--model",
-            str(REPO_ROOT / "models/draft"),
-            "--served-model-name",
-            "demo-draft",
-            "--no-speculation",
-            "--no-enable-lora",
-        ],
-        "demo-draft",
-        prompts,
-        a.max_tokens,
-        (1,),
-    )
+    draft_args = ["--model", str(pair.draft), "--served-model-name", "draft", "--no-speculation", "--no-enable-lora"]
+    draft = measure("draft-alone", draft_args, "draft", prompts, a.max_tokens, (1,), a.pair)
     s = spec["spec"]
     acceptance = s["num_accepted_tokens"] / s["num_draft_tokens"]
     mean_len = 1 + s["num_accepted_tokens"] / s["num_drafts"]
@@ -129,16 +145,21 @@ def main() -> None:
     expected_tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
     theory = expected_tokens / (k * c + 1)
     measured = spec[1]["tokens_per_s"] / plain[1]["tokens_per_s"]
-    mem_t = weight_bytes(REPO_ROOT / "models/target")
-    mem_d = weight_bytes(REPO_ROOT / "models/draft")
+    mem_t = weight_bytes(pair.target)
+    mem_d = weight_bytes(pair.draft)
     mib = 1 / 2**20
 
-    cmd = "python -m bench.serving_bench " + f"--requests {a.requests} --max-tokens {a.max_tokens} --k {k}"
+    cmd = f"python -m bench.serving_bench --pair {a.pair} --requests {a.requests} --max-tokens {a.max_tokens} --k {k}"
+    what = (
+        "held-out chat prompts (prompts/chat.txt) through /v1/chat/completions, answers of at most"
+        if a.pair == "smollm2"
+        else "held-out prompts,"
+    )
     lines = [
-        "## Serving: speculation on/off, NF4 vs bf16 (demo pair)",
+        f"## Serving: speculation on/off, NF4 vs bf16 ({a.pair} pair: {pair.served_model_name})",
         "",
         f"Command: `{cmd}` (2-core CPU, vLLM 0.32.0 CPU build, NF4 target and draft,"
-        f" {a.requests} held-out prompts, {a.max_tokens} output tokens each, greedy).",
+        f" {a.requests} {what} {a.max_tokens} output tokens each, greedy).",
         "",
         "| configuration | tokens/s @ concurrency 1 | tokens/s @ concurrency 8 |",
         "|---|---:|---:|",
@@ -164,7 +185,7 @@ def main() -> None:
         f"Linear layers are {mem_t['quantized_params'] / (mem_t['quantized_params'] + mem_t['kept_params']):.0%}"
         " of the target's parameters; the tied embedding stays bf16, which caps the saving on a model this small.",
     ]
-    publish(lines, a.write, "serving_bench")
+    publish(lines, a.write, "serving_bench" if a.pair == "smollm2" else "serving_bench_demo")
 
 
 if __name__ == "__main__":

