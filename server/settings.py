@@ -25,6 +25,7 @@ class ModelPair(NamedTuple):
     served_model_name: str
     draft: Path
     seed_adapters: Path
+    num_speculative_tokens: int  # the k this pair is fastest at (BENCHMARKS.md, "Serving")
 
 
 # The pair a server runs by default (``--pair``); each of the four can still be set on its own.
@@ -35,6 +36,7 @@ PAIRS = {
         "smollm2-135m-instruct",
         REPO_ROOT / "models" / "smollm2-135m-draft",
         REPO_ROOT / "adapters",
+        1,  # acceptance 0.33: k=1 1.08x of no speculation at concurrency 1, k=4 0.85x
     ),
     # The 12M demo pair trained on five books: the fast fixture of the mechanics tests.
     "demo": ModelPair(
@@ -42,6 +44,7 @@ PAIRS = {
         "demo-target",
         REPO_ROOT / "models" / "draft",
         REPO_ROOT / "models" / "demo-adapters",
+        4,
     ),
 }
 DEMO_TARGET, DEMO_DRAFT = PAIRS["demo"].target, PAIRS["demo"].draft
@@ -92,8 +95,9 @@ class Settings(BaseSettings):
 
     pair: Literal["smollm2", "demo"] = Field(
         "smollm2",
-        description="model pair whose target, served name, draft and seeded adapters are the defaults of "
-        "--model, --served-model-name, --draft-model and --seed-adapters-dir (server/settings.py PAIRS)",
+        description="model pair whose target, served name, draft, seeded adapters and k are the defaults of "
+        "--model, --served-model-name, --draft-model, --seed-adapters-dir and --num-speculative-tokens "
+        "(server/settings.py PAIRS)",
     )
     model: Path = Field(description="target model folder (Hugging Face format); default: the pair's")
     served_model_name: str = Field(description="model id clients send in 'model'; default: the pair's")
@@ -102,7 +106,9 @@ class Settings(BaseSettings):
     )
     speculation: bool = Field(True, description="draft-target speculative decoding on/off")
     num_speculative_tokens: int = Field(
-        4, ge=1, le=16, description="draft tokens proposed per step (k); with the adaptive policy the most"
+        ge=1,
+        le=16,
+        description="draft tokens proposed per step (k); with the adaptive policy the most; default: the pair's",
     )
     speculation_policy: Literal["fixed", "adaptive"] = Field(
         "fixed",
@@ -181,6 +187,7 @@ class Settings(BaseSettings):
             "served_model_name": pair.served_model_name,
             "draft_model": pair.draft,
             "seed_adapters_dir": pair.seed_adapters,
+            "num_speculative_tokens": pair.num_speculative_tokens,
         }
         return {**defaults, **data}
 

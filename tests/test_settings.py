@@ -20,8 +20,13 @@ def test_the_default_pair_is_smollm2_and_each_part_can_still_be_set(monkeypatch)
     s = Settings()
     real = PAIRS["smollm2"]
     assert (s.pair, s.model, s.draft_model, s.served_model_name, s.seed_adapters_dir) == (
-        "smollm2", real.target, real.draft, real.served_model_name, real.seed_adapters
+        "smollm2",
+        real.target,
+        real.draft,
+        real.served_model_name,
+        real.seed_adapters,
     )
+    assert s.num_speculative_tokens == real.num_speculative_tokens == 1
     s = Settings(served_model_name="mine", seed_adapters_dir=None)
     assert s.model == real.target and s.served_model_name == "mine" and s.seed_adapters_dir is None
 
