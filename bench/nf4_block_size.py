@@ -17,20 +17,11 @@ import torch.nn.functional as F
 
 from bench.report import argument_parser, publish
 from prompts import chat_prompts
+from server.merge.weights.nf4 import nf4_roundtrip
 from server.precision import NF4_BLOCK_SIZE
 from server.settings import PAIRS
 
 BLOCK_SIZES = (64, 32)
-
-
-def nf4(weight: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``weight`` [out, in] through bitsandbytes NF4 (double quant) at ``block_size`` and back, same dtype."""
-    import bitsandbytes.functional as bnbf
-
-    packed, state = bnbf.quantize_4bit(
-        weight.to(torch.bfloat16).contiguous(), blocksize=block_size, compress_statistics=True, quant_type="nf4"
-    )
-    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
 
 
 def main() -> None:
@@ -58,7 +49,7 @@ def main() -> None:
         rows = []
         for bs in BLOCK_SIZES:
             for n, m in linears.items():
-                m.weight.copy_(nf4(original[n], bs))
+                m.weight.copy_(nf4_roundtrip(original[n], bs).float())
             kl = agree = total = 0.0
             for (s, p), r in zip(seqs, ref, strict=True):
                 q = F.log_softmax(model(s).logits[0, p - 1 : -1].float(), -1)

@@ -5,7 +5,8 @@ Two comparisons per shipped adapter, 10 held-out prompts x 16 tokens each:
   against PEFT on the float32 checkpoint. Exact equality.
 - NF4 base: the default server (NF4 weights, bf16 compute) against PEFT on a
   bitsandbytes 4-bit NF4 base (double quant, bf16 compute), as a QLoRA user
-  loads it. vLLM's bitsandbytes loader cannot run NF4 with float32 compute,
+  loads it, with bitsandbytes' block size set to the served one
+  (``NF4_BLOCK_SIZE``: transformers' ``BitsAndBytesConfig`` has no field for it). vLLM's bitsandbytes loader cannot run NF4 with float32 compute,
   so both sides round in bf16 and may part at a near-tie (seen here: one token
   in 160). The tokens must be equal up to the first difference, and there the
   server's token must be within ``NEAR_TIE`` nats of the reference's own top
@@ -15,10 +16,13 @@ Two comparisons per shipped adapter, 10 held-out prompts x 16 tokens each:
 
 from __future__ import annotations
 
+import contextlib
+
 import httpx
 import pytest
 import torch
 
+from server.precision import NF4_BLOCK_SIZE
 from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, launch
 
@@ -40,6 +44,24 @@ def server_tokens(base_url: str, model: str, prompts: list[str]) -> list[list[in
     return out
 
 
+@contextlib.contextmanager
+def bnb_block_size(block_size: int):
+    """Within the block, a ``Params4bit`` made without a block size (transformers' ``Linear4bit`` makes
+    them so) gets ``block_size`` instead of bitsandbytes' 64."""
+    import bitsandbytes as bnb
+
+    original = bnb.nn.Params4bit.__new__
+
+    def new(cls, data=None, requires_grad=False, quant_state=None, blocksize=None, *args, **kwargs):
+        return original(cls, data, requires_grad, quant_state, blocksize or block_size, *args, **kwargs)
+
+    bnb.nn.Params4bit.__new__ = staticmethod(new)
+    try:
+        yield
+    finally:
+        bnb.nn.Params4bit.__new__ = original
+
+
 def peft_tokens(adapter: str, prompts: list[str], nf4: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of transformers + PEFT, and per-step log-probs ``[TOKENS, vocab]`` for each prompt."""
     from peft import PeftModel
@@ -54,9 +76,13 @@ def peft_tokens(adapter: str, prompts: list[str], nf4: bool) -> tuple[list[list[
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        base = AutoModelForCausalLM.from_pretrained(
-            target, quantization_config=q, device_map="cpu", dtype=torch.bfloat16
-        )
+        with bnb_block_size(NF4_BLOCK_SIZE):
+            base = AutoModelForCausalLM.from_pretrained(
+                target, quantization_config=q, device_map="cpu", dtype=torch.bfloat16
+            )
+        states = [getattr(getattr(m, "weight", None), "quant_state", None) for m in base.modules()]
+        sizes = {q.blocksize for q in states if q is not None}
+        assert sizes == {NF4_BLOCK_SIZE}, sizes
     else:
         base = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, REPO_ROOT / "models/demo-adapters" / adapter).eval()

@@ -1,4 +1,4 @@
-"""vllm_patches.nf4_block_size: vLLM's bitsandbytes loader quantizes with blocks of NF4_BLOCK_SIZE, and only while loading."""
+"""vllm_patches.nf4_block_size: vLLM's bitsandbytes loader quantizes with the block size it is given, and only while loading."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ def test_the_loader_generators_quantize_with_our_block_size_and_restore_the_defa
             seen.append(state.blocksize)
             yield packed
 
-    wrapped = nf4_block_size._with_block_size(fake_generator, NF4_BLOCK_SIZE)
+    other = 32 if NF4_BLOCK_SIZE != 32 else 128  # a size bitsandbytes does not default to
+    wrapped = nf4_block_size._with_block_size(fake_generator, other)
     w = torch.randn(64, 128, dtype=torch.bfloat16)
     assert len(list(wrapped(None, [w, w]))) == 2
-    assert seen == [NF4_BLOCK_SIZE, NF4_BLOCK_SIZE] and NF4_BLOCK_SIZE == 32
+    assert seen == [other, other]
     # outside loading, bitsandbytes keeps its own default (64)
     assert bnbf.quantize_4bit(w, quant_type="nf4")[1].blocksize == 64
     for name in nf4_block_size.GENERATORS:

@@ -37,8 +37,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import prompts
+from server.merge.weights.nf4 import nf4_roundtrip
 from server.peft import PROJECTIONS
-from server.precision import NF4_BLOCK_SIZE
 from training.corpus import load_splits
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 from training.train_lm import SEED, batch_at, encode, heldout_loss
@@ -71,19 +71,6 @@ def heldout_texts(domain: str) -> list[str]:
     return split_docstrings(stdlib_docstrings())[1]
 
 
-def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] as the NF4 base holds it: bitsandbytes NF4 (``NF4_BLOCK_SIZE``, double quant), dequantized.
-
-    Returns float32 of the same shape.
-    """
-    import bitsandbytes.functional as bnbf
-
-    packed, state = bnbf.quantize_4bit(
-        weight.to(torch.bfloat16), blocksize=NF4_BLOCK_SIZE, quant_type="nf4", compress_statistics=True
-    )
-    return bnbf.dequantize_4bit(packed, state).to(torch.float32)
-
-
 def load_base(path: Path, qlora: bool, impl: str = "dequantized"):
     """The demo target for adapter training: NF4 base (QLoRA) or bf16 upcast to fp32."""
     if not qlora:
@@ -93,7 +80,7 @@ def load_base(path: Path, qlora: bool, impl: str = "dequantized"):
         with torch.no_grad():
             for module in model.model.layers.modules():
                 if isinstance(module, torch.nn.Linear):
-                    module.weight.copy_(nf4_roundtrip(module.weight))
+                    module.weight.copy_(nf4_roundtrip(module.weight).float())
         return model
     from peft import prepare_model_for_kbit_training
 

@@ -36,11 +36,12 @@ def is_quantized(name: str) -> bool:
     return layer_module is not None and layer_module[1] in PROJECTIONS and path == module_path(*layer_module)
 
 
-def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+def nf4_roundtrip(weight: torch.Tensor, block_size: int = NF4_BLOCK_SIZE) -> torch.Tensor:
     """``weight`` [out, in] quantized to NF4 and dequantized, as bitsandbytes and vLLM do.
 
-    ``bitsandbytes.functional.quantize_4bit(w, blocksize=NF4_BLOCK_SIZE, compress_statistics=True,
-    quant_type="nf4")`` then ``dequantize_4bit``. The input is cast to bf16 first
+    ``bitsandbytes.functional.quantize_4bit(w, blocksize=block_size, compress_statistics=True,
+    quant_type="nf4")`` then ``dequantize_4bit``; ``block_size`` is the served one unless a
+    benchmark compares others. The input is cast to bf16 first
     (the checkpoint dtype vLLM quantizes from); the result is bf16, same shape.
 
     Raises:
@@ -51,7 +52,7 @@ def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     if weight.ndim != 2 or not weight.is_floating_point():
         raise ValueError(f"expected a 2-D float weight [out, in], got {tuple(weight.shape)} {weight.dtype}")
     w = weight.detach().to(torch.bfloat16).contiguous()  # [out, in]
-    packed, state = bnbf.quantize_4bit(w, blocksize=NF4_BLOCK_SIZE, compress_statistics=True, quant_type="nf4")
+    packed, state = bnbf.quantize_4bit(w, blocksize=block_size, compress_statistics=True, quant_type="nf4")
     return bnbf.dequantize_4bit(packed, state)  # [out, in] bf16
 
 
