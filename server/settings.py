@@ -28,7 +28,7 @@ class ModelPair(NamedTuple):
     num_speculative_tokens: int  # the k this pair is fastest at (BENCHMARKS.md, "Serving")
 
 
-# The pair a server runs by default (``--pair``); each of the four can still be set on its own.
+# The pair a server runs by default (``--pair``); each of its parts can still be set on its own.
 PAIRS = {
     # SmolLM2-135M-Instruct, assembled by scripts/install.sh (training/real_model.py), with its distilled draft.
     "smollm2": ModelPair(
@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     def _pair_defaults(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        name = data.get("pair", "smollm2")
+        name = data.get("pair", cls.model_fields["pair"].default)
         pair = PAIRS.get(name)
         if pair is None:
             return data  # the field's own validation names the allowed pairs

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from prompts import heldout_prompts
+from testing.process import ServerProcess, start_server
+
 # The mechanics tests run on the 12M demo pair (fast); tests of the real pair ask for it by name.
 os.environ.setdefault("QSERVE_PAIR", "demo")
-
-from prompts import heldout_prompts  # noqa: E402
-from testing.process import ServerProcess, start_server  # noqa: E402
 
 # Server logs of this test run: its own folder, so two runs on one machine never write over each
 # other's logs (tests read them back); QSERVE_TEST_LOGS names another folder.

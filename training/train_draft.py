@@ -38,12 +38,16 @@ from training.real_model import DEFAULT_OUT, DRAFT_LAYERS
 SEED = 1234
 
 
+def with_tail(top: torch.Tensor) -> torch.Tensor:
+    """Top-k log-probs ``top`` [N, k] -> [N, k + 1]: the tail bucket (the rest of the mass) appended last."""
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))  # [N]
+    return torch.cat([top, tail[:, None]], -1)
+
+
 def bucket_logq(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Draft log-probs over the teacher's buckets: ``logits`` [N, V], ``idx`` [N, k] -> [N, k+1] (tail last)."""
     logq = F.log_softmax(logits.float(), -1)
-    top = logq.gather(-1, idx.long())  # [N, k]
-    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
-    return torch.cat([top, tail[:, None]], -1)
+    return with_tail(logq.gather(-1, idx.long()))  # top-k [N, k] + tail
 
 
 def lk_loss(logp: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor, tv_weight: float) -> tuple[torch.Tensor, dict]:
@@ -114,9 +118,8 @@ def load_answers(folder: Path, split: str) -> tuple[list, list]:
         for (ids, plen), idx, top in zip(shard["seqs"], shard["idx"], shard["logp"], strict=True):
             if len(ids) == plen:
                 continue
-            tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))  # [T]
             seqs.append((ids, plen))
-            buckets.append((idx, torch.cat([top, tail[:, None]], -1)))
+            buckets.append((idx, with_tail(top)))
     return seqs, buckets
 
 

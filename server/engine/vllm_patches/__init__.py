@@ -25,7 +25,7 @@ docs/upstream/.
   ``--speculation-policy adaptive`` each request's k is chosen per step from
   its adapter's acceptance and the batch size (server/engine/speculation/policy.py).
 - ``nf4_block_size``: in-flight NF4 used bitsandbytes' default blocks of 64 weights,
-  whatever the model; it now uses ``server.precision.NF4_BLOCK_SIZE`` (32).
+  whatever the model; it now uses ``server.precision.NF4_BLOCK_SIZE``.
 - ``draft_lora``: an adapter's paired draft adapter (``draft/`` in its
   version folder) was never applied: the draft model ran unadapted for
   every request; it now has its own LoRA manager and per-step mapping.

@@ -5,8 +5,8 @@ weights a checkpoint left unquantized) calls ``bitsandbytes.functional.quantize_
 compress_statistics=True, quant_type="nf4")`` with no ``blocksize``, so every in-flight NF4 model
 gets bitsandbytes' default of 64 weights per absmax, and no engine argument or quantization config
 field reaches it. Our real model's source is Q4_1 (blocks of 32), where blocks of 32 lower
-KL(bf16 || NF4) from 0.287 to 0.237 nats/token; ``server/precision.py`` says why it is 64 today. The patch runs each loader generator with ``quantize_4bit``'s default
-block size set to ``server.precision.NF4_BLOCK_SIZE``; the generators import the function at call
+KL(bf16 || NF4) from 0.287 to 0.237 nats/token; ``server/precision.py`` says why it is 64 today.
+The patch runs each loader generator with ``quantize_4bit``'s default block size set to ``server.precision.NF4_BLOCK_SIZE``; the generators import the function at call
 time from ``bitsandbytes.functional``, so the swap covers exactly the loading of one model's weights.
 The quantized weights carry their block size in their ``QuantState``, which every later
 dequantization reads, so nothing after loading needs a change. Upstream: a ``bnb_4bit_blocksize``

@@ -4,7 +4,7 @@ QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
 section 3, eq. 5) trains the adapter against ``doubleDequant(c1, c2, W_NF4)``:
 the 4-bit NormalFloat weights, blocks of 64 with one absmax each, the absmaxes
 themselves quantized to 8 bits in blocks of 256 ("double quantization"); we use blocks of
-``server.precision.NF4_BLOCK_SIZE`` (32, see there why). A
+``server.precision.NF4_BLOCK_SIZE`` (see there why). A
 QLoRA adapter therefore fits the dequantized NF4 weights, not the bf16 weights
 they came from; merging it into bf16 adds it to the wrong base.
 
