@@ -1,21 +1,27 @@
-"""Adaptive speculation vs fixed k vs none: output tokens/s by concurrency, base-only and mixed adapter traffic.
+"""Adaptive speculation vs fixed k vs none: output tokens/s and TTFT by concurrency, for three traffic mixes.
 
-Usage: python -m bench.adaptive_spec [--levels 1,4,16] [--repeats 2] [--max-tokens 32] [--write BENCHMARKS.md]
+Usage: python -m bench.adaptive_spec [--pair smollm2] [--levels 1,2,4,8,16,32] [--repeats 2] [--max-tokens 32]
+       [--configs ...] [--write BENCHMARKS.md]
 
 Starts one server at a time (never two: they would share the 2 CPU cores): ``--no-speculation``, fixed
-k = 1..4 (``--num-speculative-tokens K``) and ``--speculation-policy adaptive`` (k at most 4). Each gets
-``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter (so the plain draft drafts
-it: acceptance ~0.03 on its domain). Per server, per repeat, per traffic and concurrency level it sends
-``max(4, 2 x level)`` greedy completions (``ignore_eos``, ``--max-tokens`` each) with ``level`` in flight
-and counts output tokens over wall time. Traffic ``base``: held-out prompts to the base model;
-``mixed``: round robin over the base, ``austen``, ``stdlib-docs`` (with its draft adapter) and
-``nodraft``, the last two on held-out standard-library docstrings. Cells are medians over repeats; the
-spread line gives (max - min) / median per server. After the adaptive server's traffic its
-``qserve_speculation_k`` and ``qserve_speculation_acceptance_estimate`` per adapter are printed too.
+k = 1..4 (``--num-speculative-tokens K``) and, last, ``--speculation-policy adaptive`` (k at most 4) with
+the step-time model fitted to the rows before it (:func:`fit_cost`; ``--no-fit-cost``: the pair's), as a
+user measures their own machine. Each gets ``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter
+(so the plain draft drafts it). Per server, per repeat, per traffic and concurrency level it streams
+``max(4, 2 x level)`` greedy requests (``ignore_eos``, ``--max-tokens`` each) with ``level`` in flight,
+and reports output tokens over wall time and the median time to first token. Traffic ``base``: the
+base model only; ``near``: the style adapter ``austen`` only; ``zipf``: a fixed cycle of 10 requests,
+3 base, 4 ``stdlib-docs`` (far domain, with its draft adapter), 2 ``austen``, 1 ``nodraft`` (Zipf 1/r
+over the three adapters, plus 30% base). The smollm2 pair gets chat requests (base: prompts/chat.txt,
+austen: prompts/style.txt, stdlib-docs and nodraft: prompts/python_docs.txt); the demo pair raw
+completions of held-out book text (stdlib docstrings for stdlib-docs and nodraft). Cells are medians
+over repeats; the spread line gives (max - min) / median. After the adaptive server's traffic its
+per-adapter k and acceptance estimate and its count of steps without the draft are printed too.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -23,140 +29,225 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy
 
 from bench.report import argument_parser, publish
-from prompts import heldout_prompts
-from testing.process import REPO_ROOT, start_server
+from bench.serving_bench import spec_counters
+from prompts import domain_prompts, heldout_prompts
+from server.settings import PAIRS
+from testing.process import start_server
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 
 LOGS = Path("/tmp/qserve-bench-logs")
-BASE = "demo-target"
-MIXED = (BASE, "austen", "stdlib-docs", "nodraft")
+TRAFFICS = ("base", "near", "zipf")
+ZIPF_CYCLE = ("stdlib-docs", "(base)", "stdlib-docs", "austen", "(base)", "stdlib-docs", "nodraft", "(base)",
+              "stdlib-docs", "austen")  # fmt: skip
 CONFIGS = {
     "no speculation": ["--no-speculation"],
     **{f"fixed k={k}": ["--num-speculative-tokens", str(k)] for k in (1, 2, 3, 4)},
-    "adaptive (k<=4)": ["--speculation-policy", "adaptive"],
+    "adaptive (k<=4)": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4"],
 }
+GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
 
-def requests_for(traffic: str, n: int, prompts: list[str], stdlib: list[str]) -> list[tuple[str, str]]:
-    """``n`` (model, prompt) pairs of ``traffic`` (``base`` or ``mixed``)."""
-    if traffic == "base":
-        return [(BASE, prompts[i % len(prompts)]) for i in range(n)]
-    out = []
-    for i in range(n):
-        model = MIXED[i % len(MIXED)]
-        out.append((model, (stdlib if model in ("stdlib-docs", "nodraft") else prompts)[i % 8]))
-    return out
+class Workload:
+    """What a pair's requests look like: model ids, prompts per adapter, chat or raw completions."""
+
+    def __init__(self, pair: str) -> None:
+        self.pair, self.base = pair, PAIRS[pair].served_model_name
+        self.chat = pair == "smollm2"
+        if self.chat:
+            far, style, plain = (
+                domain_prompts("python-docs", 16),
+                domain_prompts("style", 16),
+                domain_prompts("chat", 24),
+            )
+        else:
+            far = [" ".join(d.split()[:12]) for d in split_docstrings(stdlib_docstrings())[1][:8]]
+            style = plain = heldout_prompts(24)
+        self.prompts = {"(base)": plain, "austen": style, "stdlib-docs": far, "nodraft": far}
+
+    def requests(self, traffic: str, n: int) -> list[tuple[str, str]]:
+        """``n`` (model, prompt) pairs of ``traffic``."""
+        kinds = {"base": ("(base)",), "near": ("austen",), "zipf": ZIPF_CYCLE}[traffic]
+        out = []
+        for i in range(n):
+            kind = kinds[i % len(kinds)]
+            out.append((self.base if kind == "(base)" else kind, self.prompts[kind][i % len(self.prompts[kind])]))
+        return out
+
+    def body(self, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
+        """(path, JSON body) of one streamed greedy request of exactly ``max_tokens`` output tokens."""
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        if self.chat:
+            return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]}
+        return "/v1/completions", body | {"prompt": prompt}
 
 
-def run_cell(url: str, cases: list[tuple[str, str]], level: int, max_tokens: int) -> float:
-    """Output tokens per wall second for ``cases`` sent with ``level`` in flight."""
-
-    def one(case: tuple[str, str]) -> int:
-        body = {"model": case[0], "prompt": case[1], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-        r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+def stream_one(url: str, path: str, body: dict) -> tuple[int, float]:
+    """Stream one request; returns (completion tokens from the usage chunk, seconds to the first token)."""
+    started, first, tokens = time.monotonic(), None, 0
+    with httpx.stream("POST", url + path, json=body, timeout=900) as r:
         r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if first is None and choices and (choices[0].get("text") or choices[0].get("delta", {}).get("content")):
+                first = time.monotonic() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return tokens, first if first is not None else time.monotonic() - started
 
+
+def run_cell(url: str, work: Workload, cases: list[tuple[str, str]], level: int, max_tokens: int) -> tuple:
+    """(output tokens per wall second, median TTFT ms, tokens per request-step) for ``cases`` streamed with
+    ``level`` in flight; tokens per request-step is 1 + accepted / verify steps with drafts (1 without)."""
+    before = spec_counters(url)
     start = time.monotonic()
     with ThreadPoolExecutor(level) as pool:
-        tokens = sum(pool.map(one, cases))
-    return tokens / (time.monotonic() - start)
+        done = list(pool.map(lambda c: stream_one(url, *work.body(c[0], c[1], max_tokens)), cases))
+    wall = time.monotonic() - start
+    after = spec_counters(url)
+    steps = after["num_drafts"] - before["num_drafts"]
+    per_step = 1 + (after["num_accepted_tokens"] - before["num_accepted_tokens"]) / steps if steps else 1.0
+    return sum(t for t, _ in done) / wall, 1000 * statistics.median(f for _, f in done), per_step
 
 
-def upload_nodraft(url: str) -> None:
-    folder = REPO_ROOT / "models/demo-adapters" / "stdlib-docs"
+def fit_cost(cells: dict) -> tuple[float, float, float, float] | None:
+    """The policy's step-time model (t0, t1, d0, d1 ms; policy.CostModel) fitted to this run's base traffic.
+
+    No speculation at concurrency B: a step of ``B`` tokens takes ``1000 B / tokens_per_s`` ms, fitted
+    as ``t0 + t1 B``. Fixed k at B: ``1000 B E / tokens_per_s`` ms with E the measured tokens per
+    request-step; less the target's ``t0 + t1 B (k + 1)``, the rest is k draft passes,
+    ``d0 k + d1 B (2k + 1)`` (first pass over B (k + 1) + B tokens, k - 1 passes over B), least squares,
+    clipped at 0. Medians over repeats. None without the no-speculation row or a fixed-k row.
+    """
+
+    def median(v: list[tuple], i: int) -> float:
+        return statistics.median(x[i] for x in v)
+
+    base = {(n, lv): v for (n, t, lv), v in cells.items() if t == "base"}
+    plain = [(lv, 1000 * lv / median(v, 0)) for (n, lv), v in base.items() if n == "no speculation"]
+    fixed = [(int(n.split("=")[1]), lv, (median(v, 0), 0, median(v, 2))) for (n, lv), v in base.items()
+             if n.startswith("fixed")]  # fmt: skip
+    if len(plain) < 2 or not fixed:
+        return None
+    t1, t0 = numpy.polyfit([b for b, _ in plain], [ms for _, ms in plain], 1)
+    a = numpy.array([[k, b * (2 * k + 1)] for k, b, _ in fixed], dtype=float)
+    rest = numpy.array([1000 * b * e / tps - t0 - t1 * b * (k + 1) for k, b, (tps, _, e) in fixed])
+    (d0, d1), *_ = numpy.linalg.lstsq(a, rest, rcond=None)
+    t0, t1, d0, d1 = (round(max(float(x), 0.0), 3) for x in (t0, t1, d0, d1))
+    return t0, t1, d0, d1
+
+
+def upload_nodraft(url: str, seed_dir: Path) -> None:
+    folder = seed_dir / "stdlib-docs"
     files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
     r = httpx.post(url + "/v1/adapters", data={"name": "nodraft"}, files=files, timeout=120)
     r.raise_for_status()
 
 
-def speculation_gauges(url: str) -> dict[str, tuple[float, float]]:
-    """Per adapter label: (qserve_speculation_k, qserve_speculation_acceptance_estimate)."""
+def speculation_gauges(url: str) -> dict[str, dict[str, float]]:
+    """Per adapter label (and ``steps`` for the step count): the adaptive policy's gauges from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics", timeout=30).text
     got: dict[str, dict[str, float]] = {}
-    for fam in text_string_to_metric_families(text):
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for s in fam.samples:
-            if s.name in ("qserve_speculation_k", "qserve_speculation_acceptance_estimate"):
-                got.setdefault(s.labels["adapter"], {})[s.name] = s.value
-    return {a: (v.get("qserve_speculation_k", 0.0), v.get("qserve_speculation_acceptance_estimate", 0.0))
-            for a, v in got.items()}  # fmt: skip
+            if s.name in GAUGES:
+                got.setdefault(s.labels.get("adapter", "steps"), {})[s.name] = s.value
+    return got
 
 
 def main() -> None:
     ap = argument_parser(__doc__)
-    ap.add_argument("--levels", default="1,4,16", help="concurrency levels, comma-separated")
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
+    ap.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels, comma-separated")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="which rows to run, comma-separated")
+    ap.add_argument("--no-fit-cost", dest="fit_cost", action="store_false",
+                    help="serve the adaptive row with the pair's step-time model, not one fitted to this run")  # fmt: skip
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     configs = {name: CONFIGS[name] for name in args.configs.split(",")}
-    prompts = heldout_prompts(24)
-    stdlib = [" ".join(d.split()[:12]) for d in split_docstrings(stdlib_docstrings())[1][:8]]
-    cells: dict[tuple[str, str, int], list[float]] = {}
-    gauges: dict[str, tuple[float, float]] = {}
+    work = Workload(args.pair)
+    cells: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    gauges: dict[str, dict[str, float]] = {}
+    fitted = None
     for name, flags in configs.items():
+        if "adaptive" in name and args.fit_cost and (fitted := fit_cost(cells)):
+            flags = [*flags, "--speculation-cost-ms", ",".join(f"{x:g}" for x in fitted)]
+            print(f"step-time model fitted to this run (t0, t1, d0, d1 ms): {fitted}", flush=True)
         store = tempfile.mkdtemp(prefix="qserve-bench-adaptive-")
         env = {"QSERVE_ADAPTER_STORE_DIR": store, "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
-        proc = start_server(flags, LOGS / f"adaptive-{name.replace(' ', '_')}.log", env=env)
+        log = LOGS / f"adaptive-{args.pair}-{name.replace(' ', '_')}.log"
+        proc = start_server(flags, log, env=env, pair=args.pair)
         try:
-            upload_nodraft(proc.base_url)
-            run_cell(proc.base_url, requests_for("mixed", 4, prompts, stdlib), 4, 8)  # warm-up: every adapter
+            upload_nodraft(proc.base_url, PAIRS[args.pair].seed_adapters)
+            run_cell(proc.base_url, work, work.requests("zipf", 10), 4, 8)  # warm-up: every adapter loaded
             for _ in range(args.repeats):
-                for traffic in ("base", "mixed"):
+                for traffic in TRAFFICS:
                     for level in levels:
-                        cases = requests_for(traffic, max(4, 2 * level), prompts, stdlib)
-                        tps = run_cell(proc.base_url, cases, level, args.max_tokens)
-                        cells.setdefault((name, traffic, level), []).append(tps)
-                        print(f"{name:16s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s", flush=True)
+                        cases = work.requests(traffic, max(4, 2 * level))
+                        tps, ttft, per_step = run_cell(proc.base_url, work, cases, level, args.max_tokens)
+                        cells.setdefault((name, traffic, level), []).append((tps, ttft, per_step))
+                        print(
+                            f"{name:16s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms", flush=True
+                        )
             if "adaptive" in name:
-                time.sleep(1.0)
-                run_cell(proc.base_url, [(BASE, "Refresh.")], 1, 1)  # the gauges refresh after a request
-                time.sleep(1.0)
                 gauges = speculation_gauges(proc.base_url)
+                print(f"adaptive gauges: {gauges}", flush=True)
         finally:
             proc.stop()
-    publish(table(args, levels, configs, cells, gauges), args.write, "adaptive_spec")
+    publish(table(args, levels, configs, cells, gauges, fitted), args.write, f"adaptive_spec_{args.pair}")
 
 
-def table(args, levels, configs, cells, gauges) -> list[str]:
-    cols = [(t, lv) for t in ("base", "mixed") for lv in levels]
+def table(args, levels, configs, cells, gauges, fitted) -> list[str]:
+    cols = [(t, lv) for t in TRAFFICS for lv in levels]
+    med = {key: statistics.median(v[0] for v in vals) for key, vals in cells.items()}
+    ttft = {key: statistics.median(v[1] for v in vals) for key, vals in cells.items()}
     lines = [
-        "## Adaptive speculation: tokens/s by policy, concurrency and traffic (demo pair)",
+        f"## Adaptive speculation: tokens/s by policy, concurrency and traffic ({args.pair} pair)",
         "",
-        f"Command: `python -m bench.adaptive_spec --levels {args.levels} --repeats {args.repeats} --max-tokens "
-        f"{args.max_tokens}` (2-core CPU, NF4 target and draft, LoRA on; greedy, ignore_eos; `mixed` = base, austen, "
-        "stdlib-docs with its draft adapter, nodraft = stdlib-docs without it; medians over repeats).",
+        f"Command: `python -m bench.adaptive_spec --pair {args.pair} --levels {args.levels} --repeats {args.repeats} "
+        f"--max-tokens {args.max_tokens}` (2-core CPU, NF4 target and draft, LoRA on; streamed, greedy, ignore_eos; "
+        "`near` = austen only, `zipf` = 30% base + stdlib-docs / austen / nodraft at 4:2:1, nodraft = stdlib-docs "
+        "without its draft adapter; medians over repeats).",
         "",
         "| policy | " + " | ".join(f"{t} c={lv}" for t, lv in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
-    for name in configs:
-        lines.append(
-            f"| {name} | " + " | ".join(f"{statistics.median(cells[(name, t, lv)]):.1f}" for t, lv in cols) + " |"
-        )
-    ref = "no speculation"
-    if ref in configs:
-        for name in configs:
-            if name != ref:
-                ratios = [
-                    statistics.median(cells[(name, t, lv)]) / statistics.median(cells[(ref, t, lv)]) for t, lv in cols
-                ]
-                lines.append(f"| {name} / none | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
-    spread = [
-        (max(v) - min(v)) / statistics.median(v) for v in cells.values() if len(v) > 1 and statistics.median(v) > 0
-    ]
+    lines += [f"| {n} | " + " | ".join(f"{med[(n, t, lv)]:.1f}" for t, lv in cols) + " |" for n in configs]
+    fixed = [n for n in configs if "adaptive" not in n]
+    for name in (n for n in configs if "adaptive" in n):
+        best = [max(med[(f, t, lv)] for f in fixed) for t, lv in cols] if fixed else []
+        if best:
+            lines.append(f"| {name} / best other | " + " | ".join(
+                f"{med[(name, t, lv)] / b:.2f}x" for (t, lv), b in zip(cols, best, strict=True)) + " |")  # fmt: skip
+            lines.append("| best other | " + " | ".join(
+                max(fixed, key=lambda f, t=t, lv=lv: med[(f, t, lv)]).replace("fixed ", "") for t, lv in cols) + " |")  # fmt: skip
+    lines += ["", "TTFT p50, ms (median over repeats of each cell's median):", "",
+              "| policy | " + " | ".join(f"{t} c={lv}" for t, lv in cols) + " |", "|---|" + "---:|" * len(cols)]  # fmt: skip
+    lines += [f"| {n} | " + " | ".join(f"{ttft[(n, t, lv)]:.0f}" for t, lv in cols) + " |" for n in configs]
+    spread = [(max(v[0] for v in vals) - min(v[0] for v in vals)) / med[key] for key, vals in cells.items()
+              if len(vals) > 1 and med[key] > 0]  # fmt: skip
     if spread:
         lines += ["", f"Noise: repeats of one cell spread by a median {100 * statistics.median(spread):.0f}% "
                   f"(max {100 * max(spread):.0f}%), (max - min) / median."]  # fmt: skip
+    if fitted:
+        lines += ["", f"The adaptive server ran with the step-time model fitted to this run's base traffic "
+                  f"(`fit_cost`: `--speculation-cost-ms {','.join(f'{x:g}' for x in fitted)}`, t0, t1, d0, d1 ms)."]  # fmt: skip
     if gauges:
+        steps = gauges.pop("steps", {}).get("qserve_speculation_steps_without_draft")
         lines += ["", "| adapter (adaptive server, after its traffic) | qserve_speculation_k | acceptance estimate |",
                   "|---|---:|---:|"]  # fmt: skip
-        lines += [f"| {a} | {k:.2f} | {acc:.3f} |" for a, (k, acc) in sorted(gauges.items())]
+        lines += [f"| {a} | {v.get(GAUGES[0], 0):.2f} | {v.get(GAUGES[1], 0):.3f} |" for a, v in sorted(gauges.items())]
+        if steps is not None:
+            lines += ["", f"Steps in which the adaptive server ran no draft model at all: {steps:.0f}."]
     return lines
 
 

@@ -1,18 +1,20 @@
-"""Adapter per request vs merged through the API, side by side in one server run.
+"""Adapter per request (with and without its draft adapter) vs merged through the API, in one server run.
 
-One server (default settings: NF4 target, plain NF4 draft, speculation k=4, LoRA).
-For each shipped adapter: ``POST /v1/adapters/{name}/merge`` twice, once with the
-default option (delta added to the NF4-dequantized base, served bf16) and once
-served NF4 (delta added to the bf16 base, re-quantized in flight), each merging the
-adapter's draft adapter into the draft; then the same greedy requests go, one at a
-time, to the base model, the adapter served per request, and both merged models;
-then both merged models are deleted. Reports acceptance (accepted / draft tokens,
-from each response's ``metrics.speculative_decoding``), output tokens/s at
-concurrency 1, how many greedy continuations equal the per-request adapter's, and
-each merge job's fidelity report (probe prompts, server/merge/weights/probe.py) and memory.
+One server (the pair's NF4 target and NF4 draft, fixed speculation with ``--k`` drafts, LoRA). For each
+adapter: its copy ``NAME-nodraft`` is uploaded without the draft adapter; ``POST /v1/adapters/{name}/merge``
+runs once per ``--options`` entry (default: delta added to the NF4-dequantized base, served bf16; ``nf4``
+too: delta added to the bf16 base, re-quantized in flight), each merging the adapter's draft adapter into
+the draft. Then the same greedy requests go, one at a time, to the base model (on the base's prompts, and
+on the adapter's), the adapter per request with its draft adapter applied to the draft (vllm_patches.
+draft_lora), the adapter per request drafted by the plain draft, and each merged model; then the merged
+models are deleted. Reports acceptance (accepted / draft tokens, from each response's
+``metrics.speculative_decoding``), output tokens/s at concurrency 1, how many greedy answers equal the
+per-request adapter's, and each merge job's fidelity report (probe prompts, server/merge/weights/probe.py)
+and memory. The smollm2 pair gets chat requests (base: prompts/chat.txt; stdlib-docs: prompts/python_docs.txt;
+austen: prompts/style.txt), the demo pair raw completions of held-out book text.
 
-Usage: python -m bench.merge_serving [--adapters austen stdlib-docs] [--requests 8] [--max-tokens 32]
-       [--write BENCHMARKS.md]
+Usage: python -m bench.merge_serving [--pair smollm2] [--adapters austen stdlib-docs] [--requests 8]
+       [--max-tokens 32] [--k 4] [--options default nf4] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -24,22 +26,28 @@ from pathlib import Path
 import httpx
 
 from bench.report import argument_parser, publish
-from prompts import heldout_prompts
+from prompts import domain_prompts, heldout_prompts
+from server.settings import PAIRS
 from testing.process import start_server
 
 LOGS = Path("/tmp/qserve-bench-logs")
-OPTIONS = {  # label -> merge request body
-    "merged, default (NF4-dequantized base, served bf16)": {"merge_base": "nf4", "precision": "bf16"},
-    "merged, served NF4 (bf16 base, re-quantized)": {"merge_base": "bf16", "precision": "nf4"},
+OPTIONS = {  # --options name -> (row label, merge request body)
+    "default": ("merged, default (NF4-dequantized base, served bf16)", {"merge_base": "nf4", "precision": "bf16"}),
+    "nf4": ("merged, served NF4 (bf16 base, re-quantized)", {"merge_base": "bf16", "precision": "nf4"}),
 }
+DOMAIN = {"stdlib-docs": "python-docs", "austen": "style"}  # the smollm2 adapters' own prompt sets
 
 
-def run(base_url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
-    """Greedy completions one at a time: token ids, draft/accepted counts, output tokens/s."""
+def run(base_url: str, model: str, prompts: list[str], max_tokens: int, chat: bool) -> dict:
+    """Greedy requests one at a time: answers (token ids or text), draft/accepted counts, output tokens/s."""
 
     def one(prompt: str) -> dict:
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True}
-        r = httpx.post(base_url + "/v1/completions", json=body, timeout=300)
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body |= {"prompt": prompt, "return_token_ids": True}
+        r = httpx.post(base_url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body, timeout=300)
         r.raise_for_status()
         return r.json()
 
@@ -49,11 +57,18 @@ def run(base_url: str, model: str, prompts: list[str], max_tokens: int) -> dict:
     wall = time.perf_counter() - started
     spec = [o["metrics"]["speculative_decoding"] for o in outs]
     draft = sum(s["num_draft_tokens"] for s in spec)
+    answers = [c.get("token_ids") or c.get("message", {}).get("content") for c in (o["choices"][0] for o in outs)]
     return {
-        "ids": [o["choices"][0]["token_ids"] for o in outs],
+        "ids": answers,
         "acceptance": sum(s["num_accepted_draft_tokens"] for s in spec) / max(draft, 1),
         "tokens_per_s": sum(o["usage"]["completion_tokens"] for o in outs) / wall,
     }
+
+
+def upload_without_draft(base_url: str, folder: Path, name: str) -> None:
+    """Upload ``folder``'s target adapter alone (no draft adapter) as ``name``."""
+    files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    httpx.post(base_url + "/v1/adapters", data={"name": name}, files=files, timeout=120).raise_for_status()
 
 
 def mib_cell(memory: dict | None, key: str, digits: int) -> str:
@@ -79,44 +94,67 @@ def merge(base_url: str, adapter: str, model: str, body: dict) -> dict:
 
 def main() -> None:
     ap = argument_parser(__doc__)
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
     ap.add_argument("--adapters", nargs="+", default=["austen", "stdlib-docs"])
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per step (fixed policy)")
+    ap.add_argument("--options", nargs="+", choices=sorted(OPTIONS), default=sorted(OPTIONS))
     a = ap.parse_args()
-    prompts = heldout_prompts(a.requests)
+    pair, chat = PAIRS[a.pair], a.pair == "smollm2"
+
+    def prompts_of(adapter: str | None) -> list[str]:
+        if not chat:
+            return heldout_prompts(a.requests)
+        return domain_prompts(DOMAIN.get(adapter, "chat") if adapter else "chat", a.requests)
+
     work = Path(tempfile.mkdtemp(prefix="qserve-merge-bench-"))
     env = {"QSERVE_ADAPTER_STORE_DIR": str(work / "store"), "QSERVE_MERGED_MODELS_DIR": str(work / "merged")}
-    proc = start_server(["--max-merged-models", str(len(OPTIONS))], LOGS / "merge-serving.log", env=env)
+    args = ["--max-merged-models", str(len(a.options)), "--num-speculative-tokens", str(a.k)]
+    proc = start_server(args, LOGS / f"merge-serving-{a.pair}.log", env=env, pair=a.pair)
     rows, fidelity = [], []  # (label, result, equal continuations, memory); (adapter, job)
     try:
-        base = run(proc.base_url, "demo-target", prompts, a.max_tokens)
-        rows.append(("base model, plain draft (reference)", base, None, None))
+        base = run(proc.base_url, pair.served_model_name, prompts_of(None), a.max_tokens, chat)
+        rows.append(("base model, plain draft, base prompts (reference)", base, None, None))
         for name in a.adapters:
-            per_request = run(proc.base_url, name, prompts, a.max_tokens)
-            rows.append((f"{name}: adapter per request, plain draft", per_request, None, None))
-            for i, (label, body) in enumerate(OPTIONS.items()):
+            prompts = prompts_of(name)
+            upload_without_draft(proc.base_url, pair.seed_adapters / name, f"{name}-nodraft")
+            if chat:
+                got = run(proc.base_url, pair.served_model_name, prompts, a.max_tokens, chat)
+                rows.append((f"{name}'s prompts: base model, plain draft", got, None, None))
+            per_request = run(proc.base_url, name, prompts, a.max_tokens, chat)
+            rows.append((f"{name}: adapter per request, its draft adapter (draft_lora)", per_request, None, None))
+            got = run(proc.base_url, f"{name}-nodraft", prompts, a.max_tokens, chat)
+            same = sum(x == y for x, y in zip(got["ids"], per_request["ids"], strict=True))
+            rows.append((f"{name}: adapter per request, plain draft (uploaded without it)", got, same, None))
+            for i, option in enumerate(a.options):
+                label, body = OPTIONS[option]
                 job = merge(proc.base_url, name, f"{name}-m{i}", body)
                 if i == 0:
                     fidelity.append((name, job))
-                got = run(proc.base_url, job["model"], prompts, a.max_tokens)
+                got = run(proc.base_url, job["model"], prompts, a.max_tokens, chat)
                 same = sum(x == y for x, y in zip(got["ids"], per_request["ids"], strict=True))
                 rows.append((f"{name}: {label}, merged draft", got, same, job["memory"]))
-            for i in range(len(OPTIONS)):
+            for i in range(len(a.options)):
                 httpx.delete(f"{proc.base_url}/v1/models/{name}-m{i}", timeout=120).raise_for_status()
     finally:
         proc.stop()
-    cmd = f"python -m bench.merge_serving --adapters {' '.join(a.adapters)} --requests {a.requests} --max-tokens {a.max_tokens}"
+    cmd = (
+        f"python -m bench.merge_serving --pair {a.pair} --adapters {' '.join(a.adapters)} --requests {a.requests}"
+        f" --max-tokens {a.max_tokens} --k {a.k} --options {' '.join(a.options)}"
+    )
     lines = [
-        "## Merged adapter + merged draft vs adapter per request (through the merge API)",
+        f"## Draft adapters per request vs merged pair vs plain draft ({a.pair} pair, through the merge API)",
         "",
-        f"Command: `{cmd}` (2-core CPU, shared; vLLM 0.32.0 CPU build, speculation k=4, greedy, concurrency 1,"
-        f" {a.requests} held-out prompts x {a.max_tokens} tokens). One server: the base and the per-request adapter"
-        " rows are its NF4 target with the plain NF4 draft; each merged row is a model id made by"
+        f"Command: `{cmd}` (2-core CPU; vLLM 0.32.0 CPU build, speculation k={a.k}, greedy, concurrency 1,"
+        f" {a.requests} prompts x at most {a.max_tokens} tokens, {'chat' if chat else 'held-out book text'}). One"
+        " server: the base and per-request rows are its NF4 target and NF4 draft (with the adapter's draft"
+        " adapter applied per request, or without it); each merged row is a model id made by"
         " `POST /v1/adapters/{name}/merge` (its own engine, no LoRA), its draft the adapter's draft adapter merged"
         " into the draft. Memory: the merge job's report (served weights target + draft; resident memory of the"
         " merged model's engine processes).",
         "",
-        "| model | acceptance (accepted / draft tokens) | output tokens/s | greedy continuations equal to per-request"
+        "| model | acceptance (accepted / draft tokens) | output tokens/s | greedy answers equal to per-request"
         " | weights MiB | engine RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
         *[
@@ -139,7 +177,7 @@ def main() -> None:
             for key, o in job["fidelity"][part]["options"].items()
         ],
     ]
-    publish(lines, a.write, "merge_serving")
+    publish(lines, a.write, "merge_serving" if a.pair == "demo" else f"merge_serving_{a.pair}")
 
 
 if __name__ == "__main__":

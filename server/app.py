@@ -29,6 +29,7 @@ from server.api.routes import adapters, dashboard, health, merges, openai
 from server.catalog import ModelCatalog
 from server.engine.build import open_engine, set_engine_environment, vllm_namespace
 from server.engine.observed import ObservedEngine
+from server.engine.speculation.policy import CostModel
 from server.engine.watchdog import watch_engine
 from server.errors import install_error_handlers
 from server.merge.service import MergeService
@@ -125,6 +126,11 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
         str(settings.draft_model) if settings.speculation else "",
         str(settings.draft_tokens_per_step),
     ).set(1)
+    if settings.draft_tokens_per_step:
+        cost = CostModel(*settings.speculation_cost)
+        state.metrics.break_even.labels(settings.served_model_name).set(
+            cost.break_even_acceptance(settings.draft_tokens_per_step)
+        )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai.router)

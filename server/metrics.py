@@ -111,6 +111,20 @@ class ServerMetrics:
             ma,
             registry=r,
         )
+        self.break_even = Gauge(
+            f"{PREFIX}_speculation_break_even_acceptance",
+            "Acceptance rate (accepted / draft tokens) below which speculation with the configured k is slower "
+            "than none for a lone request, from the pair's step-time model (policy.CostModel.break_even_acceptance).",
+            ["model"],
+            registry=r,
+        )
+        self.speculation_skipped_steps = Gauge(
+            f"{PREFIX}_speculation_steps_without_draft",
+            "Engine steps since start in which the adaptive policy gave no request a draft token and the draft "
+            "model did not run at all (vllm_patches.adaptive_k); a count, read from the engine at each scrape.",
+            ["model"],
+            registry=r,
+        )
         self.accepted_per_pos = Counter(
             f"{PREFIX}_spec_decode_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft position (0 = first proposed token).",
@@ -192,6 +206,8 @@ class ServerMetrics:
             labels = (model, self.adapter_label(None if key == BASE_LABEL else key))
             self.speculation_k.labels(*labels).set(entry["mean_k"])
             self.speculation_acceptance.labels(*labels).set(entry["acceptance"])
+        if "skipped_steps" in report:
+            self.speculation_skipped_steps.labels(model).set(report["skipped_steps"])
 
     MERGED_KINDS = {"weight": "weight_bytes", "kv_cache": "kv_cache_bytes", "engine_rss": "engine_rss_bytes",
                     "disk": "disk_bytes"}  # fmt: skip

@@ -26,6 +26,8 @@ class ModelPair(NamedTuple):
     draft: Path
     seed_adapters: Path
     num_speculative_tokens: int  # the k this pair is fastest at (BENCHMARKS.md, "Serving")
+    # The adaptive policy's step-time model, ms (t0, t1, d0, d1; server/engine/speculation/policy.CostModel).
+    speculation_cost_ms: tuple[float, float, float, float]
 
 
 # The pair a server runs by default (``--pair``); each of its parts can still be set on its own.
@@ -37,6 +39,8 @@ PAIRS = {
         REPO_ROOT / "models" / "smollm2-135m-draft",
         REPO_ROOT / "adapters",
         1,  # acceptance 0.33: k=1 1.08x of no speculation at concurrency 1, k=4 0.85x
+        # From BENCHMARKS.md "Serving" (no speculation 92 ms/step at concurrency 1, 132 at 8; c = 0.166).
+        (86.0, 5.7, 15.0, 1.8),
     ),
     # The 12M demo pair trained on five books: the fast fixture of the mechanics tests.
     "demo": ModelPair(
@@ -45,6 +49,7 @@ PAIRS = {
         REPO_ROOT / "models" / "draft",
         REPO_ROOT / "models" / "demo-adapters",
         4,
+        (30.0, 0.4, 10.0, 0.1),  # fitted to the demo pair's load tests (policy.CostModel's doc)
     ),
 }
 DEMO_TARGET, DEMO_DRAFT = PAIRS["demo"].target, PAIRS["demo"].draft
@@ -115,6 +120,11 @@ class Settings(BaseSettings):
         description="fixed: every request drafts num_speculative_tokens each step; adaptive: each request's k "
         "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size",
     )
+    speculation_cost_ms: str = Field(
+        description="the adaptive policy's step-time model in ms, 't0,t1,d0,d1': a target forward over x tokens "
+        "costs t0 + t1 x, a draft forward d0 + d1 x (measure yours: python -m bench.adaptive_spec); "
+        "default: the pair's"
+    )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: 4-bit NF4 via bitsandbytes (QLoRA); none: serve the checkpoint dtype"
     )
@@ -169,6 +179,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="generation requests allowed to wait beyond max_num_seqs; past it 429")
     retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After header of a 429 (seconds)")
     shutdown_grace_s: int = Field(30, ge=0, le=3600, description="on SIGTERM, seconds in-flight requests may finish")
+    keep_alive_timeout_s: int = Field(
+        65,
+        ge=1,
+        le=3600,
+        description="seconds an idle HTTP/1.1 connection stays open; longer than clients' pools keep one (httpx 5, "
+        "aiohttp 15, load balancers 60), so the server never closes a connection a client is reusing",
+    )
     exit_on_engine_death: bool = Field(
         True, description="exit non-zero when the engine dies (a supervisor restarts us)"
     )
@@ -188,8 +205,20 @@ class Settings(BaseSettings):
             "draft_model": pair.draft,
             "seed_adapters_dir": pair.seed_adapters,
             "num_speculative_tokens": pair.num_speculative_tokens,
+            "speculation_cost_ms": ",".join(f"{x:g}" for x in pair.speculation_cost_ms),
         }
         return {**defaults, **data}
+
+    @field_validator("speculation_cost_ms")
+    @classmethod
+    def _cost_is_four_numbers(cls, v: str) -> str:
+        try:
+            values = [float(p) for p in v.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4 or any(not x >= 0 for x in values):
+            raise ValueError(f"{v!r} is not 't0,t1,d0,d1': four numbers >= 0 (ms), e.g. '86,5.7,15,1.8'")
+        return v
 
     @field_validator("api_keys_file")
     @classmethod
@@ -239,3 +268,9 @@ class Settings(BaseSettings):
     def draft_tokens_per_step(self) -> int:
         """Draft tokens proposed per speculation step: ``num_speculative_tokens`` with speculation on, else 0."""
         return self.num_speculative_tokens if self.speculation else 0
+
+    @property
+    def speculation_cost(self) -> tuple[float, float, float, float]:
+        """``speculation_cost_ms`` as numbers (t0, t1, d0, d1), milliseconds."""
+        t0, t1, d0, d1 = (float(p) for p in self.speculation_cost_ms.split(","))
+        return t0, t1, d0, d1

@@ -26,7 +26,9 @@ K_GAUGE, A_GAUGE = "qserve_speculation_k", "qserve_speculation_acceptance_estima
 
 @pytest.fixture(scope="module")
 def adaptive():
-    proc = launch("adaptive-spec", "--speculation-policy", "adaptive", store=Path(tempfile.mkdtemp(prefix="qs-ad-")))
+    # a cheap draft (d0 2 ms against t0 30): drafting pays even in a batch of 16, so its requests get different k
+    args = ("--speculation-policy", "adaptive", "--speculation-cost-ms", "30,0.4,2,0.05")
+    proc = launch("adaptive-spec", *args, store=Path(tempfile.mkdtemp(prefix="qs-ad-")))
     upload(proc.base_url, "nodraft", SHIPPED / "stdlib-docs")
     yield proc
     proc.stop()
@@ -52,12 +54,11 @@ def gauges(url: str, adapter: str) -> tuple[float, float]:
 
 
 def test_the_policy_drafts_less_for_an_adapter_whose_drafts_are_rejected(adaptive, stdlib_prompts, prompts):
-    # nodraft on its own domain (drafted by the plain draft) beside the base, 8 of each at once; the base
-    # requests are longer so the batch's tail, where B is small and drafting is cheap, holds only them
-    cases = [("nodraft", p, 32) for p in stdlib_prompts] + [(MODEL, p, 64) for p in prompts[:8]]
-    for _ in range(2):
-        with cf.ThreadPoolExecutor(len(cases)) as pool:
-            list(pool.map(lambda c: complete(adaptive.base_url, *c), cases))
+    # nodraft on its own domain (drafted by the plain draft) and the base, one request at a time: at batch 1
+    # drafting pays for the base, while nodraft's estimate falls until its requests draft nothing
+    for far, near in zip(stdlib_prompts, prompts[:8], strict=True):
+        complete(adaptive.base_url, "nodraft", far, 32)
+        complete(adaptive.base_url, MODEL, near, 32)
     k_far, a_far = gauges(adaptive.base_url, "nodraft")
     k_base, a_base = gauges(adaptive.base_url, "(base)")
     print(f"after traffic: nodraft k {k_far:.2f} acceptance {a_far:.3f}; base k {k_base:.2f} acceptance {a_base:.3f}")
@@ -75,3 +76,27 @@ def test_a_mixed_batch_with_different_k_gives_the_plain_greedy_output(adaptive, 
     assert not wrong, wrong
     assert "first step whose requests draft different k" in adaptive.log_tail(100_000)
     assert httpx.get(adaptive.base_url + "/ready", timeout=10).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def skipping():
+    # Step-time model where drafting pays for one request (a ~0.6) and not for 8 (a step without the draft wins):
+    # B=1: k=1 1.6 / 15.5 ms > no draft 1 / 11; B=8: no draft 8 / 18 > k=1 12.8 / 40 (policy.CostModel).
+    proc = launch("adaptive-skip", "--speculation-policy", "adaptive", "--speculation-cost-ms", "10,1,2,0.5")
+    yield proc
+    proc.stop()
+
+
+def test_steps_without_the_draft_keep_the_output_and_later_requests_draft_again(skipping, plain, prompts):
+    with cf.ThreadPoolExecutor(8) as pool:  # 8 at once: the policy skips the draft model
+        batched = list(pool.map(lambda p: complete(skipping.base_url, MODEL, p, 32), prompts[:8]))
+    skipped = total(scrape(skipping.base_url), "qserve_speculation_steps_without_draft")
+    solo = complete(skipping.base_url, MODEL, prompts[8], 32)  # alone, fresh draft KV: it drafts again
+    refs = [complete(plain, MODEL, p, 32) for p in prompts[:9]]
+    wrong = [
+        (i, why) for i, (got, ref) in enumerate(zip([*batched, solo], refs, strict=True)) if (why := parting(got, ref))
+    ]
+    assert not wrong, wrong
+    assert skipped > 0
+    spec = solo["metrics"]["speculative_decoding"]
+    assert spec["num_draft_tokens"] > 0 and spec["num_accepted_draft_tokens"] > 0, spec

@@ -59,11 +59,14 @@ class _Cells(HTMLParser):
         self.tiles: dict[str, str] = {}
         self.loaded = False
         self.series: list[str] = []
+        self.break_even: dict[str, str] = {}
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "body" and a.get("data-loaded") == "1":
             self.loaded = True
+        if a.get("class") == "break-even":
+            self.break_even[a["data-model"]] = a["data-value"]
         if "data-series" in a:
             self.series.append(a["data-series"])
         if "data-field" in a:
@@ -108,8 +111,17 @@ def test_dashboard_shows_the_numbers_of_metrics(base_url, prompts):
         assert float(shown["accepted_tokens"]) == accepted
         assert float(shown["acceptance_rate"]) == pytest.approx(accepted / draft, rel=1e-12)
         assert float(shown["generation_tokens"]) == total(served, "qserve_generation_tokens_total", adapter=adapter)
+        # the speculation policy's numbers (the fixed policy exports them too: k = num_speculative_tokens)
+        assert float(parsed.cells[(key, "k")]) == total(served, "qserve_speculation_k", adapter=adapter) > 0
+        estimate = total(served, "qserve_speculation_acceptance_estimate", adapter=adapter)
+        assert float(parsed.cells[(key, "acceptance_estimate")]) == pytest.approx(estimate, rel=1e-12) and estimate > 0
+        if adapter != "(base)":  # both shipped adapters have a draft adapter, applied per request
+            applied = total(served, "qserve_draft_adapter_requests_total", adapter=adapter, applied="true")
+            assert float(parsed.cells[(key, "draft_adapter_applied")]) == applied > 0
         for field, hist, q in (("ttft_p50", "qserve_time_to_first_token_seconds", 0.5),
                                ("ttft_p95", "qserve_time_to_first_token_seconds", 0.95),
                                ("itl_p95", "qserve_inter_token_latency_seconds", 0.95)):  # fmt: skip
             expected = histogram_quantile(q, buckets(served, hist, adapter))
             assert float(shown[field]) == pytest.approx(expected, rel=1e-9), (adapter, field)
+    # the break-even line is drawn at the value /metrics exports
+    assert float(parsed.break_even[MODEL]) == total(served, "qserve_speculation_break_even_acceptance", model=MODEL) > 0

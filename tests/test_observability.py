@@ -12,7 +12,8 @@ import pytest
 
 from bench.serving_bench import spec_counters
 from server.engine.observed import spec_summary
-from server.engine.speculation.speedup import break_even_acceptance, speedup
+from server.engine.speculation.policy import CostModel
+from server.engine.speculation.speedup import break_even_acceptance, expected_tokens, speedup
 from server.metrics import BASE_LABEL, OTHER_LABEL, AdapterLabels
 from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, MODEL
@@ -34,14 +35,20 @@ def test_spec_summary_from_vllm_histogram():
 
 
 def test_break_even_acceptance_matches_the_alert_rule():
-    a = break_even_acceptance(k=4, c=0.372)  # c measured in BENCHMARKS.md
+    a = break_even_acceptance(k=4, c=0.372)  # per-token acceptance (Leviathan's alpha) at speedup 1
     assert speedup(a, 4, 0.372) == pytest.approx(1.0, abs=1e-9)
     assert 1 + a + a**2 + a**3 + a**4 == pytest.approx(4 * 0.372 + 1)
     assert speedup(a - 0.01, 4, 0.372) < 1 < speedup(a + 0.01, 4, 0.372)
     assert break_even_acceptance(4, 0.0) == 0.0 and break_even_acceptance(1, 1.5) == 1.0
+    # What the alert compares is accepted / draft tokens = (E - 1) / k: at speedup 1 that is c for any k
+    # (E = 1 + k c), which CostModel.break_even_acceptance gives with Leviathan's cost (t1 = d1 = 0)
+    for k in (1, 2, 4):
+        assert CostModel(t0=1.0, t1=0.0, d0=0.372, d1=0.0).break_even_acceptance(k) == pytest.approx(0.372)
+        assert (expected_tokens(break_even_acceptance(k, 0.372), k) - 1) / k == pytest.approx(0.372, abs=1e-9)
     rules = (REPO_ROOT / "deploy/prometheus/alerts.yml").read_text()
-    assert f") < {a:.3f}" in rules and f"break-even {a:.3f}" in rules
-    assert f"vector({a:.3f})" in (REPO_ROOT / "deploy/grafana/qserve-dashboard.json").read_text()
+    assert "< on (model) group_left () max by (model) (qserve_speculation_break_even_acceptance)" in rules
+    grafana = (REPO_ROOT / "deploy/grafana/qserve-dashboard.json").read_text()
+    assert "max by (model) (qserve_speculation_break_even_acceptance)" in grafana
 
 
 @pytest.mark.engine

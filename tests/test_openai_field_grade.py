@@ -6,6 +6,8 @@ client where it applies, or raw HTTP where the client hides what is checked (sta
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -158,3 +160,27 @@ def test_structured_outputs_of_the_wrong_type_is_400_naming_it(base_url, route, 
     r = httpx.post(f"{base_url}/v1/{route}", json={**body, "max_tokens": 2}, timeout=60)
     assert r.status_code == 400, r.text  # vLLM's validator raised AttributeError: a 500
     assert r.json()["error"]["param"] == "structured_outputs" and "must be an object" in r.json()["error"]["message"]
+
+
+def test_an_idle_keep_alive_connection_outlives_a_client_pool_expiry(base_url):
+    # uvicorn's default keep-alive (5 s) equals httpx's pool expiry: a request sent on a connection the server
+    # was closing failed with "Server disconnected" in the soak. Ours stays open longer than clients keep one.
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(base_url)
+    request = f"GET /health HTTP/1.1\r\nHost: {url.hostname}\r\n\r\n".encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = sock.recv(4096)
+                assert chunk, "the server closed the idle keep-alive connection"
+                reply += chunk
+            head, body = reply.split(b"\r\n\r\n", 1)
+            length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+            while len(body) < length:
+                body += sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            time.sleep(6)  # past uvicorn's default 5 s

@@ -115,7 +115,14 @@ def test_keys_file_must_exist(tmp_path):
 def test_the_speculation_policy_reaches_the_engine_core_as_additional_config():
     assert Settings().speculation_policy == "fixed"
     args = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive"]))
-    assert args.additional_config == {"qserve_speculation": {"policy": "adaptive"}}
+    assert args.additional_config == {"qserve_speculation": {"policy": "adaptive", "cost_ms": [30.0, 0.4, 10.0, 0.1]}}
+    # the step-time model: the pair's by default, or a user's own measurement
+    assert Settings(pair="smollm2").speculation_cost == PAIRS["smollm2"].speculation_cost_ms
+    mine = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5"]))
+    assert mine.additional_config["qserve_speculation"]["cost_ms"] == [50.0, 2.0, 8.0, 0.5]
+    for bad in ("1,2", "a,b,c,d", "1,2,3,-4"):
+        with pytest.raises(ValidationError, match="four numbers >= 0"):
+            Settings(speculation_cost_ms=bad)
     assert "--additional-config" not in vllm_argv(Settings(speculation=False))
     with pytest.raises(ValidationError, match="'fixed' or 'adaptive'"):
         Settings(speculation_policy="sometimes")

@@ -127,3 +127,29 @@ def test_the_report_gives_a_mean_k_and_counts_mixed_steps():
     assert report["mixed_steps"] == 10  # the base drafts (prior 0.6), "far" does not
     assert report["adapters"]["far"]["mean_k"] == 0.0
     assert report["adapters"]["(base)"]["mean_k"] == report["adapters"]["(base)"]["k"] >= 1
+
+
+def test_a_step_that_skips_the_draft_at_k0_costs_the_plain_step():
+    cost = CostModel()
+    assert cost.step_ms(16, 16, 0, draft_skipped=True) == cost.plain_step_ms(16)
+    assert cost.step_ms(16, 16, 0) > cost.plain_step_ms(16)  # vLLM's k=0: the draft's first pass still runs
+    ks, rate = choose_k([Group(0.05, 16)], 4, cost, skip_at_zero=True)
+    assert ks == [0]
+    assert rate == pytest.approx(16 / cost.plain_step_ms(16))
+
+
+def test_skipping_makes_no_drafting_win_where_a_k0_draft_pass_would_lose_it():
+    # a = 0.35 at batch 8: k=1 yields 8 * 1.35 tokens over 30 + 6.4 + 10 + 2.4 = 48.8 ms (0.221/ms); k=0 with
+    # the draft's pass 8 / (30 + 3.2 + 10 + 1.6) = 0.179/ms; k=0 with the draft skipped 8 / 33.2 = 0.241/ms.
+    groups = [Group(0.35, 8)]
+    assert choose_k(groups, 4, CostModel())[0] == [1]
+    ks, rate = choose_k(groups, 4, CostModel(), skip_at_zero=True)
+    assert ks == [0] and rate == pytest.approx(8 / 33.2)
+
+
+def test_stale_requests_count_in_the_batch_but_never_draft_or_get_probed():
+    policy = AdaptivePolicy(k_max=4, probe_every=1)
+    ks = policy.plan([("(base)", False)] * 2, stale=30, skip_at_zero=False)
+    assert len(ks) == 2  # only the fresh rows get a k
+    # 30 stale rows make the batch large: fewer drafts than the same two requests alone
+    assert max(ks) <= max(policy.plan([("(base)", False)] * 2))

@@ -10,8 +10,11 @@ draft ``K`` times for every row and keeps ``k_i``), costs (:class:`CostModel`, l
 
 ``Tt(x) = t0 + t1 x`` is a target forward over ``x`` tokens (``n``: each request's new token and its
 drafts to verify), ``Td(x) = d0 + d1 x`` a draft forward: vLLM's first draft pass takes every target
-query token plus one slot per request (``n + B``, and it runs even at ``K = 0``, to keep the draft's
-KV cache in step), then ``K - 1`` passes of one token per request. :func:`choose_k` maximizes expected
+query token plus one slot per request (``n + B``, and vLLM runs it even at ``K = 0``, to keep the
+draft's KV cache in step), then ``K - 1`` passes of one token per request. A decode-only step at
+``K = 0`` may instead skip the draft altogether (``skip_at_zero``; ``vllm_patches/adaptive_k.py``
+does, and never lets those requests draft again, since their draft KV has a gap): it costs
+``Tt(B)``, the step without speculation. :func:`choose_k` maximizes expected
 tokens per unit time ``sum_i E(a_i, k_i) / T`` over ``K`` in ``0..k_max`` and, for each ``K``, over
 ``k_i <= K`` by Dinkelbach's method (Dinkelbach 1967, "On nonlinear fractional programming"): for a
 price ``lam`` the best ``k_i`` maximizes ``E(a_i, k) - lam s k`` (``s = t1 + d1``, the cost of one more
@@ -52,8 +55,13 @@ class CostModel:
     d0: float = 10.0
     d1: float = 0.1
 
-    def step_ms(self, batch: int, verify_tokens: int, passes: int) -> float:
-        """Predicted step time (ms) for ``batch`` requests, ``verify_tokens`` = sum(k_i + 1), ``passes`` = K."""
+    def step_ms(self, batch: int, verify_tokens: int, passes: int, draft_skipped: bool = False) -> float:
+        """Predicted step time (ms) for ``batch`` requests, ``verify_tokens`` = sum(k_i + 1), ``passes`` = K.
+
+        ``draft_skipped`` (only meaningful at ``passes == 0``): the draft does not run at all.
+        """
+        if draft_skipped and passes == 0:
+            return self.plain_step_ms(batch)
         n = verify_tokens
         return (
             self.t0 + self.t1 * n + self.d0 + self.d1 * (n + batch) + max(passes - 1, 0) * (self.d0 + self.d1 * batch)
@@ -62,6 +70,16 @@ class CostModel:
     def plain_step_ms(self, batch: int) -> float:
         """Predicted step time (ms) of the same batch with no draft model at all (one token per request)."""
         return self.t0 + self.t1 * batch
+
+    def break_even_acceptance(self, k: int) -> float:
+        """The acceptance rate (accepted / draft tokens) below which ``k`` drafts per step are slower than
+        none, for one request: speedup E / (T_k / T_0) = 1 (Leviathan et al. 2023, Thm 3.8, with this step
+        model for the cost) at E = T_k / T_0 tokens per step, i.e. (T_k / T_0 - 1) / k accepted per draft
+        token; clipped to [0, 1]. ``k`` >= 1. (With Leviathan's own cost T_k / T_0 = 1 + k c it is c, for
+        any k: a per-token acceptance threshold compared with accepted / draft tokens would be wrong for k > 1.)
+        """
+        ratio = self.step_ms(1, k + 1, k) / self.plain_step_ms(1)
+        return min(max((ratio - 1) / k, 0.0), 1.0)
 
 
 @dataclass(frozen=True)
@@ -85,21 +103,24 @@ def _best_k(a: float, limit: int, price: float) -> int:
     return k
 
 
-def _rate(groups: Sequence[Group], ks: Sequence[int], passes: int, cost: CostModel) -> float:
+def _rate(groups: Sequence[Group], ks: Sequence[int], passes: int, cost: CostModel, skip: bool = False) -> float:
     """Expected tokens per ms of a step with ``ks`` drafts per group and ``passes`` draft passes."""
     batch = sum(g.count for g in groups)
     tokens = sum(g.count * expected_tokens(g.a, k) for g, k in zip(groups, ks, strict=True))
     verify = sum(g.count * (k + 1) for g, k in zip(groups, ks, strict=True))
-    return tokens / cost.step_ms(batch, verify, passes)
+    return tokens / cost.step_ms(batch, verify, passes, draft_skipped=skip)
 
 
-def choose_k(groups: Sequence[Group], k_max: int, cost: CostModel) -> tuple[list[int], float]:
+def choose_k(
+    groups: Sequence[Group], k_max: int, cost: CostModel, skip_at_zero: bool = False
+) -> tuple[list[int], float]:
     """Drafts per group maximizing expected tokens per ms of the step (model in the module doc).
 
     Args:
         groups: the step's requests, grouped (each ``a`` in [0, 1], ``count`` >= 1).
         k_max: the most drafts a request may get (the configured ``num_speculative_tokens``), >= 0.
         cost: the step-time model.
+        skip_at_zero: a step where no request drafts skips the draft model (costs the plain step).
 
     Returns:
         (k per group, in ``groups`` order; the predicted rate in tokens/ms). Ties go to fewer drafts.
@@ -117,14 +138,14 @@ def choose_k(groups: Sequence[Group], k_max: int, cost: CostModel) -> tuple[list
     best: tuple[float, list[int]] | None = None
     for passes in range(lowest, k_max + 1):
         ks = [passes if g.pinned else 0 for g in groups]
-        lam = _rate(groups, ks, passes, cost)
+        lam = _rate(groups, ks, passes, cost, skip_at_zero)
         for _ in range(32):  # Dinkelbach on this K: the rate rises strictly until optimal (a few rounds)
             nxt = [passes if g.pinned else _best_k(g.a, passes, lam * s) for g in groups]
             r = _rate(groups, nxt, passes, cost)
             if r <= lam * (1 + 1e-12):
                 break
             ks, lam = nxt, r
-        lam = _rate(groups, ks, max(ks), cost)  # fewer passes if no group drafts K
+        lam = _rate(groups, ks, max(ks), cost, skip_at_zero)  # fewer passes if no group drafts K
         if best is None or lam > best[0] * (1 + 1e-9):
             best = (lam, ks)
     assert best is not None
@@ -193,15 +214,23 @@ class AdaptivePolicy:
             est = self.estimates[key] = AcceptanceEstimate(self.prior_mean, self.prior_strength, self.memory)
         return est
 
-    def plan(self, requests: Sequence[tuple[str, bool]]) -> list[int]:
-        """Drafts for each of a step's requests, given as (adapter key, pinned); same order as ``requests``."""
+    def plan(self, requests: Sequence[tuple[str, bool]], stale: int = 0, skip_at_zero: bool = False) -> list[int]:
+        """Drafts for each of a step's requests, given as (adapter key, pinned); same order as ``requests``.
+
+        ``stale``: further requests of the step that draft nothing whatever (their draft KV has a gap);
+        they count in the batch's cost. ``skip_at_zero``: a step where nobody drafts skips the draft model
+        (see :func:`choose_k`). Stale requests are
+        never probed; probes go to requests whose draft KV is whole.
+        """
         keys: dict[tuple[str, bool], int] = {}
         for key, pinned in requests:
             keys[(key, pinned)] = keys.get((key, pinned), 0) + 1
         order = list(keys)
         groups = [Group(self.estimate(key).mean, n, pinned) for (key, pinned), n in keys.items()]
-        ks, _ = choose_k(groups, self.k_max, self.cost)
-        by_key = dict(zip(order, ks, strict=True))
+        if stale:
+            groups.append(Group(0.0, stale))
+        ks, _ = choose_k(groups, self.k_max, self.cost, skip_at_zero=skip_at_zero)
+        by_key = dict(zip(order, ks[: len(order)], strict=True))
         for (key, pinned), k in list(by_key.items()):
             if pinned:
                 continue

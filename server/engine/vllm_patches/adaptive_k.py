@@ -21,6 +21,15 @@ What the patch does, in the engine-core process (``server/engine/speculation/pol
   sampler uses are taken per row as its first ``num_draft`` positions (``_get_spec_decode_draft_probs``),
   which is what a cut keeps. At ``k = 0`` vLLM still runs the draft's first pass
   (``llm_base_proposer.py`` ~618) so its KV cache stays in step: a k = 0 step is not free;
+- a step where no request drafts skips the draft model altogether: the scheduler marks its
+  ``SchedulerOutput`` and ``GPUModelRunner._input_fits_in_drafter`` (~4288) answers False for it,
+  the path vLLM itself takes near ``max_model_len`` (zero drafts, no drafter forward). The draft's KV
+  cache then has a gap at that step's positions, so its requests are *stale*: they never draft again
+  (their drafts would be proposed over garbage; verification would keep the output exact, but the
+  acceptance estimate would suffer), and when they finish, their blocks from the gap on are evicted
+  from the prefix cache (``BlockPool.evict_blocks``) so no later request reuses a draft KV with a gap.
+  A step that prefills a prompt of a full KV block or more never skips, since while it runs another
+  request could share that block's draft KV through the prefix cache;
 - ``Scheduler.make_spec_decoding_stats`` (~2961, called per request from ``update_from_output`` with the
   drafts verified and accepted): folds them into the adapter's estimate (``request.lora_request``).
 
@@ -30,7 +39,8 @@ their realized output stays what the fixed policy gives (it depends on how many 
 verifies). A failure in the policy is logged once and that step runs with the fixed k.
 
 Config: ``additional_config["qserve_speculation"]`` (set by ``server/engine/build.py`` from Settings):
-``policy`` (``adaptive`` | ``fixed``; with ``fixed`` acceptance is still estimated, for the metrics). The estimates are readable from the API process with the engine-core utility
+``policy`` (``adaptive`` | ``fixed``; with ``fixed`` acceptance is still estimated, for the metrics) and
+``cost_ms`` (the pair's ``CostModel`` constants, ``--speculation-cost-ms``). The estimates are readable from the API process with the engine-core utility
 ``qserve_speculation`` (``AsyncLLM.engine_core.call_utility_async``).
 """
 
@@ -39,7 +49,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy
+from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy, CostModel
 
 log = logging.getLogger("vllm.qserve.adaptive_k")  # under vLLM's "vllm" logger: its handler and level
 CONFIG_KEY = "qserve_speculation"
@@ -59,6 +69,8 @@ class SchedulerPolicy:
         self.policy = policy
         self.adaptive = adaptive
         self.k_for: dict[str, int] = {}  # request id -> drafts it keeps from this step's proposals
+        self.stale: dict[str, int] = {}  # request id -> first KV block its draft KV lacks
+        self.skipped_steps = 0
         self.failures = 0
         self._mixed_logged = False
 
@@ -68,21 +80,45 @@ class SchedulerPolicy:
         if not self.adaptive or output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
             return
         try:
-            ids = list(output.num_scheduled_tokens)
-            rows = []
-            for req_id in ids:
+            ids, rows, fresh, starts = list(output.num_scheduled_tokens), [], [], {}
+            may_skip = True
+            for req_id, n in output.num_scheduled_tokens.items():
                 request = scheduler.requests[req_id]
+                starts[req_id] = start = request.num_computed_tokens - n  # scheduling already advanced it
+                if start < request.num_prompt_tokens and request.num_prompt_tokens >= scheduler.block_size:
+                    may_skip = False  # a long prompt's blocks may be shared while it runs
+                if req_id in self.stale:
+                    continue
                 params = request.sampling_params
+                fresh.append(req_id)
                 rows.append((adapter_key(request), params is not None and params.seed is not None))
-            ks = self.policy.plan(rows)
+            ks = self.policy.plan(rows, stale=len(ids) - len(fresh), skip_at_zero=may_skip)
         except Exception as e:  # noqa: BLE001 (a policy error must not kill the engine step)
             self._failed(e)
             return
-        self.k_for = dict(zip(ids, ks, strict=True))
+        self.k_for = dict.fromkeys(ids, 0) | dict(zip(fresh, ks, strict=True))
+        top = max(ks, default=0)
         if not self._mixed_logged and len(set(ks)) > 1:
             self._mixed_logged = True
             log.info("adaptive_k: first step whose requests draft different k: %s", sorted(ks))
-        output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, max(ks))
+        output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, top)
+        if top == 0 and may_skip:
+            output.qserve_skip_draft = True  # read by the runner (patched _input_fits_in_drafter)
+            self.skipped_steps += 1
+            for req_id in fresh:
+                self.stale[req_id] = starts[req_id] // scheduler.block_size
+
+    def release(self, scheduler, request) -> None:
+        """A finished stale ``request``: evict its blocks from the first gap on from the prefix cache."""
+        first = self.stale.pop(request.request_id, None)
+        if first is None:
+            return
+        try:
+            manager = scheduler.kv_cache_manager
+            bad = {b for group in manager.get_block_ids(request.request_id) for b in group[first:]}
+            manager.block_pool.evict_blocks(bad)
+        except Exception as e:  # noqa: BLE001 (a stale cached block costs acceptance, never exactness)
+            self._failed(e)
 
     def cut(self, draft_token_ids) -> None:
         """Cut each request's proposed drafts (``DraftTokenIds``: req_ids [B], draft_token_ids [B][K]) to its k."""
@@ -118,7 +154,8 @@ class SchedulerPolicy:
             for entry in report["adapters"].values():
                 entry["k"] = entry["mean_k"] = self.policy.k_max
         return {**report, "policy": ADAPTIVE if self.adaptive else FIXED, "k_max": self.policy.k_max,
-                "failures": self.failures}  # fmt: skip
+                "failures": self.failures, "skipped_steps": self.skipped_steps,
+                "stale_requests": len(self.stale)}  # fmt: skip
 
 
 def _state(scheduler) -> SchedulerPolicy | None:
@@ -130,7 +167,8 @@ def _state(scheduler) -> SchedulerPolicy | None:
     k_max = getattr(scheduler, "num_spec_tokens", 0) or 0
     if k_max > 0:
         config = (scheduler.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
-        policy = AdaptivePolicy(k_max=k_max)
+        cost = config.get("cost_ms")
+        policy = AdaptivePolicy(k_max=k_max, cost=CostModel(*cost) if cost else CostModel())
         state = SchedulerPolicy(policy, config.get("policy", FIXED) == ADAPTIVE)
         log.info("adaptive_k: speculation policy %s, k_max %d (patch from %s)",
                  ADAPTIVE if state.adaptive else FIXED, k_max, __file__)  # fmt: skip
@@ -139,17 +177,21 @@ def _state(scheduler) -> SchedulerPolicy | None:
 
 
 def patch() -> None:
-    """Wrap the scheduler's schedule / update_draft_token_ids / make_spec_decoding_stats (idempotent)."""
+    """Wrap the scheduler's schedule / update_draft_token_ids / make_spec_decoding_stats / _free_request_blocks
+    and the runner's sample_tokens / _input_fits_in_drafter (idempotent)."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(Scheduler.schedule, "_qserve_patched", False):
         return
-    schedule, update_drafts, spec_stats = (
+    schedule, update_drafts, spec_stats, free_blocks = (
         Scheduler.schedule,
         Scheduler.update_draft_token_ids,
         Scheduler.make_spec_decoding_stats,
+        Scheduler._free_request_blocks,
     )
+    sample_tokens, fits = GPUModelRunner.sample_tokens, GPUModelRunner._input_fits_in_drafter
 
     @functools.wraps(schedule)
     def patched_schedule(self, *args, **kwargs):
@@ -178,6 +220,23 @@ def patch() -> None:
         return spec_stats(self, spec_decoding_stats, num_draft_tokens, num_accepted_tokens,
                           num_invalid_spec_tokens, request_id)  # fmt: skip
 
+    @functools.wraps(free_blocks)
+    def patched_free_request_blocks(self, request):
+        state = _state(self)
+        if state is not None and state.stale:
+            state.release(self, request)
+        return free_blocks(self, request)
+
+    @functools.wraps(sample_tokens)
+    def patched_sample_tokens(self, *args, **kwargs):
+        step = self.execute_model_state
+        self._qserve_skip_draft = step is not None and getattr(step.scheduler_output, "qserve_skip_draft", False)
+        return sample_tokens(self, *args, **kwargs)
+
+    @functools.wraps(fits)
+    def patched_input_fits_in_drafter(self, *args, **kwargs):
+        return False if getattr(self, "_qserve_skip_draft", False) else fits(self, *args, **kwargs)
+
     def qserve_speculation(self) -> dict | None:
         """The scheduler's :meth:`SchedulerPolicy.report`; None without speculation."""
         state = _state(self.scheduler)
@@ -187,4 +246,7 @@ def patch() -> None:
     Scheduler.schedule = patched_schedule
     Scheduler.update_draft_token_ids = patched_update_draft_token_ids
     Scheduler.make_spec_decoding_stats = patched_make_spec_decoding_stats
+    Scheduler._free_request_blocks = patched_free_request_blocks
+    GPUModelRunner.sample_tokens = patched_sample_tokens
+    GPUModelRunner._input_fits_in_drafter = patched_input_fits_in_drafter
     EngineCore.qserve_speculation = qserve_speculation
