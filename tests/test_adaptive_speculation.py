@@ -98,5 +98,6 @@ def test_steps_without_the_draft_keep_the_output_and_later_requests_draft_again(
     ]
     assert not wrong, wrong
     assert skipped > 0
+    assert "first step the runner ran without the draft model" in skipping.log_tail(100_000)  # the worker saw it
     spec = solo["metrics"]["speculative_decoding"]
     assert spec["num_draft_tokens"] > 0 and spec["num_accepted_draft_tokens"] > 0, spec

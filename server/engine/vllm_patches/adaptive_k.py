@@ -235,7 +235,12 @@ def patch() -> None:
 
     @functools.wraps(fits)
     def patched_input_fits_in_drafter(self, *args, **kwargs):
-        return False if getattr(self, "_qserve_skip_draft", False) else fits(self, *args, **kwargs)
+        if not getattr(self, "_qserve_skip_draft", False):
+            return fits(self, *args, **kwargs)
+        if not getattr(self, "_qserve_skip_logged", False):  # the mark crossed to the worker process
+            self._qserve_skip_logged = True
+            log.info("adaptive_k: first step the runner ran without the draft model")
+        return False
 
     def qserve_speculation(self) -> dict | None:
         """The scheduler's :meth:`SchedulerPolicy.report`; None without speculation."""
