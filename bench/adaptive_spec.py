@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy
 
+from bench.merge_serving import upload_without_draft
 from bench.report import argument_parser, publish
 from bench.serving_bench import spec_counters
 from prompts import domain_prompts, heldout_prompts
@@ -143,13 +144,6 @@ def fit_cost(cells: dict) -> tuple[float, float, float, float] | None:
     return t0, t1, d0, d1
 
 
-def upload_nodraft(url: str, seed_dir: Path) -> None:
-    folder = seed_dir / "stdlib-docs"
-    files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
-    r = httpx.post(url + "/v1/adapters", data={"name": "nodraft"}, files=files, timeout=120)
-    r.raise_for_status()
-
-
 def speculation_gauges(url: str) -> dict[str, dict[str, float]]:
     """Per adapter label (and ``steps`` for the step count): the adaptive policy's gauges from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -187,7 +181,7 @@ def main() -> None:
         log = LOGS / f"adaptive-{args.pair}-{name.replace(' ', '_')}.log"
         proc = start_server(flags, log, env=env, pair=args.pair)
         try:
-            upload_nodraft(proc.base_url, PAIRS[args.pair].seed_adapters)
+            upload_without_draft(proc.base_url, PAIRS[args.pair].seed_adapters / "stdlib-docs", "nodraft")
             run_cell(proc.base_url, work, work.requests("zipf", 10), 4, 8)  # warm-up: every adapter loaded
             for _ in range(args.repeats):
                 for traffic in TRAFFICS:
