@@ -48,6 +48,13 @@ CONFIGS = {
     **{f"fixed k={k}": ["--num-speculative-tokens", str(k)] for k in (1, 2, 3, 4)},
     "adaptive (k<=4)": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4"],
 }
+# Not a policy: the speculation-enabled engine with a step-time model under which drafting never pays,
+# so every step skips the draft model. Against "no speculation" it isolates what the engine's
+# speculative path costs when nobody drafts. Run only when named in --configs.
+DIAGNOSTICS = {
+    "spec engine, never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
+                                  "--speculation-cost-ms", "100,3,1000000,0"],
+}  # fmt: skip
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
 
@@ -162,18 +169,22 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels, comma-separated")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="which rows to run, comma-separated")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"which rows to run, comma-separated, of {[*CONFIGS, *DIAGNOSTICS]}")  # fmt: skip
+    ap.add_argument("--traffics", default=",".join(TRAFFICS), help=f"traffic mixes, comma-separated, of {TRAFFICS}")
     ap.add_argument("--no-fit-cost", dest="fit_cost", action="store_false",
                     help="serve the adaptive row with the pair's step-time model, not one fitted to this run")  # fmt: skip
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
+    known = CONFIGS | DIAGNOSTICS
+    configs = {name: known[name] for name in args.configs.split(",")}
+    traffics = tuple(args.traffics.split(","))
     work = Workload(args.pair)
     cells: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     gauges: dict[str, dict[str, float]] = {}
     fitted = None
     for name, flags in configs.items():
-        if "adaptive" in name and args.fit_cost and (fitted := fit_cost(cells)):
+        if name in CONFIGS and "adaptive" in name and args.fit_cost and (fitted := fit_cost(cells)):
             flags = [*flags, "--speculation-cost-ms", ",".join(f"{x:g}" for x in fitted)]
             print(f"step-time model fitted to this run (t0, t1, d0, d1 ms): {fitted}", flush=True)
         store = tempfile.mkdtemp(prefix="qserve-bench-adaptive-")
@@ -184,7 +195,7 @@ def main() -> None:
             upload_without_draft(proc.base_url, PAIRS[args.pair].seed_adapters / "stdlib-docs", "nodraft")
             run_cell(proc.base_url, work, work.requests("zipf", 10), 4, 8)  # warm-up: every adapter loaded
             for _ in range(args.repeats):
-                for traffic in TRAFFICS:
+                for traffic in traffics:
                     for level in levels:
                         cases = work.requests(traffic, max(4, 2 * level))
                         tps, ttft, per_step = run_cell(proc.base_url, work, cases, level, args.max_tokens)
@@ -192,23 +203,30 @@ def main() -> None:
                         print(
                             f"{name:16s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms", flush=True
                         )
-            if "adaptive" in name:
+            if name in CONFIGS and "adaptive" in name:
                 gauges = speculation_gauges(proc.base_url)
                 print(f"adaptive gauges: {gauges}", flush=True)
         finally:
             proc.stop()
-    publish(table(args, levels, configs, cells, gauges, fitted), args.write, f"adaptive_spec_{args.pair}")
+    # A run with a diagnostic row is not the policy benchmark: its table goes under its own marker.
+    marker = f"adaptive_spec_{args.pair}" + ("_engine_overhead" if DIAGNOSTICS.keys() & configs.keys() else "")
+    publish(table(args, levels, traffics, configs, cells, gauges, fitted), args.write, marker)
 
 
-def table(args, levels, configs, cells, gauges, fitted) -> list[str]:
-    cols = [(t, lv) for t in TRAFFICS for lv in levels]
+def table(args, levels, traffics, configs, cells, gauges, fitted) -> list[str]:
+    """The markdown of one run: tokens/s and TTFT per config (row) and traffic x level (column)."""
+    cols = [(t, lv) for t in traffics for lv in levels]
     med = {key: statistics.median(v[0] for v in vals) for key, vals in cells.items()}
     ttft = {key: statistics.median(v[1] for v in vals) for key, vals in cells.items()}
     lines = [
         f"## Adaptive speculation: tokens/s by policy, concurrency and traffic ({args.pair} pair)",
         "",
         f"Command: `python -m bench.adaptive_spec --pair {args.pair} --levels {args.levels} --repeats {args.repeats} "
-        f"--max-tokens {args.max_tokens}` (2-core CPU, NF4 target and draft, LoRA on; streamed, greedy, ignore_eos; "
+        f"--max-tokens {args.max_tokens}"
+        + (f" --configs '{args.configs}'" if args.configs != ",".join(CONFIGS) else "")
+        + (f" --traffics {args.traffics}" if args.traffics != ",".join(TRAFFICS) else "")
+        + ("" if args.fit_cost else " --no-fit-cost")
+        + "` (2-core CPU, NF4 target and draft, LoRA on; streamed, greedy, ignore_eos; "
         "`near` = austen only, `zipf` = 30% base + stdlib-docs / austen / nodraft at 4:2:1, nodraft = stdlib-docs "
         "without its draft adapter; medians over repeats).",
         "",
@@ -216,8 +234,8 @@ def table(args, levels, configs, cells, gauges, fitted) -> list[str]:
         "|---|" + "---:|" * len(cols),
     ]
     lines += [f"| {n} | " + " | ".join(f"{med[(n, t, lv)]:.1f}" for t, lv in cols) + " |" for n in configs]
-    fixed = [n for n in configs if "adaptive" not in n]
-    for name in (n for n in configs if "adaptive" in n):
+    fixed = [n for n in configs if "adaptive" not in n and n not in DIAGNOSTICS]
+    for name in (n for n in configs if "adaptive" in n and n not in DIAGNOSTICS):
         best = [max(med[(f, t, lv)] for f in fixed) for t, lv in cols] if fixed else []
         if best:
             lines.append(f"| {name} / best other | " + " | ".join(

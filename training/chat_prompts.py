@@ -183,3 +183,74 @@ def training_prompts(seed: int = 0) -> list[str]:
     out = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
     random.Random(seed).shuffle(out)
     return [p for p in out if p not in held]
+
+
+# The far-domain adapter (stdlib-docs) is served on Python questions, the style adapter (austen) on
+# style and format instructions (prompts/python_docs.txt, prompts/style.txt, held out): their draft
+# adapters are distilled from the adapted target's answers to prompts of the same kinds, made here.
+STDLIB_NAMES = (
+    "os.path.join", "os.listdir", "os.environ", "os.makedirs", "shutil.copyfile", "shutil.rmtree",
+    "pathlib.Path.glob", "pathlib.Path.read_text", "json.dumps", "json.load", "csv.writer", "csv.DictWriter",
+    "re.sub", "re.findall", "re.compile", "math.isclose", "math.gcd", "math.floor", "statistics.median",
+    "statistics.mean", "random.choice", "random.shuffle", "random.sample", "itertools.chain", "itertools.product",
+    "itertools.islice", "itertools.accumulate", "itertools.combinations", "functools.partial", "functools.reduce",
+    "functools.wraps", "collections.defaultdict", "collections.deque", "collections.namedtuple",
+    "collections.OrderedDict", "heapq.heappush", "heapq.nlargest", "bisect.bisect_left", "bisect.insort",
+    "datetime.datetime.strptime", "datetime.timedelta", "time.sleep", "time.monotonic", "textwrap.dedent",
+    "textwrap.wrap", "string.Template", "logging.getLogger", "logging.basicConfig", "typing.Optional",
+    "typing.Protocol", "dataclasses.field", "dataclasses.asdict", "enum.Enum", "contextlib.contextmanager",
+    "contextlib.suppress", "threading.Thread", "threading.Lock", "queue.Queue", "subprocess.check_output",
+    "sys.argv", "sys.exit", "zip", "map", "filter", "any", "all", "isinstance", "getattr", "range", "reversed",
+    "min", "max", "sum", "open", "print", "str.join", "str.split", "str.strip", "list.sort", "dict.items",
+    "set.union", "hashlib.sha256", "base64.b64encode", "uuid.uuid4", "tempfile.TemporaryDirectory",
+    "urllib.parse.urlparse", "sqlite3.connect", "pickle.dumps", "copy.deepcopy", "operator.itemgetter",
+)  # fmt: skip
+PYTHON_TEMPLATES = (
+    "What does `{t}` do in Python?",
+    "Show a short example that uses `{t}`.",
+    "When should I use `{t}`, and when not?",
+    "Explain the arguments of `{t}`.",
+    "What does `{t}` return, and what errors can it raise?",
+    "Write a docstring for a helper function that wraps `{t}`.",
+)
+PYTHON_TASKS = (
+    "reverses the words of a sentence", "returns the largest of three numbers", "counts the vowels in a string",
+    "removes duplicates from a list", "checks whether a number is prime", "sums the digits of an integer",
+    "returns the factorial of n", "merges two sorted lists", "finds the most common item in a list",
+    "reads a text file and returns its lines", "converts a list of pairs into a dict", "transposes a matrix",
+    "returns the n-th triangular number", "validates a date string in YYYY-MM-DD form", "computes a moving average",
+    "parses a key=value config file", "capitalizes every word of a title", "rotates a list by k places",
+    "groups words by their first letter", "returns the intersection of two lists", "computes the median of a list",
+    "formats a number of bytes as KiB, MiB or GiB", "retries a function up to three times", "slugifies a title",
+)  # fmt: skip
+STYLE_TEMPLATES = (
+    "Describe {t} in the style of a Victorian novel.",
+    "Answer in exactly three bullet points: what should I know about {t}?",
+    "Write a formal letter to a friend about {t}.",
+    "Describe {t} as a character in a nineteenth-century novel might.",
+    "Explain {t} in two sentences.",
+    "Write a short dialogue between two sisters about {t}.",
+    "Describe {t} using only short, plain words.",
+    "Write a numbered list of four facts about {t}.",
+)
+
+
+def domain_training_prompts(domain: str, seed: int = 0) -> list[str]:
+    """Training prompts of an adapter's serving domain: ``"python-docs"`` (``PYTHON_TEMPLATES`` x
+    ``STDLIB_NAMES`` and a "write a function" prompt per ``PYTHON_TASKS`` item) or ``"style"``
+    (``STYLE_TEMPLATES`` x ``TOPICS``); shuffled with ``seed``, minus the evaluation prompts.
+
+    Raises:
+        ValueError: another domain (naming the allowed ones).
+    """
+    if domain == "python-docs":
+        out = [tpl.format(t=t) for t in STDLIB_NAMES for tpl in PYTHON_TEMPLATES]
+        out += [f"Write a Python function that {task}." for task in PYTHON_TASKS]
+        out += [f"Write a Python function that {task}, with type hints and a docstring." for task in PYTHON_TASKS]
+    elif domain == "style":
+        out = [tpl.format(t=t) for t in TOPICS for tpl in STYLE_TEMPLATES]
+    else:
+        raise ValueError(f"no training prompts for domain {domain!r}; allowed: 'python-docs', 'style'")
+    held = set(prompts.domain_prompts("python-docs")) | set(prompts.domain_prompts("style"))
+    random.Random(seed).shuffle(out)
+    return [p for p in out if p not in held]

@@ -12,30 +12,40 @@ rerun skips the shards that exist. ``eval.pt`` answers the held-out prompt sets 
 A shard is a dict: ``seqs`` [(prompt + answer token ids, prompt length)], ``idx`` [per sequence
 int32 [T, k]: top-k token ids, rank order], ``logp`` [float32 [T, k]: their log-probabilities].
 
+With ``--adapter DIR`` the target answers through that LoRA adapter (vLLM's LoRA path, as served per
+request) on ``--domain``'s training prompts (``training.chat_prompts.domain_training_prompts``), and
+``eval.pt`` holds that domain's evaluation prompts only: the data of the adapter's draft adapter
+(``training.train_draft_adapter``).
+
 Usage: python -m training.draft_data --run runs/draft-smollm2 --prompts 1200
+       python -m training.draft_data --run runs/draft-stdlib-docs --adapter adapters/stdlib-docs --domain python-docs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
 import prompts
-from training.chat_prompts import training_prompts
+from training.chat_prompts import domain_training_prompts, training_prompts
 from training.real_model import DEFAULT_OUT
 
 EVAL_DOMAINS = ("chat", "python-docs", "style")
 
 
-def answer(llm, questions: list[str], max_new: int, topk: int) -> dict:
-    """Greedy chat answers of ``llm`` (a ``vllm.LLM``) to ``questions``, with top-``topk`` log-probs."""
+def answer(llm, questions: list[str], max_new: int, topk: int, lora_request=None) -> dict:
+    """Greedy chat answers of ``llm`` (a ``vllm.LLM``) to ``questions``, with top-``topk`` log-probs, through
+    ``lora_request`` (a ``vllm.lora.request.LoRARequest``) when given."""
     from vllm import SamplingParams
 
     chats = [[{"role": "user", "content": q}] for q in questions]
-    outs = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=max_new, logprobs=topk), use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, logprobs=topk)
+    outs = llm.chat(chats, params, use_tqdm=False, lora_request=lora_request)
     seqs, idx, logp = [], [], []
     for o in outs:
         c = o.outputs[0]
@@ -50,6 +60,14 @@ def answer(llm, questions: list[str], max_new: int, topk: int) -> dict:
     return {"questions": questions, "seqs": seqs, "idx": idx, "logp": logp}
 
 
+def lora_engine_args(adapter: Path | None) -> dict:
+    """``vllm.LLM`` arguments that serve ``adapter`` (its rank from adapter_config.json); none without one."""
+    if adapter is None:
+        return {}
+    rank = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": max(8, rank)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=Path, default=DEFAULT_OUT)
@@ -59,23 +77,35 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=160, help="most answer tokens (tokens)")
     ap.add_argument("--topk", type=int, default=20, help="teacher log-probs kept per position (vLLM allows 20)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--adapter", type=Path, help="a PEFT LoRA folder the target answers through")
+    ap.add_argument("--domain", choices=("chat", "python-docs", "style"), default="chat",
+                    help="the training and evaluation prompts (chat: training_prompts(), all three eval sets)")  # fmt: skip
     a = ap.parse_args()
+    if a.adapter is not None and not (a.adapter / "adapter_config.json").is_file():
+        ap.error(f"--adapter {a.adapter}: no adapter_config.json there (a PEFT LoRA folder is needed)")
+    # vLLM's CPU build otherwise takes most of RAM for KV cache; 1024-token answers of 64 sequences need 0.2 GiB.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM
+    from vllm.lora.request import LoRARequest
 
     out = a.run / "answers"
     out.mkdir(parents=True, exist_ok=True)
+    source = {"target": str(a.target), "adapter": a.adapter.name if a.adapter else None, "domain": a.domain}
+    (out / "source.json").write_text(json.dumps(source, indent=2) + "\n")
     llm = LLM(
         str(a.target), quantization="bitsandbytes", dtype="bfloat16", max_model_len=1024, seed=0,
-        max_num_seqs=a.max_num_seqs, max_logprobs=a.topk,
+        max_num_seqs=a.max_num_seqs, max_logprobs=a.topk, **lora_engine_args(a.adapter),
     )  # fmt: skip
-    jobs = [("eval.pt", [q for d in EVAL_DOMAINS for q in prompts.domain_prompts(d)])]
-    train = training_prompts()[: a.prompts]
+    lora = LoRARequest(a.adapter.name, 1, str(a.adapter.resolve())) if a.adapter else None
+    evals = EVAL_DOMAINS if a.domain == "chat" else (a.domain,)
+    jobs = [("eval.pt", [q for d in evals for q in prompts.domain_prompts(d)])]
+    train = (training_prompts() if a.domain == "chat" else domain_training_prompts(a.domain))[: a.prompts]
     jobs += [(f"train-{i // a.shard:04d}.pt", train[i : i + a.shard]) for i in range(0, len(train), a.shard)]
     for name, questions in jobs:
         if (out / name).exists():
             continue
         started = time.time()
-        shard = answer(llm, questions, a.max_new, a.topk)
+        shard = answer(llm, questions, a.max_new, a.topk, lora)
         torch.save(shard, out / f"{name}.tmp")
         (out / f"{name}.tmp").rename(out / name)
         tokens = sum(len(s) - p for s, p in shard["seqs"])
