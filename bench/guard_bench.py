@@ -5,23 +5,27 @@ out with ``QSERVE_VLLM_PATCHES``). Four servers run one after another on the
 same prompts: speculation with every patch, speculation without
 ``seeded_drafts``, speculation without ``cpu_kernels``, and no speculation
 (the path a request would take if we routed it around the draft instead).
-Each workload is a fixed set of held-out prompts at fixed concurrency.
+Each workload is a fixed set of prompts at fixed concurrency: for the smollm2 pair chat requests of
+prompts/chat.txt (answers may end at EOS), for the demo pair completions of held-out book text of
+exactly ``--max-tokens`` tokens (``bench.serving_bench.run_load``).
 
 A cell is ``-`` where the server refuses the workload (vLLM refuses ``min_p`` /
 ``logit_bias`` with speculation unless ``spec_logits`` is in) and ``dead``
 where a request killed the engine (``top_k`` without ``cpu_kernels``).
 Acceptance is accepted / draft tokens from vLLM's counters over the workload.
 
-Usage: python -m bench.guard_bench [--requests 16] [--max-tokens 64] [--concurrency 4] [--write BENCHMARKS.md]
+Usage: python -m bench.guard_bench [--pair smollm2] [--requests 16] [--max-tokens 64] [--concurrency 4]
+       [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
 
 import httpx
 
-from bench.report import argument_parser, publish
-from bench.serving_bench import LOGS, run_load, spec_counters
-from prompts import heldout_prompts
+from bench.report import argument_parser, pair_heading, pair_key, publish
+from bench.serving_bench import LOGS, request, run_load, spec_counters
+from prompts import CHAT_PAIRS, pair_prompts
+from server.settings import PAIRS
 from testing.process import start_server
 
 ALL = "cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits"
@@ -40,14 +44,13 @@ WORKLOADS = {
 }
 
 
-def _cell(url: str, prompts: list[str], concurrency: int, max_tokens: int, sampling: dict) -> str:
+def _cell(
+    url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, sampling: dict, chat: bool
+) -> str:
     """``"tok/s (acceptance)"`` for one workload on one server, or ``-`` (refused) / ``dead`` (engine died)."""
+    path, body = request(model, prompts[0], 2, chat, **sampling)
     try:
-        probe = httpx.post(
-            url + "/v1/completions",
-            json={"model": "demo-target", "prompt": prompts[0], "max_tokens": 2, **sampling},
-            timeout=120,
-        )
+        probe = httpx.post(url + path, json=body, timeout=120)
     except httpx.HTTPError:
         return "dead"
     if probe.status_code == 400:
@@ -56,7 +59,7 @@ def _cell(url: str, prompts: list[str], concurrency: int, max_tokens: int, sampl
         return "dead"
     before = spec_counters(url)
     try:
-        load = run_load(url, "demo-target", prompts, concurrency, max_tokens, sampling)
+        load = run_load(url, model, prompts, concurrency, max_tokens, sampling, chat)
     except httpx.HTTPError:
         return "dead"
     after = spec_counters(url)
@@ -67,36 +70,45 @@ def _cell(url: str, prompts: list[str], concurrency: int, max_tokens: int, sampl
 
 
 def main() -> None:
-    ap = argument_parser(__doc__)
+    ap = argument_parser(__doc__, pair=True)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=4)
     a = ap.parse_args()
-    prompts = heldout_prompts(a.requests)
+    pair, chat = PAIRS[a.pair], a.pair in CHAT_PAIRS
+    prompts = pair_prompts(a.pair, None, a.requests)
     table: dict[str, dict[str, str]] = {w: {} for w in WORKLOADS}
     for name, (args, patches) in SERVERS.items():
         slug = name.replace(", ", "-").replace(" ", "_")
-        proc = start_server(args, LOGS / f"guard-{slug}.log", env={"QSERVE_VLLM_PATCHES": patches})
+        proc = start_server(
+            args, LOGS / f"guard-{a.pair}-{slug}.log", env={"QSERVE_VLLM_PATCHES": patches}, pair=a.pair
+        )
         try:
             for workload, sampling in WORKLOADS.items():
-                table[workload][name] = _cell(proc.base_url, prompts, a.concurrency, a.max_tokens, sampling)
+                cell = _cell(
+                    proc.base_url, pair.served_model_name, prompts, a.concurrency, a.max_tokens, sampling, chat
+                )
+                table[workload][name] = cell
                 print(f"{name:24s} {workload:45s} {table[workload][name]}", flush=True)
         finally:
             proc.stop()
     cmd = (
-        f"python -m bench.guard_bench --requests {a.requests} --max-tokens {a.max_tokens} --concurrency {a.concurrency}"
+        f"python -m bench.guard_bench --pair {a.pair} --requests {a.requests} --max-tokens {a.max_tokens}"
+        f" --concurrency {a.concurrency}"
     )
+    what = "chat prompts (prompts/chat.txt) x at most" if chat else "held-out prompts x"
     lines = [
-        "## What each speculation guard costs (tokens/s, acceptance in brackets)",
+        pair_heading("What each speculation guard costs (tokens/s, acceptance in brackets)", a.pair),
         "",
-        f"`{cmd}` ({a.requests} held-out prompts x {a.max_tokens} tokens, concurrency {a.concurrency}, NF4 target,",
-        "k=4, no LoRA). `-` = refused with 400 (vLLM's own refusal), `dead` = the request killed the engine.",
+        f"`{cmd}` ({a.requests} {what} {a.max_tokens} tokens, concurrency {a.concurrency}, NF4 target,",
+        f"k={pair.num_speculative_tokens}, no LoRA). `-` = refused with 400 (vLLM's own refusal), `dead` = the"
+        " request killed the engine.",
         "",
         "| workload | " + " | ".join(SERVERS) + " |",
         "|---|" + "---:|" * len(SERVERS),
     ]
     lines += [f"| {w} | " + " | ".join(table[w][s] for s in SERVERS) + " |" for w in WORKLOADS]
-    publish(lines, a.write, "guards")
+    publish(lines, a.write, pair_key("guards", a.pair))
 
 
 if __name__ == "__main__":

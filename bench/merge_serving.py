@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import argument_parser, publish
-from prompts import domain_prompts, heldout_prompts
+from bench.report import argument_parser, pair_key, publish
+from prompts import CHAT_PAIRS, pair_prompts
 from server.settings import PAIRS
 from testing.process import start_server
 
@@ -35,7 +35,6 @@ OPTIONS = {  # --options name -> (row label, merge request body)
     "default": ("merged, default (NF4-dequantized base, served bf16)", {"merge_base": "nf4", "precision": "bf16"}),
     "nf4": ("merged, served NF4 (bf16 base, re-quantized)", {"merge_base": "bf16", "precision": "nf4"}),
 }
-DOMAIN = {"stdlib-docs": "python-docs", "austen": "style"}  # the smollm2 adapters' own prompt sets
 
 
 def run(base_url: str, model: str, prompts: list[str], max_tokens: int, chat: bool) -> dict:
@@ -93,20 +92,17 @@ def merge(base_url: str, adapter: str, model: str, body: dict) -> dict:
 
 
 def main() -> None:
-    ap = argument_parser(__doc__)
-    ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
+    ap = argument_parser(__doc__, pair=True)
     ap.add_argument("--adapters", nargs="+", default=["austen", "stdlib-docs"])
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step (fixed policy)")
     ap.add_argument("--options", nargs="+", choices=sorted(OPTIONS), default=sorted(OPTIONS))
     a = ap.parse_args()
-    pair, chat = PAIRS[a.pair], a.pair == "smollm2"
+    pair, chat = PAIRS[a.pair], a.pair in CHAT_PAIRS
 
     def prompts_of(adapter: str | None) -> list[str]:
-        if not chat:
-            return heldout_prompts(a.requests)
-        return domain_prompts(DOMAIN.get(adapter, "chat") if adapter else "chat", a.requests)
+        return pair_prompts(a.pair, adapter, a.requests)
 
     work = Path(tempfile.mkdtemp(prefix="qserve-merge-bench-"))
     env = {"QSERVE_ADAPTER_STORE_DIR": str(work / "store"), "QSERVE_MERGED_MODELS_DIR": str(work / "merged")}
@@ -177,7 +173,7 @@ def main() -> None:
             for key, o in job["fidelity"][part]["options"].items()
         ],
     ]
-    publish(lines, a.write, "merge_serving" if a.pair == "demo" else f"merge_serving_{a.pair}")
+    publish(lines, a.write, pair_key("merge_serving", a.pair))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import httpx
 
 from bench.report import argument_parser, publish
 from bench.weight_memory import weight_bytes
-from prompts import chat_prompts, heldout_prompts
+from prompts import CHAT_PAIRS, pair_prompts
 from server.settings import PAIRS
 from testing.process import start_server
 
@@ -46,6 +46,16 @@ def spec_counters(base_url: str) -> dict[str, float]:
         if m:
             values[m.group(1)] = float(m.group(2))
     return values
+
+
+def request(model: str, prompt: str, max_tokens: int, chat: bool = False, **fields) -> tuple[str, dict]:
+    """(path, JSON body) of one greedy request (``temperature`` 0) of at most ``max_tokens`` output tokens,
+    ``fields`` on top: ``chat``: ``prompt`` as one user message to ``/v1/chat/completions``; otherwise
+    ``prompt`` to ``/v1/completions``."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+    if chat:
+        return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": prompt}]} | fields
+    return "/v1/completions", body | {"prompt": prompt} | fields
 
 
 def run_load(
@@ -65,13 +75,9 @@ def run_load(
     """
 
     def one(prompt: str) -> int:
-        body = {"model": model, "max_tokens": max_tokens, "temperature": 0}
-        if chat:
-            body["messages"] = [{"role": "user", "content": prompt}]
-        else:
-            body |= {"prompt": prompt, "ignore_eos": True}
-        body |= sampling or {}
-        r = httpx.post(base_url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body, timeout=600)
+        fields = ({} if chat else {"ignore_eos": True}) | (sampling or {})
+        path, body = request(model, prompt, max_tokens, chat, **fields)
+        r = httpx.post(base_url + path, json=body, timeout=600)
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
 
@@ -109,7 +115,7 @@ def measure(
     Returns {concurrency: run_load's dict, "spec": the speculative-decoding counters' growth over the run}.
     """
     proc = start_server(args, LOGS / f"{name}.log", pair=pair)
-    chat = pair == "smollm2"
+    chat = pair in CHAT_PAIRS
     try:
         before = spec_counters(proc.base_url)
         result = {c: run_load(proc.base_url, model, prompts, c, max_tokens, chat=chat) for c in levels}
@@ -123,14 +129,13 @@ def measure(
 
 
 def main() -> None:
-    ap = argument_parser(__doc__)
-    ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
+    ap = argument_parser(__doc__, pair=True)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     a = ap.parse_args()
     pair, k = PAIRS[a.pair], a.k
-    prompts = chat_prompts(a.requests) if a.pair == "smollm2" else heldout_prompts(a.requests)
+    prompts = pair_prompts(a.pair, None, a.requests)
     model = pair.served_model_name
     spec = measure("spec-on", ["--num-speculative-tokens", str(k)], model, prompts, a.max_tokens, (1, 8), a.pair)
     plain = measure("spec-off", ["--no-speculation"], model, prompts, a.max_tokens, (1, 8), a.pair)

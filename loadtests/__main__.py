@@ -7,7 +7,9 @@
     python -m loadtests soak --minutes 30                           (loadtests/soak.py)
 
 Without ``--base-url`` a command starts our server (default settings, a fresh
-adapter store) for the run and stops it afterwards.
+adapter store) for the run and stops it afterwards. ``--pair`` (default smollm2, the
+server's default) is the model pair served and decides what is sent: the demo pair half chat
+half completions of held-out text, smollm2 chat requests of each model's prompts (``prompts/``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.report import record
+from bench.report import pair_heading, pair_key, record
 from loadtests import compare_vllm, fuzz, report, runner, scenarios, soak
-from loadtests.serve import served
+from loadtests.serve import add_target_arguments, model_of, served
+from loadtests.workload import traffic_text
 
 
 def run_scenario(base_url: str, sc: scenarios.Scenario) -> dict:
@@ -28,7 +31,8 @@ def run_scenario(base_url: str, sc: scenarios.Scenario) -> dict:
 
 def _section(a: argparse.Namespace, reports: list[dict]) -> list[str]:
     cmd = (
-        f"python -m loadtests {a.command} --scenario {a.scenario} --adapters {a.adapters} --requests {a.requests}"
+        f"python -m loadtests {a.command} --pair {a.pair} --scenario {a.scenario} --adapters {a.adapters}"
+        f" --requests {a.requests}"
         + (f" --levels {a.levels}" if a.command == "sweep" else f" --rate {a.rate}")
         + f" --max-seconds {a.max_seconds:g} --output-tokens {a.output_tokens}"
     )
@@ -38,10 +42,10 @@ def _section(a: argparse.Namespace, reports: list[dict]) -> list[str]:
         for k in ("upload", "request", "delete")
     }
     lines = [
-        f"## Load: scenario `{a.scenario}`",
+        pair_heading(f"Load: scenario `{a.scenario}`", a.pair),
         "",
         f"Command: `{cmd}` (our server, default settings; 2 shared CPU cores, noisy). Streamed requests,"
-        " half chat half completions, greedy, ignore_eos. Acceptance = accepted / draft tokens, /metrics deltas"
+        f" {traffic_text(a.pair)}, greedy, ignore_eos. Acceptance = accepted / draft tokens, /metrics deltas"
         " over each run: on the `all` row engine-wide (vLLM's `vllm:spec_decode_*`, churn client included), on"
         " a model row that model's own (our `qserve_spec_decode_*_tokens_total` by `adapter`; empty where the"
         " server has no such series).",
@@ -57,27 +61,29 @@ def _section(a: argparse.Namespace, reports: list[dict]) -> list[str]:
 def run_or_sweep(a: argparse.Namespace) -> None:
     """``run`` (one load level, ``--rate``) or ``sweep`` (``--levels``) of one scenario."""
     out_tokens = tuple(int(x) for x in a.output_tokens.split(","))
-    with served(a.base_url, a.out / "server.log") as srv:
+    model = model_of(a)
+    with served(a.base_url, a.out / "server.log", pair=a.pair) as srv:
         base_url = srv.base_url
-        names = scenarios.ensure_adapters(base_url, a.adapters) if a.scenario in ("adapters", "churn") else ()
+        adapter_mix = a.scenario in ("adapters", "churn")
+        names = scenarios.ensure_adapters(base_url, a.adapters, a.pair) if adapter_mix else ()
         levels = [float(x) for x in a.levels.split(",")] if a.command == "sweep" else [a.rate]
         reports = []
         for v in levels:
             sc = scenarios.build(
-                a.scenario, a.model, names or scenarios.SHIPPED, a.requests, v, a.max_seconds, out_tokens
+                a.scenario, model, names or scenarios.SHIPPED, a.requests, v, a.max_seconds, out_tokens, pair=a.pair
             )
             reports.append(run_scenario(base_url, sc))
             print("\n".join(report.markdown(reports[-1:])[2:]), flush=True)
     report.write(reports, a.out)
     print(f"wrote {a.out}/report.json, report.md, latency_vs_load.png")
     if a.write:
-        record(a.write, f"loadtest_{a.scenario}", _section(a, reports))
+        record(a.write, pair_key(f"loadtest_{a.scenario}", a.pair), _section(a, reports))
 
 
 def _add_scenario_arguments(p: argparse.ArgumentParser, sweep: bool) -> None:
     p.add_argument("--scenario", choices=scenarios.NAMES, default="smoke")
     p.add_argument("--base-url", help="a running server on 127.0.0.1 (default: start ours)")
-    p.add_argument("--model", default="demo-target", help="the base model's served name")
+    add_target_arguments(p)
     p.add_argument("--adapters", type=int, default=2, help="adapters in the Zipf mix (extra ones are uploaded)")
     p.add_argument("--requests", type=int, default=48, help="requests per run (bound)")
     if sweep:

@@ -1,6 +1,6 @@
 """Side by side in one run: our server vs vLLM's own OpenAI server, and speculation on vs off.
 
-    python -m loadtests compare [--levels 1,2,4,8,16] [--repeats 2] [--write BENCHMARKS.md]
+    python -m loadtests compare [--pair smollm2] [--levels 1,2,4,8,16] [--repeats 2] [--write BENCHMARKS.md]
 
 Three servers run at once on 127.0.0.1 with the same engine settings
 (``server.engine.build.vllm_argv``): ours (speculation on), vLLM's own
@@ -9,7 +9,9 @@ Three servers run at once on 127.0.0.1 with the same engine settings
 general plugin (``server.engine.vllm_patches``, an entry point in the venv) too, so the
 engines are identical; only the HTTP layer differs. Each concurrency level is
 sent to the three in turn, in a rotated order on every repeat, with the same
-seeded jobs, so machine contention (2 shared cores) hits all alike.
+seeded jobs, so machine contention (2 shared cores) hits all alike. All three serve ``--pair``
+(default smollm2, the server's default), which decides what is sent (``workload.pair_mix``): the demo
+pair half chat half completions of held-out text, smollm2 chat requests of prompts/chat.txt.
 """
 
 from __future__ import annotations
@@ -20,30 +22,39 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.report import publish
+from bench.report import add_pair_argument, pair_heading, pair_key, publish
 from loadtests import report, runner
-from loadtests.workload import Mix, build_jobs
+from loadtests.workload import build_jobs, pair_mix, traffic_text
 from server.engine.build import vllm_argv
-from server.settings import Settings
-from testing.process import REPO_ROOT, ServerProcess, start_server
+from server.settings import PAIRS, Settings
+from testing.process import ServerProcess, start_server
 
 ARMS = ("ours", "vllm", "ours-nospec")
 
 
-def start_arms(logs: Path) -> dict[str, ServerProcess]:
-    """Start the three servers one after another (each waits for readiness); returns name -> process."""
-    settings = Settings(_cli_parse_args=[])
-    lora = [f"{n}={REPO_ROOT / 'models/demo-adapters' / n}" for n in ("austen", "stdlib-docs")]
+def start_arms(logs: Path, pair: str = "demo") -> dict[str, ServerProcess]:
+    """Start the three servers of the model pair ``pair`` one after another (each waits for readiness);
+    returns name -> process.
+
+    Raises:
+        RuntimeError: a server exited or was not ready in time (the others are stopped first).
+    """
+    settings = Settings(pair=pair, _cli_parse_args=[])
+    lora = [f"{n}={PAIRS[pair].seed_adapters / n}" for n in ("austen", "stdlib-docs")]
     procs: dict[str, ServerProcess] = {}
     try:
         store = tempfile.mkdtemp(prefix="qserve-cmp-store-")
-        procs["ours"] = start_server([], logs / "ours.log", env={"QSERVE_ADAPTER_STORE_DIR": store})
+        procs["ours"] = start_server([], logs / "ours.log", env={"QSERVE_ADAPTER_STORE_DIR": store}, pair=pair)
         procs["vllm"] = start_server(
-            [*vllm_argv(settings), "--lora-modules", *lora], logs / "vllm.log", vllm_own=True, ready_path="/health"
+            [*vllm_argv(settings), "--lora-modules", *lora],
+            logs / "vllm.log",
+            vllm_own=True,
+            ready_path="/health",
+            pair=pair,
         )
         store2 = tempfile.mkdtemp(prefix="qserve-cmp-store-")
         procs["ours-nospec"] = start_server(
-            ["--no-speculation"], logs / "ours-nospec.log", env={"QSERVE_ADAPTER_STORE_DIR": store2}
+            ["--no-speculation"], logs / "ours-nospec.log", env={"QSERVE_ADAPTER_STORE_DIR": store2}, pair=pair
         )
     except BaseException:
         for p in procs.values():
@@ -57,10 +68,19 @@ def requests_for(level: int, per_slot: int) -> int:
     return max(8, per_slot * level)
 
 
-def sweep(procs: dict[str, ServerProcess], levels: list[int], repeats: int, per_slot: int, out_tokens: tuple) -> list:
-    """Every (level, repeat, arm) run, arms rotated per repeat; returns reports with ``arm`` and ``repeat`` keys."""
+def sweep(
+    procs: dict[str, ServerProcess],
+    levels: list[int],
+    repeats: int,
+    per_slot: int,
+    out_tokens: tuple,
+    pair: str = "demo",
+) -> list:
+    """Every (level, repeat, arm) run, arms rotated per repeat, with ``pair``'s base-model traffic
+    (``workload.pair_mix``); returns reports with ``arm`` and ``repeat`` keys."""
     reports = []
-    mix = Mix("demo-target", output_min=out_tokens[0], output_max=out_tokens[1], chat_share=0.5)
+    base = PAIRS[pair].served_model_name
+    mix = pair_mix(pair, base, output_min=out_tokens[0], output_max=out_tokens[1], chat_share=0.5)
     for level in levels:
         jobs = build_jobs(mix, requests_for(level, per_slot), seed=level)
         for rep in range(repeats):
@@ -83,21 +103,22 @@ def _med(reports: list[dict], arm: str, level: int, key) -> float:
     return statistics.median(key(r) for r in reports if r["arm"] == arm and r["load"]["value"] == level)
 
 
-def tables(reports: list[dict], levels: list[int], cmd: str, repeats: int) -> list[str]:
-    """The BENCHMARKS.md section: overhead vs vLLM's server, and speculation on vs off, per concurrency."""
+def tables(reports: list[dict], levels: list[int], cmd: str, repeats: int, pair: str = "demo") -> list[str]:
+    """The BENCHMARKS.md section of a run on the model pair ``pair``: overhead vs vLLM's server, and
+    speculation on vs off, per concurrency."""
     tps = lambda r: r["total"]["output_tokens_per_s"]  # noqa: E731
     ttft = lambda r: r["total"]["ttft_ms"]["p50"]  # noqa: E731
     itl = lambda r: r["total"]["itl_ms"]["p50"]  # noqa: E731
     errs = sum(r["total"]["errors"] for r in reports)
     lines = [
-        "## Load: our server vs vLLM's own OpenAI server; speculation on vs off",
+        pair_heading("Load: our server vs vLLM's own OpenAI server; speculation on vs off", pair),
         "",
         f"Command: `{cmd}`. Three servers ran at once with the same engine settings (`server.engine.build.vllm_argv`:"
-        " NF4 target and draft, k=4, LoRA, max_num_seqs 32); vLLM's server loads our vLLM plugin too, so the"
-        " engines are identical. Streamed requests, half chat half completions, 48-64 output tokens"
-        f" (ignore_eos), greedy, fixed concurrency. Each level ran {repeats}x per server, the three interleaved"
-        " in rotated order, because the 2 cores are shared with other engineers' jobs (noisy): values are"
-        f" medians over repeats. Errors over all runs: {errs}.",
+        f" NF4 target and draft, k={PAIRS[pair].num_speculative_tokens}, LoRA, max_num_seqs 32); vLLM's server"
+        " loads our vLLM plugin too, so the engines are identical. Streamed requests to the base model,"
+        f" {traffic_text(pair)}, 48-64 output tokens (ignore_eos), greedy, fixed concurrency. Each level ran"
+        f" {repeats}x per server, the three interleaved in rotated order, because the 2 cores are shared with"
+        f" other engineers' jobs (noisy): values are medians over repeats. Errors over all runs: {errs}.",
         "",
         "| concurrency | ours tok/s | vLLM tok/s | throughput ours/vLLM | ours TTFT p50 ms | vLLM TTFT p50 ms"
         " | TTFT p50 diff ms | ours ITL p50 ms | vLLM ITL p50 ms |",
@@ -156,6 +177,7 @@ def tables(reports: list[dict], levels: list[int], cmd: str, repeats: int) -> li
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of ``python -m loadtests compare``."""
+    add_pair_argument(ap)
     ap.add_argument("--levels", default="1,2,4,8,16", help="concurrency levels")
     ap.add_argument("--repeats", type=int, default=2, help="runs per level and server")
     ap.add_argument("--per-slot", type=int, default=3, help="requests per concurrency slot (at least 8 per run)")
@@ -172,16 +194,16 @@ def main(a: argparse.Namespace) -> None:
     if a.from_json:
         reports = json.loads(a.from_json.read_text())
     else:
-        procs = start_arms(a.out / "logs")
+        procs = start_arms(a.out / "logs", a.pair)
         try:
-            reports = sweep(procs, levels, a.repeats, a.per_slot, out_tokens)
+            reports = sweep(procs, levels, a.repeats, a.per_slot, out_tokens, a.pair)
         finally:
             for p in procs.values():
                 p.stop()
         report.write(reports, a.out, plot_key="arm")
     cmd = (
-        f"python -m loadtests compare --levels {a.levels} --repeats {a.repeats} --per-slot {a.per_slot}"
-        f" --output-tokens {a.output_tokens}"
+        f"python -m loadtests compare --pair {a.pair} --levels {a.levels} --repeats {a.repeats}"
+        f" --per-slot {a.per_slot} --output-tokens {a.output_tokens}"
     )
-    lines = tables(reports, levels, cmd, a.repeats)
-    publish(lines, a.write, "loadtest_compare")
+    lines = tables(reports, levels, cmd, a.repeats, a.pair)
+    publish(lines, a.write, pair_key("loadtest_compare", a.pair))

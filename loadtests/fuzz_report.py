@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from bench.report import pair_heading
+
 
 def summary(
     counts: dict[str, Counter],
@@ -33,12 +35,12 @@ def summary(
     }
 
 
-def markdown(s: dict, cmd: str) -> list[str]:
-    """The BENCHMARKS.md section: per-route counts and the verdict."""
+def markdown(s: dict, cmd: str, pair: str = "demo") -> list[str]:
+    """The BENCHMARKS.md section of a run on the model pair ``pair``: per-route counts and the verdict."""
     keys = ("requests", "2xx", "4xx", "4xx_not_envelope", "5xx", "transport_error", "unsendable")
     t = s["total"]
     lines = [
-        "## Fuzz: every route at depth (schemathesis)",
+        pair_heading("Fuzz: every route at depth (schemathesis)", pair),
         "",
         f"Command: `{cmd}`. {t.get('requests', 0)} requests in {s['wall_s']:.0f} s; 5xx: {t.get('5xx', 0)};"
         f" server crashes: {s['crashes']} (alive at the end: {s['server_alive']}, /health {s['health_status']})."

@@ -49,11 +49,14 @@ class Load:
 
 @dataclass(frozen=True)
 class Churn:
-    """Adapter churn under load: upload ``folder`` as ``churn-<i>``, send one request to it, delete it,
-    every ``interval_s`` seconds, while the load runs."""
+    """Adapter churn under load: upload ``folder`` as ``churn-<i>``, send it one request (``api``
+    "completions" or "chat", ``prompt``, 8 tokens), delete it, every ``interval_s`` seconds, while the
+    load runs."""
 
     folder: Path
     interval_s: float = 1.0
+    api: str = "completions"
+    prompt: str = "It was a truth universally acknowledged"
 
 
 @dataclass
@@ -135,7 +138,7 @@ async def _churn(session: aiohttp.ClientSession, base_url: str, churn: Churn, st
             form.add_field("files", (churn.folder / f).read_bytes(), filename=f)
         async with session.post(base_url + "/v1/adapters", data=form) as r:
             log["upload"].append(r.status)
-        job = Job("completions", name, "It was a truth universally acknowledged", 8)
+        job = Job(churn.api, name, churn.prompt, 8)
         log["request"].append(200 if (await _one(session, base_url, job)).out.success else 0)
         async with session.delete(f"{base_url}/v1/adapters/{name}") as r:
             log["delete"].append(r.status)

@@ -2,24 +2,27 @@
 
 | name | traffic | arrivals |
 |---|---|---|
-| smoke | 8 short requests, base + both shipped adapters, chat and completions | 2 in flight |
-| base | base model only, chat and completions | Poisson at ``value`` requests/s |
+| smoke | 8 short requests, base + both shipped adapters | 2 in flight |
+| base | base model only | Poisson at ``value`` requests/s |
 | concurrency | base model only | ``value`` requests in flight |
 | adapters | ``n_adapters`` adapters (Zipf popularity) + 30% base | Poisson at ``value`` requests/s |
 | churn | as ``adapters``, while another client uploads/queries/deletes ``churn-<i>`` adapters | Poisson |
+
+The pair decides the prompts and the API (``workload.pair_mix``): the demo pair half chat half completions
+of held-out text, smollm2 chat requests of each model's own prompt set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import httpx
 
 from loadtests.runner import Churn, Load
-from loadtests.workload import Job, Mix, build_jobs
-from testing.process import REPO_ROOT
+from loadtests.workload import SHIPPED, Job, build_jobs, pair_mix
+from prompts import CHAT_PAIRS, adapter_prompts
+from server.settings import PAIRS
 
-SHIPPED = ("austen", "stdlib-docs")
 NAMES = ("smoke", "base", "concurrency", "adapters", "churn")
 
 
@@ -33,14 +36,18 @@ class Scenario:
     churn: Churn | None = None
 
 
-def ensure_adapters(base_url: str, n: int) -> tuple[str, ...]:
-    """Adapter names for an ``n``-adapter mix: the shipped two, then uploads of them as ``zipf-<i>``.
+def ensure_adapters(base_url: str, n: int, pair: str = "demo") -> tuple[str, ...]:
+    """Adapter names for an ``n``-adapter mix: the shipped two, then uploads of them (``pair``'s seeded
+    adapters, ``PAIRS[pair].seed_adapters``) as ``zipf-<i>``; adapter i is ``SHIPPED[i % 2]`` or its copy.
 
     Uploading a name that exists makes a new version, which is harmless here.
+
+    Raises:
+        httpx.HTTPStatusError: an upload was refused.
     """
     names = list(SHIPPED[:n])
     for i in range(len(names), n):
-        folder = REPO_ROOT / "models/demo-adapters" / SHIPPED[i % 2]
+        folder = PAIRS[pair].seed_adapters / SHIPPED[i % 2]
         files = [
             ("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")
         ]
@@ -48,6 +55,16 @@ def ensure_adapters(base_url: str, n: int) -> tuple[str, ...]:
         httpx.post(base_url + "/v1/adapters", data={"name": name}, files=files, timeout=120).raise_for_status()
         names.append(name)
     return tuple(names)
+
+
+def churn(pair: str = "demo") -> Churn:
+    """The churn client of ``pair``: uploads of its shipped ``SHIPPED[0]`` (austen), each sent one request:
+    the demo pair a completion of "It was a truth universally acknowledged", an instruct pair a chat
+    request of austen's first style prompt."""
+    folder = PAIRS[pair].seed_adapters / SHIPPED[0]
+    if pair in CHAT_PAIRS:
+        return Churn(folder, api="chat", prompt=adapter_prompts(SHIPPED[0], 1)[0])
+    return Churn(folder)
 
 
 def build(
@@ -59,23 +76,26 @@ def build(
     max_seconds: float = 120.0,
     output_tokens: tuple[int, int] = (48, 64),
     seed: int = 0,
+    pair: str = "demo",
 ) -> Scenario:
-    """Scenario ``name`` (one of ``NAMES``) with ``requests`` jobs; ``value`` is requests/s or concurrency;
-    output lengths in tokens, uniform in ``output_tokens``; the run stops after ``max_seconds`` seconds.
+    """Scenario ``name`` (one of ``NAMES``) with ``requests`` jobs for the model pair ``pair``; ``value`` is
+    requests/s or concurrency; output lengths in tokens, uniform in ``output_tokens``; the run stops after
+    ``max_seconds`` seconds. ``adapters`` (``adapters`` and ``churn``): adapter i is ``SHIPPED[i % 2]`` or
+    its copy (:func:`ensure_adapters`).
 
     Raises:
         ValueError: for an unknown name.
     """
-    mix = Mix(base_model, output_min=output_tokens[0], output_max=output_tokens[1])
+    lengths = {"output_min": output_tokens[0], "output_max": output_tokens[1]}
     if name == "smoke":
-        mix = replace(mix, adapters=SHIPPED, base_share=0.5, output_min=8, output_max=16)
+        mix = pair_mix(pair, base_model, SHIPPED, base_share=0.5, output_min=8, output_max=16)
         return Scenario(name, build_jobs(mix, min(requests, 8), seed), Load("concurrency", 2, max_seconds))
-    if name == "base":
-        return Scenario(name, build_jobs(mix, requests, seed), Load("rate", value, max_seconds))
-    if name == "concurrency":
-        return Scenario(name, build_jobs(mix, requests, seed), Load("concurrency", value, max_seconds))
+    if name in ("base", "concurrency"):
+        mix = pair_mix(pair, base_model, **lengths)
+        load = Load("rate" if name == "base" else "concurrency", value, max_seconds)
+        return Scenario(name, build_jobs(mix, requests, seed), load)
     if name in ("adapters", "churn"):
-        mix = replace(mix, adapters=adapters, base_share=0.3)
-        churn = Churn(REPO_ROOT / "models/demo-adapters" / SHIPPED[0]) if name == "churn" else None
-        return Scenario(name, build_jobs(mix, requests, seed), Load("rate", value, max_seconds), churn)
+        mix = pair_mix(pair, base_model, adapters, base_share=0.3, **lengths)
+        load = Load("rate", value, max_seconds)
+        return Scenario(name, build_jobs(mix, requests, seed), load, churn(pair) if name == "churn" else None)
     raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(NAMES)}")

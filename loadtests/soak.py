@@ -1,6 +1,6 @@
 """Soak: measure saturation, then run for --minutes at 80% of it with adapters and churn, watching memory.
 
-    python -m loadtests soak --minutes 30 --out /tmp/qserve-soak --write BENCHMARKS.md
+    python -m loadtests soak --pair smollm2 --minutes 30 --out /tmp/qserve-soak --write BENCHMARKS.md
 
 First a short concurrency sweep of the adapter mix (``--sat-levels``) measures the request rate at
 saturation: the most requests/s any level completed. Then Poisson arrivals at ``--fraction`` of that
@@ -9,7 +9,8 @@ second client uploads, queries and deletes ``churn-<i>``), for ``--minutes``. Ev
 seconds the resident memory (RSS) of the API process and of its engine processes (all its
 descendants) is sampled with psutil. The report (``loadtests/soak_report.py``) gives every error, RSS
 and latency p50 per ``--window-s`` window, and the growth from the first window after ``--warmup-s``
-to the last; it passes with 0 errors and RSS growth under 5% for both.
+to the last; it passes with 0 errors and RSS growth under 5% for both. ``--pair`` decides what is sent
+(``workload.pair_mix``, ``scenarios.churn``): the demo pair held-out text, smollm2 chat prompts.
 """
 
 from __future__ import annotations
@@ -19,24 +20,26 @@ import json
 import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
 
-from bench.report import publish
+from bench.report import pair_key, publish
 from loadtests import runner, scenarios, soak_report
-from loadtests.serve import served
-from loadtests.workload import Mix, build_jobs
-from testing.process import REPO_ROOT
+from loadtests.serve import add_target_arguments, model_of, served
+from loadtests.workload import Mix, build_jobs, pair_mix
+from server.settings import PAIRS
 
 
 @dataclass(frozen=True)
 class SoakConfig:
-    """A soak's shape: durations in seconds, rates in requests/s, output lengths in tokens."""
+    """A soak's shape: durations in seconds, rates in requests/s, output lengths in tokens; ``pair`` the
+    model pair served (what is sent), ``model`` the base model's served name (None: the pair's)."""
 
-    model: str = "demo-target"
+    pair: str = "demo"
+    model: str | None = None
     adapters: int = 4
     seconds: float = 1800.0
     fraction: float = 0.8
@@ -106,9 +109,10 @@ def listening_pid(base_url: str) -> int:
 
 
 def _mix(base_url: str, cfg: SoakConfig) -> Mix:
-    names = scenarios.ensure_adapters(base_url, cfg.adapters)
-    mix = Mix(cfg.model, output_min=cfg.output_tokens[0], output_max=cfg.output_tokens[1])
-    return replace(mix, adapters=names, base_share=0.3)
+    names = scenarios.ensure_adapters(base_url, cfg.adapters, cfg.pair)
+    model = cfg.model or PAIRS[cfg.pair].served_model_name
+    lengths = {"output_min": cfg.output_tokens[0], "output_max": cfg.output_tokens[1]}
+    return pair_mix(cfg.pair, model, names, base_share=0.3, **lengths)
 
 
 def saturation(base_url: str, mix: Mix, cfg: SoakConfig) -> dict:
@@ -144,7 +148,7 @@ def soak(base_url: str, pid: int, cfg: SoakConfig) -> dict:
     sat = saturation(base_url, mix, cfg)
     rate = cfg.fraction * sat["saturation_rps"]
     jobs = build_jobs(mix, math.ceil(rate * cfg.seconds * 1.5) + 16, seed=1)
-    churn = runner.Churn(REPO_ROOT / "models/demo-adapters" / scenarios.SHIPPED[0])
+    churn = scenarios.churn(cfg.pair)
     sampler = Sampler(pid, cfg.sample_s)
     started = time.perf_counter()
     sampler.start()
@@ -160,7 +164,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``python -m loadtests soak``."""
     p.add_argument("--base-url", help="a running server on 127.0.0.1 (default: start ours)")
     p.add_argument("--server-pid", type=int, help="its API process (default: the one listening on the port)")
-    p.add_argument("--model", default="demo-target", help="the base model's served name")
+    add_target_arguments(p)
     p.add_argument("--minutes", type=float, default=30.0, help="length of the soak at the fixed rate")
     p.add_argument("--fraction", type=float, default=0.8, help="share of the saturation rate to run at")
     p.add_argument("--adapters", type=int, default=4, help="adapters in the Zipf mix (extra ones are uploaded)")
@@ -177,7 +181,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(a: argparse.Namespace) -> None:
     """``python -m loadtests soak``: write ``soak.json``, ``soak.md``, ``soak.png``; exit 1 if it failed."""
     cfg = SoakConfig(
-        model=a.model,
+        pair=a.pair,
+        model=model_of(a),
         adapters=a.adapters,
         seconds=a.minutes * 60.0,
         fraction=a.fraction,
@@ -188,20 +193,21 @@ def main(a: argparse.Namespace) -> None:
         warmup_s=a.warmup_s,
         sample_s=a.sample_s,
     )
-    with served(a.base_url, a.out / "server.log") as srv:
+    with served(a.base_url, a.out / "server.log", pair=a.pair) as srv:
         pid = srv.proc.proc.pid if srv.proc else (a.server_pid or listening_pid(srv.base_url))
         rep = soak(srv.base_url, pid, cfg)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "soak.json").write_text(json.dumps(rep, indent=1, default=str))
     soak_report.plot(rep, a.out / "soak.png")
     cmd = (
-        f"python -m loadtests soak --minutes {a.minutes:g} --fraction {a.fraction:g} --adapters {a.adapters}"
+        f"python -m loadtests soak --pair {a.pair} --minutes {a.minutes:g} --fraction {a.fraction:g}"
+        f" --adapters {a.adapters}"
         f" --sat-levels {a.sat_levels} --output-tokens {a.output_tokens} --window-s {a.window_s:g}"
         f" --warmup-s {a.warmup_s:g}"
     )
-    lines = soak_report.markdown(rep, cmd)
+    lines = soak_report.markdown(rep, cmd, a.pair)
     (a.out / "soak.md").write_text("\n".join(lines) + "\n")
-    publish(lines, a.write, "loadtest_soak")
+    publish(lines, a.write, pair_key("loadtest_soak", a.pair))
     print(f"wrote {a.out}/soak.json, soak.md, soak.png")
     if not rep["passed"]:
         raise SystemExit(1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import pair_heading
 from loadtests.runner import RunResult
 
 MIB = 1024 * 1024
@@ -107,8 +108,9 @@ def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def markdown(rep: dict, cmd: str) -> list[str]:
-    """The BENCHMARKS.md section: one row with the verdict, and the per-window table."""
+def markdown(rep: dict, cmd: str, pair: str = "demo") -> list[str]:
+    """The BENCHMARKS.md section of a soak on the model pair ``pair``: one row with the verdict, and the
+    per-window table."""
     g, wins = rep["growth"], rep["windows"]
     first = next((w for w in wins if w["start_s"] == g.get("first_window_s")), None)
     last = next((w for w in wins if w["start_s"] == g.get("last_window_s")), None)
@@ -121,7 +123,7 @@ def markdown(rep: dict, cmd: str) -> list[str]:
 
     churn = ", ".join(f"{k} {v}" for k, v in rep["churn"].items())
     lines = [
-        "## Soak: 80% of saturation with adapters and churn",
+        pair_heading("Soak: 80% of saturation with adapters and churn", pair),
         "",
         f"Command: `{cmd}` (our server, default settings; 2 shared CPU cores, noisy). Saturation"
         f" {rep['saturation']['saturation_rps']:.2f} requests/s (most completed in the concurrency sweep), soak"

@@ -16,6 +16,9 @@ from training.corpus import heldout_prompts as _heldout_prompts
 PROMPTS_DIR = Path(__file__).resolve().parent
 HELDOUT_DIR = PROMPTS_DIR / "heldout"
 DOMAINS = {"chat": "chat.txt", "python-docs": "python_docs.txt", "style": "style.txt"}
+# The shipped adapters' own prompt sets (any other model, the base included, gets chat prompts).
+ADAPTER_DOMAINS = {"stdlib-docs": "python-docs", "austen": "style"}
+CHAT_PAIRS = ("smollm2",)  # pairs (server/settings.py PAIRS) with an instruct target: sent chat requests
 
 
 def heldout_text(corpus: str) -> str:
@@ -69,3 +72,18 @@ def domain_prompts(domain: str, n: int | None = None) -> list[str]:
 def chat_prompts(n: int | None = None) -> list[str]:
     """The first ``n`` (all 64 when None) chat prompts for an instruct model."""
     return domain_prompts("chat", n)
+
+
+def adapter_prompts(adapter: str | None, n: int | None = None) -> list[str]:
+    """The chat prompts an instruct model gets for ``adapter`` (None: the base model): its domain's
+    (``ADAPTER_DOMAINS``; ``"chat"`` for the base model and any other name), all of them when ``n`` is
+    None, else ``n`` of them, starting over after the last one stored."""
+    lines = domain_prompts(ADAPTER_DOMAINS.get(adapter or "", "chat"))
+    return lines if n is None else [lines[i % len(lines)] for i in range(n)]
+
+
+def pair_prompts(pair: str, adapter: str | None, n: int) -> list[str]:
+    """``n`` prompts a tool sends the model pair ``pair`` for ``adapter`` (None: the base model): for an
+    instruct pair (``CHAT_PAIRS``) the adapter's chat prompts (:func:`adapter_prompts`), to send as one
+    user message each; for the demo pair ``n`` held-out prompts (:func:`heldout_prompts`), for any adapter."""
+    return adapter_prompts(adapter, n) if pair in CHAT_PAIRS else heldout_prompts(n)

@@ -32,3 +32,20 @@ def test_instruct_prompt_sets_are_distinct_non_empty_lines():
         prompts.chat_prompts(65)
     with pytest.raises(ValueError, match="unknown prompt domain"):
         prompts.domain_prompts("poetry")
+
+
+def test_each_shipped_adapter_gets_its_own_domain_and_the_base_the_chat_set():
+    assert prompts.adapter_prompts(None) == prompts.domain_prompts("chat")
+    assert prompts.adapter_prompts("stdlib-docs") == prompts.domain_prompts("python-docs")
+    assert prompts.adapter_prompts("austen", 3) == prompts.domain_prompts("style", 3)
+    assert prompts.adapter_prompts("zipf-7") == prompts.domain_prompts("chat")  # any other name: chat
+    style = prompts.domain_prompts("style")
+    assert prompts.adapter_prompts("austen", 34) == style + style[:2]  # past the 32 stored: starts over
+
+
+def test_pair_prompts_are_chat_sets_for_smollm2_and_held_out_text_for_demo():
+    assert prompts.CHAT_PAIRS == ("smollm2",)
+    assert prompts.pair_prompts("smollm2", None, 4) == prompts.chat_prompts(4)
+    assert prompts.pair_prompts("smollm2", "stdlib-docs", 4) == prompts.domain_prompts("python-docs", 4)
+    for adapter in (None, "austen", "stdlib-docs"):
+        assert prompts.pair_prompts("demo", adapter, 5) == prompts.heldout_prompts(5)
