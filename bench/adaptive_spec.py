@@ -52,7 +52,7 @@ CONFIGS = {
 # so every step skips the draft model. Against "no speculation" it isolates what the engine's
 # speculative path costs when nobody drafts. Run only when named in --configs.
 DIAGNOSTICS = {
-    "spec engine, never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
+    "spec engine never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
                                   "--speculation-cost-ms", "100,3,1000000,0"],
 }  # fmt: skip
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")

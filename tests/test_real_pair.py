@@ -115,3 +115,35 @@ def test_speculation_changes_no_greedy_token(client):
         assert {n: _chat(c, QUESTIONS[0], model=n) for n in names} == spec_adapted
     finally:
         plain.stop()
+
+
+def _acceptance(real, model: str, questions: list[str]) -> float:
+    """Accepted / draft tokens over greedy chat answers of ``model`` to ``questions`` (48 tokens each)."""
+    drafted = accepted = 0
+    for question in questions:
+        r = httpx.post(
+            real.base_url + "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 48,
+                  "temperature": 0, "ignore_eos": True},
+            timeout=300,
+        ).json()  # fmt: skip
+        spec = r["metrics"]["speculative_decoding"]
+        drafted += spec["num_draft_tokens"]
+        accepted += spec["num_accepted_draft_tokens"]
+    assert drafted > 0, model
+    return accepted / drafted
+
+
+def test_the_shipped_draft_adapter_raises_acceptance_on_its_domain(real):
+    """stdlib-docs drafted with its distilled draft adapter vs the same target adapter drafted by the plain
+    draft, on held-out Python prompts (teacher-forced greedy agreement 0.21 -> 0.39, the adapter's card)."""
+    import prompts
+
+    folder = PAIR.seed_adapters / "stdlib-docs"
+    files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    r = httpx.post(real.base_url + "/v1/adapters", data={"name": "stdlib-plain-draft"}, files=files, timeout=120)
+    assert r.status_code == 201, r.text
+    questions = prompts.domain_prompts("python-docs", 6)
+    with_draft_adapter = _acceptance(real, "stdlib-docs", questions)
+    plain_draft = _acceptance(real, "stdlib-plain-draft", questions)
+    assert with_draft_adapter > 1.3 * plain_draft, (with_draft_adapter, plain_draft)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from training.real_model import DRAFT_OUT
+from training.real_model import DRAFT_OUT, MODELS
 from training.train_adapter import ALL_MODULES, load_base
 from training.train_draft import SEED, batches, evaluate, lk_loss, load_answers
 
@@ -72,6 +72,12 @@ def train(draft, train_set, heldout_set, a: argparse.Namespace, log) -> dict:
         log.flush()
         print(json.dumps(record), flush=True)
     return last
+
+
+def shown_path(path: Path) -> str:
+    """``path`` as the shipped files name it: relative to the repository when inside it (a clone's own path)."""
+    path = path.resolve()
+    return str(path.relative_to(MODELS.parent)) if path.is_relative_to(MODELS.parent) else str(path)
 
 
 def card(report: dict) -> str:
@@ -122,7 +128,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    meta = json.loads((a.run / "answers" / "source.json").read_text()) if (a.run / "answers" / "source.json").is_file() else {}
+    source = a.run / "answers" / "source.json"  # which adapter and prompt domain training.draft_data served
+    meta = json.loads(source.read_text()) if source.is_file() else {}
     torch.manual_seed(SEED)
     torch.set_num_threads(a.threads)
     train_set = load_answers(a.run / "answers", "train")
@@ -138,10 +145,10 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(a.out, safe_serialization=True)
     cfg_path = a.out / "adapter_config.json"
-    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"base_model_name_or_path": str(a.draft)},
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"base_model_name_or_path": shown_path(a.draft)},
                                    indent=2, sort_keys=True) + "\n")  # fmt: skip
     report = {
-        "adapter": meta.get("adapter", a.out.parent.name), "domain": meta.get("domain", "?"), "draft": str(a.draft),
+        "adapter": meta.get("adapter", a.out.parent.name), "domain": meta.get("domain", "?"), "draft": shown_path(a.draft),
         "rank": a.rank, "alpha": a.alpha, "target_modules": ALL_MODULES, "layers": base.config.num_hidden_layers,
         "trainable_parameters": sum(p.numel() for p in draft.parameters() if p.requires_grad),
         "train_answers": len(train_set[0]), "train_tokens": sum(len(s) - p for s, p in train_set[0]),
