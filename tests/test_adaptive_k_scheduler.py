@@ -83,3 +83,23 @@ def test_a_seeded_request_keeps_the_maximum_k_so_the_step_never_skips():
     out = step({"seeded": 1})
     state.plan(s, out)
     assert out.num_spec_tokens_to_schedule == 3 and not hasattr(out, "qserve_skip_draft")
+
+
+def test_the_engine_fetches_no_drafts_from_the_worker_after_a_step_where_every_k_is_0():
+    from vllm.v1.engine.core import EngineCore
+
+    from server.engine.vllm_patches import adaptive_k
+
+    adaptive_k.patch()
+    fetched, stored = [], []
+    never = SchedulerPolicy(AdaptivePolicy(k_max=4, cost=NEVER, probe_every=10**6), adaptive=True)
+    free = SchedulerPolicy(AdaptivePolicy(k_max=4, cost=CostModel(d0=0.0, d1=0.0), probe_every=10**6), True)
+    for state in (never, free):
+        s = scheduler(request("r1", 20, 301))
+        s._qserve_adaptive, s.update_draft_token_ids = state, stored.append
+        state.plan(s, step({"r1": 1}))
+        core = SimpleNamespace(scheduler=s, check_for_draft_tokens=True, async_scheduling=False,
+                               model_executor=SimpleNamespace(take_draft_token_ids=lambda: fetched.append(1) or "ids"))  # fmt: skip
+        EngineCore.post_step(core, True)
+    assert never.no_drafts and not free.no_drafts
+    assert fetched == [1] and stored == ["ids"]  # only the step where a request drafts asked the worker

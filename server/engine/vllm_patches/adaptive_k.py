@@ -30,6 +30,10 @@ What the patch does, in the engine-core process (``server/engine/speculation/pol
   from the prefix cache (``BlockPool.evict_blocks``) so no later request reuses a draft KV with a gap.
   A step that prefills a prompt of a full KV block or more never skips, since while it runs another
   request could share that block's draft KV through the prefix cache;
+- ``EngineCore.post_step`` (``vllm/v1/engine/core.py`` ~689) fetches the step's drafts from the worker
+  (``take_draft_token_ids``, one RPC to the worker process per step). After a step in which every
+  request got k = 0 all of them would be cut to nothing, so the fetch is skipped: the scheduler already
+  cleared each request's ``spec_token_ids`` when it scheduled the step (scheduler.py ~876);
 - ``Scheduler.make_spec_decoding_stats`` (~2961, called per request from ``update_from_output`` with the
   drafts verified and accepted): folds them into the adapter's estimate (``request.lora_request``).
 
@@ -71,12 +75,13 @@ class SchedulerPolicy:
         self.k_for: dict[str, int] = {}  # request id -> drafts it keeps from this step's proposals
         self.stale: dict[str, int] = {}  # request id -> first KV block its draft KV lacks
         self.skipped_steps = 0
+        self.no_drafts = False  # this step's k is 0 for every request: nothing to fetch from the worker
         self.failures = 0
         self._mixed_logged = False
 
     def plan(self, scheduler, output) -> None:
         """Choose k per scheduled request of ``output`` (a ``SchedulerOutput``) and cap its draft passes."""
-        self.k_for = {}
+        self.k_for, self.no_drafts = {}, False
         if not self.adaptive or output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
             return
         try:
@@ -102,6 +107,7 @@ class SchedulerPolicy:
             self._mixed_logged = True
             log.info("adaptive_k: first step whose requests draft different k: %s", sorted(ks))
         output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, top)
+        self.no_drafts = top == 0
         if top == 0 and may_skip:
             output.qserve_skip_draft = True  # read by the runner (patched _input_fits_in_drafter)
             self.skipped_steps += 1
@@ -143,7 +149,7 @@ class SchedulerPolicy:
 
     def _failed(self, e: Exception) -> None:
         self.failures += 1
-        self.k_for = {}
+        self.k_for, self.no_drafts = {}, False
         if self.failures == 1:
             log.warning("adaptive speculation failed (%s: %s); this step drafts the fixed k", type(e).__name__, e)
 
@@ -177,8 +183,8 @@ def _state(scheduler) -> SchedulerPolicy | None:
 
 
 def patch() -> None:
-    """Wrap the scheduler's schedule / update_draft_token_ids / make_spec_decoding_stats / _free_request_blocks
-    and the runner's sample_tokens / _input_fits_in_drafter (idempotent)."""
+    """Wrap the scheduler's schedule / update_draft_token_ids / make_spec_decoding_stats / _free_request_blocks,
+    the engine core's post_step and the runner's sample_tokens / _input_fits_in_drafter (idempotent)."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -192,6 +198,7 @@ def patch() -> None:
         Scheduler._free_request_blocks,
     )
     sample_tokens, fits = GPUModelRunner.sample_tokens, GPUModelRunner._input_fits_in_drafter
+    post_step = EngineCore.post_step
 
     @functools.wraps(schedule)
     def patched_schedule(self, *args, **kwargs):
@@ -242,6 +249,13 @@ def patch() -> None:
             log.info("adaptive_k: first step the runner ran without the draft model")
         return False
 
+    @functools.wraps(post_step)
+    def patched_post_step(self, model_executed: bool) -> None:
+        state = _state(self.scheduler)
+        if state is not None and state.no_drafts:
+            return  # every draft of the step would be cut to none: skip the worker round trip
+        return post_step(self, model_executed)
+
     def qserve_speculation(self) -> dict | None:
         """The scheduler's :meth:`SchedulerPolicy.report`; None without speculation."""
         state = _state(self.scheduler)
@@ -254,4 +268,5 @@ def patch() -> None:
     Scheduler._free_request_blocks = patched_free_request_blocks
     GPUModelRunner.sample_tokens = patched_sample_tokens
     GPUModelRunner._input_fits_in_drafter = patched_input_fits_in_drafter
+    EngineCore.post_step = patched_post_step
     EngineCore.qserve_speculation = qserve_speculation
