@@ -219,7 +219,8 @@ def table(args, levels, traffics, configs, cells, gauges, fitted) -> list[str]:
     med = {key: statistics.median(v[0] for v in vals) for key, vals in cells.items()}
     ttft = {key: statistics.median(v[1] for v in vals) for key, vals in cells.items()}
     lines = [
-        f"## Adaptive speculation: tokens/s by policy, concurrency and traffic ({args.pair} pair)",
+        f"## Adaptive speculation: tokens/s by policy, concurrency and traffic ({args.pair} pair)"
+        + (": the speculation-enabled engine when nobody drafts" if DIAGNOSTICS.keys() & set(configs) else ""),
         "",
         f"Command: `python -m bench.adaptive_spec --pair {args.pair} --levels {args.levels} --repeats {args.repeats} "
         f"--max-tokens {args.max_tokens}"
