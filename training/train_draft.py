@@ -157,6 +157,40 @@ def evaluate(draft, seqs, buckets, tv_weight: float, batch: int = 16) -> dict:
     return {k: v / n for k, v in totals.items()}
 
 
+def fit(model, opt, train_set, heldout_set, a, log, start: int, warmup: int, save) -> dict:
+    """Steps ``start`` .. ``a.steps`` of ``KL + a.tv_weight * TV`` (:func:`lk_loss`) for ``model``'s trainable
+    parameters (the ones ``opt`` holds): ``a.batch`` random answers of ``train_set`` (seqs, buckets) a step,
+    lr ``a.lr`` with ``warmup`` steps of linear warm-up then cosine to 10%, gradient norm clipped at 1, bf16
+    autocast. Every ``a.eval_every`` steps and at the last, evaluates ``heldout_set`` and calls
+    ``save(step, eval)`` (the checkpoint). Each step is a JSON line in ``log`` and on stdout. Returns the
+    last evaluation (empty when none ran)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    rng = random.Random(SEED + start)
+    started, last = time.time(), {}
+    for step in range(start, a.steps):
+        lr = a.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, rows, cols, idx, logp = batches(*train_set, a.batch, rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x).logits[rows, cols]  # [N answer positions, V]
+        loss, stats = lk_loss(logp, logits, idx, a.tv_weight)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        record = {"step": step + 1, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in stats.items()}}
+        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
+            last = {k: round(v, 4) for k, v in evaluate(model, *heldout_set, a.tv_weight).items()}
+            record["eval"] = last
+            save(step + 1, last)
+        record["seconds"] = round(time.time() - started, 1)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(json.dumps(record), flush=True)
+    return last
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=Path, default=DEFAULT_OUT)
@@ -200,28 +234,11 @@ def main() -> None:
         before = {k: round(v, 4) for k, v in evaluate(draft, heldout, heldout_b, a.tv_weight).items()}
         log.write(json.dumps({"step": 0, "eval": before}) + "\n")
         print(json.dumps({"step": 0, "eval": before}), flush=True)
-    rng = random.Random(SEED + start)
-    started = time.time()
-    for step in range(start, a.steps):
-        lr = a.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, rows, cols, idx, logp = batches(train, train_b, a.batch, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = draft(x).logits[rows, cols]
-        loss, stats = lk_loss(logp, logits, idx, a.tv_weight)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        record = {"step": step + 1, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in stats.items()}}
-        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-            record["eval"] = {k: round(v, 4) for k, v in evaluate(draft, heldout, heldout_b, a.tv_weight).items()}
-            torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
-        record["seconds"] = round(time.time() - started, 1)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        print(json.dumps(record), flush=True)
+
+    def save(step: int, _eval: dict) -> None:
+        torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+
+    fit(draft, opt, (train, train_b), (heldout, heldout_b), a, log, start, warmup=20, save=save)
     export(draft, a.export, vars(a) | {"parameters": n_params, "train_answers": len(train), "train_tokens": tokens})
 
 

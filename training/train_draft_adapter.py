@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import torch
 
 from training.real_model import DRAFT_OUT, MODELS
 from training.train_adapter import ALL_MODULES, load_base
-from training.train_draft import SEED, batches, evaluate, lk_loss, load_answers
+from training.train_draft import SEED, evaluate, fit, load_answers
 
 
 def train(draft, train_set, heldout_set, a: argparse.Namespace, log) -> dict:
@@ -47,31 +45,12 @@ def train(draft, train_set, heldout_set, a: argparse.Namespace, log) -> dict:
         draft.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["opt"])
         start, last = state["step"], state["eval"]
-    rng = random.Random(SEED + start)
-    started = time.time()
-    for step in range(start, a.steps):
-        lr = a.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, rows, cols, idx, logp = batches(*train_set, a.batch, rng)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = draft(x).logits[rows, cols]  # [N answer positions, V]
-        loss, stats = lk_loss(logp, logits, idx, a.tv_weight)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        record = {"step": step + 1, "loss": round(loss.item(), 4), **{k: round(v, 4) for k, v in stats.items()}}
-        if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
-            last = {k: round(v, 4) for k, v in evaluate(draft, *heldout_set, a.tv_weight).items()}
-            record["eval"] = last
-            lora_state = {k: v for k, v in draft.state_dict().items() if "lora_" in k}
-            torch.save({"model": lora_state, "opt": opt.state_dict(), "step": step + 1, "eval": last}, ckpt)
-        record["seconds"] = round(time.time() - started, 1)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        print(json.dumps(record), flush=True)
-    return last
+
+    def save(step: int, last: dict) -> None:
+        lora_state = {k: v for k, v in draft.state_dict().items() if "lora_" in k}
+        torch.save({"model": lora_state, "opt": opt.state_dict(), "step": step, "eval": last}, ckpt)
+
+    return fit(draft, opt, train_set, heldout_set, a, log, start, warmup=10, save=save) or last
 
 
 def shown_path(path: Path) -> str:
