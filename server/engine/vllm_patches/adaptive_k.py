@@ -75,13 +75,12 @@ class SchedulerPolicy:
         self.k_for: dict[str, int] = {}  # request id -> drafts it keeps from this step's proposals
         self.stale: dict[str, int] = {}  # request id -> first KV block its draft KV lacks
         self.skipped_steps = 0
-        self.no_drafts = False  # this step's k is 0 for every request: nothing to fetch from the worker
         self.failures = 0
         self._mixed_logged = False
 
     def plan(self, scheduler, output) -> None:
         """Choose k per scheduled request of ``output`` (a ``SchedulerOutput``) and cap its draft passes."""
-        self.k_for, self.no_drafts = {}, False
+        self.k_for = {}
         if not self.adaptive or output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
             return
         try:
@@ -107,12 +106,16 @@ class SchedulerPolicy:
             self._mixed_logged = True
             log.info("adaptive_k: first step whose requests draft different k: %s", sorted(ks))
         output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, top)
-        self.no_drafts = top == 0
         if top == 0 and may_skip:
             output.qserve_skip_draft = True  # read by the runner (patched _input_fits_in_drafter)
             self.skipped_steps += 1
             for req_id in fresh:
                 self.stale[req_id] = starts[req_id] // scheduler.block_size
+
+    @property
+    def no_drafts(self) -> bool:
+        """This step's k is 0 for every scheduled request: there is nothing to fetch from the worker."""
+        return bool(self.k_for) and not any(self.k_for.values())
 
     def release(self, scheduler, request) -> None:
         """A finished stale ``request``: evict its blocks from the first gap on from the prefix cache."""
@@ -149,7 +152,7 @@ class SchedulerPolicy:
 
     def _failed(self, e: Exception) -> None:
         self.failures += 1
-        self.k_for, self.no_drafts = {}, False
+        self.k_for = {}
         if self.failures == 1:
             log.warning("adaptive speculation failed (%s: %s); this step drafts the fixed k", type(e).__name__, e)
 
