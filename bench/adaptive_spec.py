@@ -55,6 +55,7 @@ DIAGNOSTICS = {
     "spec engine never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
                                   "--speculation-cost-ms", "100,3,1000000,0"],
 }  # fmt: skip
+FIT_TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1")  # cost.CostModel's fields, in order
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
 
@@ -124,22 +125,37 @@ def run_cell(url: str, work: Workload, cases: list[tuple[str, str]], level: int,
     return sum(t for t, _ in done) / wall, 1000 * statistics.median(f for _, f in done), per_step
 
 
-def fit_cost(cells: dict) -> tuple[float, float, float, float] | None:
-    """The policy's step-time model (t0, t1, d0, d1 ms; policy.CostModel) fitted to this run's base traffic.
+def fit_cost(cells: dict) -> tuple[float, ...] | None:
+    """The policy's step-time model (cost.CostModel, ms) fitted to this run: (t0, t1, d0, d1) from base
+    traffic, and (l0, l1, e0, e1) too when the run has ``near`` traffic (every request an adapter with its
+    draft adapter).
 
     No speculation at concurrency B: a step of ``B`` tokens takes ``1000 B / tokens_per_s`` ms, fitted
     as ``t0 + t1 B``. Fixed k at B: ``1000 B E / tokens_per_s`` ms with E the measured tokens per
     request-step; less the target's ``t0 + t1 B (k + 1)``, the rest is k draft passes,
-    ``d0 k + d1 B (2k + 1)`` (first pass over B (k + 1) + B tokens, k - 1 passes over B), least squares,
-    clipped at 0. Medians over repeats. None without the no-speculation row or a fixed-k row.
+    ``d0 k + d1 B (2k + 1)`` (first pass over B (k + 1) + B tokens, k - 1 passes over B), least squares.
+    The same fit on ``near`` traffic gives ``t0 + l0``, ``t1 + l1``, ``d0 + e0`` and ``d1 + e1``. Every term
+    clipped at 0; medians over repeats. None without the no-speculation row or a fixed-k row.
     """
+    base = _fit_traffic(cells, "base")
+    if base is None:
+        return None
+    near = _fit_traffic(cells, "near")
+    if near is None:
+        return base
+    lora = tuple(round(max(n - b, 0.0), 3) for n, b in zip(near, base, strict=True))
+    return (*base, lora[0], lora[1], lora[2], lora[3])
+
+
+def _fit_traffic(cells: dict, traffic: str) -> tuple[float, float, float, float] | None:
+    """(t0, t1, d0, d1) of :func:`fit_cost` on one traffic's cells; None without the rows it needs."""
 
     def median(v: list[tuple], i: int) -> float:
         return statistics.median(x[i] for x in v)
 
-    base = {(n, lv): v for (n, t, lv), v in cells.items() if t == "base"}
-    plain = [(lv, 1000 * lv / median(v, 0)) for (n, lv), v in base.items() if n == "no speculation"]
-    fixed = [(int(n.split("=")[1]), lv, (median(v, 0), 0, median(v, 2))) for (n, lv), v in base.items()
+    rows = {(n, lv): v for (n, t, lv), v in cells.items() if t == traffic}
+    plain = [(lv, 1000 * lv / median(v, 0)) for (n, lv), v in rows.items() if n == "no speculation"]
+    fixed = [(int(n.split("=")[1]), lv, (median(v, 0), 0, median(v, 2))) for (n, lv), v in rows.items()
              if n.startswith("fixed")]  # fmt: skip
     if len(plain) < 2 or not fixed:
         return None
@@ -186,7 +202,9 @@ def main() -> None:
     for name, flags in configs.items():
         if name in CONFIGS and "adaptive" in name and args.fit_cost and (fitted := fit_cost(cells)):
             flags = [*flags, "--speculation-cost-ms", ",".join(f"{x:g}" for x in fitted)]
-            print(f"step-time model fitted to this run (t0, t1, d0, d1 ms): {fitted}", flush=True)
+            print(
+                f"step-time model fitted to this run ({', '.join(FIT_TERMS[: len(fitted)])} ms): {fitted}", flush=True
+            )
         store = tempfile.mkdtemp(prefix="qserve-bench-adaptive-")
         env = {"QSERVE_ADAPTER_STORE_DIR": store, "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
         log = LOGS / f"adaptive-{args.pair}-{name.replace(' ', '_')}.log"
@@ -253,7 +271,8 @@ def table(args, levels, traffics, configs, cells, gauges, fitted) -> list[str]:
                   f"(max {100 * max(spread):.0f}%), (max - min) / median."]  # fmt: skip
     if fitted:
         lines += ["", f"The adaptive server ran with the step-time model fitted to this run's base traffic "
-                  f"(`fit_cost`: `--speculation-cost-ms {','.join(f'{x:g}' for x in fitted)}`, t0, t1, d0, d1 ms)."]  # fmt: skip
+                  f"(`fit_cost`: `--speculation-cost-ms {','.join(f'{x:g}' for x in fitted)}`, "
+                  f"{', '.join(FIT_TERMS[: len(fitted)])} ms)."]  # fmt: skip
     if gauges:
         steps = gauges.pop("steps", {}).get("qserve_speculation_steps_without_draft")
         lines += ["", "| adapter (adaptive server, after its traffic) | qserve_speculation_k | acceptance estimate |",

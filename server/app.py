@@ -29,7 +29,7 @@ from server.api.routes import adapters, dashboard, health, merges, openai
 from server.catalog import ModelCatalog
 from server.engine.build import open_engine, set_engine_environment, vllm_namespace
 from server.engine.observed import ObservedEngine
-from server.engine.speculation.policy import CostModel
+from server.engine.speculation.cost import CostModel
 from server.engine.watchdog import watch_engine
 from server.errors import install_error_handlers
 from server.merge.service import MergeService

@@ -26,8 +26,8 @@ class ModelPair(NamedTuple):
     draft: Path
     seed_adapters: Path
     num_speculative_tokens: int  # the k this pair is fastest at (BENCHMARKS.md, "Serving")
-    # The adaptive policy's step-time model, ms (t0, t1, d0, d1; server/engine/speculation/policy.CostModel).
-    speculation_cost_ms: tuple[float, float, float, float]
+    # The adaptive policy's step-time model, ms (t0, t1, d0, d1, l0, l1, e0, e1; speculation/cost.CostModel).
+    speculation_cost_ms: tuple[float, ...]
 
 
 # The pair a server runs by default (``--pair``); each of its parts can still be set on its own.
@@ -121,8 +121,9 @@ class Settings(BaseSettings):
         "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size",
     )
     speculation_cost_ms: str = Field(
-        description="the adaptive policy's step-time model in ms, 't0,t1,d0,d1': a target forward over x tokens "
-        "costs t0 + t1 x, a draft forward d0 + d1 x (measure yours: python -m bench.adaptive_spec); "
+        description="the adaptive policy's step-time model in ms, 't0,t1,d0,d1[,l0,l1,e0,e1]': a target forward "
+        "over x tokens costs t0 + t1 x, a draft pass d0 + d1 x, and x_l tokens of adapter requests add l0 + l1 x_l "
+        "to the target and e0 + e1 x_l to each draft pass (measure yours: python -m bench.adaptive_spec); "
         "default: the pair's"
     )
     quantization: Literal["nf4", "none"] = Field(
@@ -211,13 +212,16 @@ class Settings(BaseSettings):
 
     @field_validator("speculation_cost_ms")
     @classmethod
-    def _cost_is_four_numbers(cls, v: str) -> str:
+    def _cost_is_four_or_eight_numbers(cls, v: str) -> str:
         try:
             values = [float(p) for p in v.split(",")]
         except ValueError:
             values = []
-        if len(values) != 4 or any(not x >= 0 for x in values):
-            raise ValueError(f"{v!r} is not 't0,t1,d0,d1': four numbers >= 0 (ms), e.g. '86,5.7,15,1.8'")
+        if len(values) not in (4, 8) or any(not x >= 0 for x in values):
+            raise ValueError(
+                f"{v!r} is not 't0,t1,d0,d1' or 't0,t1,d0,d1,l0,l1,e0,e1': four or eight numbers >= 0 (ms), "
+                "e.g. '86,5.7,15,1.8' or '86,5.7,15,1.8,40,20,5,2'"
+            )
         return v
 
     @field_validator("api_keys_file")
@@ -270,7 +274,6 @@ class Settings(BaseSettings):
         return self.num_speculative_tokens if self.speculation else 0
 
     @property
-    def speculation_cost(self) -> tuple[float, float, float, float]:
-        """``speculation_cost_ms`` as numbers (t0, t1, d0, d1), milliseconds."""
-        t0, t1, d0, d1 = (float(p) for p in self.speculation_cost_ms.split(","))
-        return t0, t1, d0, d1
+    def speculation_cost(self) -> tuple[float, ...]:
+        """``speculation_cost_ms`` as numbers (t0, t1, d0, d1[, l0, l1, e0, e1]), milliseconds."""
+        return tuple(float(p) for p in self.speculation_cost_ms.split(","))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from server.engine.speculation.policy import AdaptivePolicy, CostModel
+from server.engine.speculation.cost import CostModel
+from server.engine.speculation.policy import AdaptivePolicy
 from server.engine.vllm_patches.adaptive_k import SchedulerPolicy
 
 BLOCK = 128

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 
-from server.engine.speculation.policy import AcceptanceEstimate, AdaptivePolicy, CostModel, Group, choose_k
+from server.engine.speculation.cost import CostModel
+from server.engine.speculation.policy import AcceptanceEstimate, AdaptivePolicy, Group, choose_k
 from server.engine.speculation.speedup import expected_tokens, speedup
 
 # t1 = d1 = 0: a step costs 1 + K c for K >= 1 drafts (1 + c at K = 0): Leviathan et al.'s own cost model.
@@ -38,6 +40,30 @@ def test_hand_computed_step_at_the_default_cost():
     assert CostModel().step_ms(1, 3, 2) == pytest.approx(51.7)
 
 
+def test_hand_computed_step_with_lora_terms():
+    cost = CostModel(t0=30, t1=0.4, d0=10, d1=0.1, l0=20, l1=5, e0=3, e1=1)
+    # a base request at k=1 (2 verify tokens) and an adapter one at k=2 (3), 2 draft passes:
+    # target 30 + 0.4 * 5 + 20 + 5 * 3 = 67; first draft pass over 5 + 2 tokens, 3 + 1 of them the adapter's:
+    # 10 + 0.7 + 3 + 4 = 17.7; second pass over 2 tokens, 1 the adapter's: 10 + 0.2 + 3 + 1 = 14.2
+    assert cost.step_ms(2, 5, 2, lora_batch=1, lora_verify_tokens=3) == pytest.approx(98.9)
+    assert cost.plain_step_ms(2, lora_batch=1) == pytest.approx(30 + 0.8 + 20 + 5)
+    assert cost.step_ms(2, 2, 0, draft_skipped=True, lora_batch=1, lora_verify_tokens=1) == cost.plain_step_ms(2, 1)
+    assert cost.verify_token_ms(lora=True) == pytest.approx(0.4 + 0.1 + 5 + 1)
+    with pytest.raises(ValueError, match=">= 0 ms"):
+        CostModel(l1=-1.0)
+
+
+def test_an_adapter_whose_tokens_cost_more_drafts_less_at_the_same_acceptance():
+    heavy = CostModel(t0=30, t1=0.4, d0=10, d1=0.1, l0=30, l1=30, e0=3, e1=3)
+    assert heavy.break_even_acceptance(1) < 0.5 < heavy.break_even_acceptance(1, lora=True)
+    # break-even is against the step without the draft model (skip_at_zero)
+    assert choose_k([Group(0.5, 1)], 4, heavy, skip_at_zero=True)[0] == [1]
+    assert choose_k([Group(0.5, 1, lora=True)], 4, heavy, skip_at_zero=True)[0] == [0]
+    assert choose_k([Group(0.6, 2), Group(0.6, 2, lora=True)], 4, heavy)[0] == [2, 0]
+    # without LoRA terms the two are priced alike
+    assert choose_k([Group(0.6, 2), Group(0.6, 2, lora=True)], 4, CostModel())[0] == [1, 1]
+
+
 def test_requests_of_one_batch_get_different_k():
     # Free draft, 0.1 ms per verify token: the a=0.9 request drafts all 2 (E 3.71 over 1.4 ms: 2.65 tokens/ms;
     # 1 draft: 2.9/1.3 = 2.23; 0: 2/1.2 = 1.67); the a=0 one drafts nothing (each draft costs, none is kept).
@@ -57,17 +83,16 @@ def test_a_hopeless_adapter_drafts_nothing_at_a_large_batch():
     assert ks[1] == 0 and ks[0] >= 1
 
 
-def test_choose_k_is_the_brute_force_optimum():
-    cost = CostModel()
-    groups = [Group(0.8, 3), Group(0.4, 5), Group(0.1, 2)]
+@pytest.mark.parametrize("cost", [CostModel(), CostModel(96.36, 3.282, 22.546, 0, 90, 8, 6, 1)])
+def test_choose_k_is_the_brute_force_optimum(cost):
+    groups = [Group(0.8, 3), Group(0.4, 5), Group(0.1, 2), Group(0.7, 2, lora=True)]
     best = 0.0
-    for k0 in range(4):
-        for k1 in range(4):
-            for k2 in range(4):
-                ks = (k0, k1, k2)
-                tokens = sum(g.count * expected_tokens(g.a, k) for g, k in zip(groups, ks, strict=True))
-                verify = sum(g.count * (k + 1) for g, k in zip(groups, ks, strict=True))
-                best = max(best, tokens / cost.step_ms(10, verify, max(ks)))
+    for ks in itertools.product(range(4), repeat=len(groups)):
+        pairs = list(zip(groups, ks, strict=True))
+        tokens = sum(g.count * expected_tokens(g.a, k) for g, k in pairs)
+        verify = sum(g.count * (k + 1) for g, k in pairs)
+        lora = sum(g.count * (k + 1) for g, k in pairs if g.lora)
+        best = max(best, tokens / cost.step_ms(12, verify, max(ks), lora_batch=2, lora_verify_tokens=lora))
     assert choose_k(groups, 3, cost)[1] == pytest.approx(best)
 
 
@@ -149,7 +174,7 @@ def test_skipping_makes_no_drafting_win_where_a_k0_draft_pass_would_lose_it():
 
 def test_stale_requests_count_in_the_batch_but_never_draft_or_get_probed():
     policy = AdaptivePolicy(k_max=4, probe_every=1)
-    ks = policy.plan([("(base)", False)] * 2, stale=30, skip_at_zero=False)
+    ks = policy.plan([("(base)", False)] * 2, stale=["(base)"] * 30, skip_at_zero=False)
     assert len(ks) == 2  # only the fresh rows get a k
     # 30 stale rows make the batch large: fewer drafts than the same two requests alone
     assert max(ks) <= max(policy.plan([("(base)", False)] * 2))

@@ -2,24 +2,17 @@
 
 Model (Leviathan, Kalman and Matias 2023, "Fast Inference from Transformers via Speculative
 Decoding", eq. 1): a request whose drafts are accepted independently with probability ``a`` gets
-``E(a, k) = (1 - a^(k+1)) / (1 - a)`` tokens from a verify step with ``k`` drafts. One engine step
-over a batch of ``B`` requests, request ``i`` drafting ``k_i`` and ``K = max k_i`` (vLLM runs the
-draft ``K`` times for every row and keeps ``k_i``), costs (:class:`CostModel`, linear in tokens):
-
-    T = Tt(n) + Td(n + B) + max(K - 1, 0) Td(B),   n = sum_i (k_i + 1)
-
-``Tt(x) = t0 + t1 x`` is a target forward over ``x`` tokens (``n``: each request's new token and its
-drafts to verify), ``Td(x) = d0 + d1 x`` a draft forward: vLLM's first draft pass takes every target
-query token plus one slot per request (``n + B``, and vLLM runs it even at ``K = 0``, to keep the
-draft's KV cache in step), then ``K - 1`` passes of one token per request. A decode-only step at
-``K = 0`` may instead skip the draft altogether (``skip_at_zero``; ``vllm_patches/adaptive_k.py``
-does, and never lets those requests draft again, since their draft KV has a gap): it costs
-``Tt(B)``, the step without speculation. :func:`choose_k` maximizes expected
+``E(a, k) = (1 - a^(k+1)) / (1 - a)`` tokens from a verify step with ``k`` drafts; a step costs what
+:class:`~server.engine.speculation.cost.CostModel` says (vLLM runs the draft ``K = max k_i`` times for
+every row and keeps ``k_i``; adapter requests cost more per token on both models). A decode-only step
+at ``K = 0`` may instead skip the draft altogether (``skip_at_zero``; ``vllm_patches/adaptive_k.py``
+does, and never lets those requests draft again, since their draft KV has a gap): it costs the step
+without speculation. :func:`choose_k` maximizes expected
 tokens per unit time ``sum_i E(a_i, k_i) / T`` over ``K`` in ``0..k_max`` and, for each ``K``, over
 ``k_i <= K`` by Dinkelbach's method (Dinkelbach 1967, "On nonlinear fractional programming"): for a
-price ``lam`` the best ``k_i`` maximizes ``E(a_i, k) - lam s k`` (``s = t1 + d1``, the cost of one more
-verify token), i.e. keeps draft ``j`` while its marginal yield ``a_i^j`` exceeds ``lam s``; then
-``lam`` <- the resulting rate, until it stops rising.
+price ``lam`` the best ``k_i`` maximizes ``E(a_i, k) - lam s_i k`` (``s_i``, the cost of one more
+verify token of request ``i``, :meth:`CostModel.verify_token_ms`), i.e. keeps draft ``j`` while its
+marginal yield ``a_i^j`` exceeds ``lam s_i``; then ``lam`` <- the resulting rate, until it stops rising.
 
 Acceptance per adapter (:class:`AcceptanceEstimate`): each verify step with ``d`` drafts and ``m``
 accepted is ``m`` successes in ``m + [m < d]`` Bernoulli(a) trials (the first rejection ends the
@@ -34,52 +27,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from server.engine.speculation.cost import CostModel
 from server.engine.speculation.speedup import expected_tokens
 
 BASE_KEY = "(base)"  # the adapter key of requests without an adapter (server.metrics.BASE_LABEL's value)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Step-time model, milliseconds: target forward ``t0 + t1 x``, draft forward ``d0 + d1 x`` over ``x`` tokens.
-
-    Defaults fitted by hand to this repository's demo pair on its 2-core CPU hosts (BENCHMARKS.md,
-    "Load: ... speculation on vs off"): no speculation runs one step in ~31 ms at concurrency 1 and
-    ~38 ms at 16 (t0 30, t1 0.4); the draft's single-token forward is c = 0.372 of the target's
-    (d0 10); speculation at k=4 then predicts 73 ms and 116 ms per step at concurrency 1 and 16
-    against 71 and 113 ms measured (d1 0.1). ``bench/adaptive_spec.py`` refits them from step timings.
-    """
-
-    t0: float = 30.0
-    t1: float = 0.4
-    d0: float = 10.0
-    d1: float = 0.1
-
-    def step_ms(self, batch: int, verify_tokens: int, passes: int, draft_skipped: bool = False) -> float:
-        """Predicted step time (ms) for ``batch`` requests, ``verify_tokens`` = sum(k_i + 1), ``passes`` = K.
-
-        ``draft_skipped`` (only meaningful at ``passes == 0``): the draft does not run at all.
-        """
-        if draft_skipped and passes == 0:
-            return self.plain_step_ms(batch)
-        n = verify_tokens
-        return (
-            self.t0 + self.t1 * n + self.d0 + self.d1 * (n + batch) + max(passes - 1, 0) * (self.d0 + self.d1 * batch)
-        )
-
-    def plain_step_ms(self, batch: int) -> float:
-        """Predicted step time (ms) of the same batch with no draft model at all (one token per request)."""
-        return self.t0 + self.t1 * batch
-
-    def break_even_acceptance(self, k: int) -> float:
-        """The acceptance rate (accepted / draft tokens) below which ``k`` drafts per step are slower than
-        none, for one request: speedup E / (T_k / T_0) = 1 (Leviathan et al. 2023, Thm 3.8, with this step
-        model for the cost) at E = T_k / T_0 tokens per step, i.e. (T_k / T_0 - 1) / k accepted per draft
-        token; clipped to [0, 1]. ``k`` >= 1. (With Leviathan's own cost T_k / T_0 = 1 + k c it is c, for
-        any k: a per-token acceptance threshold compared with accepted / draft tokens would be wrong for k > 1.)
-        """
-        ratio = self.step_ms(1, k + 1, k) / self.plain_step_ms(1)
-        return min(max((ratio - 1) / k, 0.0), 1.0)
 
 
 @dataclass(frozen=True)
@@ -87,12 +38,14 @@ class Group:
     """Requests of one step that share an acceptance estimate: ``count`` of them at acceptance ``a``.
 
     ``pinned``: they must draft exactly the maximum k (seeded sampled requests: their realized output
-    depends on how many drafts each step verifies, so it stays that of the fixed policy).
+    depends on how many drafts each step verifies, so it stays that of the fixed policy). ``lora``: they
+    have an adapter (its LoRA terms of :class:`CostModel` apply).
     """
 
     a: float
     count: int
     pinned: bool = False
+    lora: bool = False
 
 
 def _best_k(a: float, limit: int, price: float) -> int:
@@ -105,10 +58,13 @@ def _best_k(a: float, limit: int, price: float) -> int:
 
 def _rate(groups: Sequence[Group], ks: Sequence[int], passes: int, cost: CostModel, skip: bool = False) -> float:
     """Expected tokens per ms of a step with ``ks`` drafts per group and ``passes`` draft passes."""
+    pairs = list(zip(groups, ks, strict=True))
     batch = sum(g.count for g in groups)
-    tokens = sum(g.count * expected_tokens(g.a, k) for g, k in zip(groups, ks, strict=True))
-    verify = sum(g.count * (k + 1) for g, k in zip(groups, ks, strict=True))
-    return tokens / cost.step_ms(batch, verify, passes, draft_skipped=skip)
+    tokens = sum(g.count * expected_tokens(g.a, k) for g, k in pairs)
+    verify = sum(g.count * (k + 1) for g, k in pairs)
+    lora_batch = sum(g.count for g in groups if g.lora)
+    lora_verify = sum(g.count * (k + 1) for g, k in pairs if g.lora)
+    return tokens / cost.step_ms(batch, verify, passes, skip, lora_batch, lora_verify)
 
 
 def choose_k(
@@ -133,14 +89,14 @@ def choose_k(
         raise ValueError(f"need k_max >= 0, counts >= 1 and a in [0, 1]; got k_max={k_max}, groups={groups}")
     if not groups:
         return [], 0.0
-    s = cost.t1 + cost.d1
+    price = [cost.verify_token_ms(g.lora) for g in groups]
     lowest = k_max if any(g.pinned for g in groups) else 0
     best: tuple[float, list[int]] | None = None
     for passes in range(lowest, k_max + 1):
         ks = [passes if g.pinned else 0 for g in groups]
         lam = _rate(groups, ks, passes, cost, skip_at_zero)
         for _ in range(32):  # Dinkelbach on this K: the rate rises strictly until optimal (a few rounds)
-            nxt = [passes if g.pinned else _best_k(g.a, passes, lam * s) for g in groups]
+            nxt = [passes if g.pinned else _best_k(g.a, passes, lam * p) for g, p in zip(groups, price, strict=True)]
             r = _rate(groups, nxt, passes, cost)
             if r <= lam * (1 + 1e-12):
                 break
@@ -214,11 +170,13 @@ class AdaptivePolicy:
             est = self.estimates[key] = AcceptanceEstimate(self.prior_mean, self.prior_strength, self.memory)
         return est
 
-    def plan(self, requests: Sequence[tuple[str, bool]], stale: int = 0, skip_at_zero: bool = False) -> list[int]:
+    def plan(
+        self, requests: Sequence[tuple[str, bool]], stale: Sequence[str] = (), skip_at_zero: bool = False
+    ) -> list[int]:
         """Drafts for each of a step's requests, given as (adapter key, pinned); same order as ``requests``.
 
-        ``stale``: further requests of the step that draft nothing whatever (their draft KV has a gap);
-        they count in the batch's cost. ``skip_at_zero``: a step where nobody drafts skips the draft model
+        ``stale``: the adapter keys of further requests of the step that draft nothing whatever (their
+        draft KV has a gap); they count in the batch's cost. ``skip_at_zero``: a step where nobody drafts skips the draft model
         (see :func:`choose_k`). Stale requests are
         never probed; probes go to requests whose draft KV is whole.
         """
@@ -226,9 +184,9 @@ class AdaptivePolicy:
         for key, pinned in requests:
             keys[(key, pinned)] = keys.get((key, pinned), 0) + 1
         order = list(keys)
-        groups = [Group(self.estimate(key).mean, n, pinned) for (key, pinned), n in keys.items()]
-        if stale:
-            groups.append(Group(0.0, stale))
+        groups = [Group(self.estimate(k).mean, n, pinned, k != BASE_KEY) for (k, pinned), n in keys.items()]
+        stale_lora = sum(key != BASE_KEY for key in stale)
+        groups += [Group(0.0, n, lora=lora) for n, lora in ((len(stale) - stale_lora, False), (stale_lora, True)) if n]
         ks, _ = choose_k(groups, self.k_max, self.cost, skip_at_zero=skip_at_zero)
         by_key = dict(zip(order, ks[: len(order)], strict=True))
         for (key, pinned), k in list(by_key.items()):

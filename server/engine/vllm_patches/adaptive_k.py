@@ -53,7 +53,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy, CostModel
+from server.engine.speculation.cost import CostModel
+from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy
 
 log = logging.getLogger("vllm.qserve.adaptive_k")  # under vLLM's "vllm" logger: its handler and level
 CONFIG_KEY = "qserve_speculation"
@@ -84,7 +85,7 @@ class SchedulerPolicy:
         if not self.adaptive or output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
             return
         try:
-            ids, rows, fresh, starts = list(output.num_scheduled_tokens), [], [], {}
+            ids, rows, fresh, stale, starts = list(output.num_scheduled_tokens), [], [], [], {}
             may_skip = True
             for req_id, n in output.num_scheduled_tokens.items():
                 request = scheduler.requests[req_id]
@@ -92,11 +93,12 @@ class SchedulerPolicy:
                 if start < request.num_prompt_tokens and request.num_prompt_tokens >= scheduler.block_size:
                     may_skip = False  # a long prompt's blocks may be shared while it runs
                 if req_id in self.stale:
+                    stale.append(adapter_key(request))
                     continue
                 params = request.sampling_params
                 fresh.append(req_id)
                 rows.append((adapter_key(request), params is not None and params.seed is not None))
-            ks = self.policy.plan(rows, stale=len(ids) - len(fresh), skip_at_zero=may_skip)
+            ks = self.policy.plan(rows, stale=stale, skip_at_zero=may_skip)
         except Exception as e:  # noqa: BLE001 (a policy error must not kill the engine step)
             self._failed(e)
             return

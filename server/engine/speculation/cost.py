@@ -1,0 +1,91 @@
+"""The step-time model the adaptive speculation policy prices k with (pure; milliseconds).
+
+One engine step over a batch of ``B`` requests, request ``i`` verifying ``k_i`` drafts and ``K = max k_i``
+the draft passes, costs
+
+    T = Tt(n) + Td(n + B) + max(K - 1, 0) Td(B),   n = sum_i (k_i + 1)
+
+``Tt(x) = t0 + t1 x`` is a target forward over ``x`` tokens (``n``: each request's new token and its
+drafts to verify), ``Td(x) = d0 + d1 x`` a draft forward: vLLM's first draft pass takes every target
+query token plus one slot per request (``n + B``; it runs even at ``K = 0``), then ``K - 1`` passes of
+one token per request. A step whose draft is skipped costs the plain step ``Tt(B)``.
+
+Requests with a LoRA adapter add to both forwards (vLLM's CPU LoRA path is per token, and a draft
+adapter adds to every draft pass, BENCHMARKS.md "Draft adapters: what LoRA adds to a draft step"): the
+target ``l0 + l1 x_l`` and each draft pass ``e0 + e1 x_l``, where ``x_l`` counts that forward's tokens
+of adapter requests and the ``l0`` / ``e0`` terms apply when the forward has any (``l0``: once per step,
+the same with or without drafts). So an adapter's drafts are priced at what they cost, not at the base
+model's price, which made drafting for adapters look cheaper than it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Step-time model, milliseconds: target ``t0 + t1 x``, draft ``d0 + d1 x`` over ``x`` tokens, plus LoRA terms.
+
+    ``l0 + l1 x_l`` is what adapter requests' ``x_l`` tokens add to a target forward, ``e0 + e1 x_l`` to a
+    draft pass (module doc); all >= 0. Defaults are the demo pair's, fitted by hand on its 2-core CPU hosts
+    (BENCHMARKS.md, "Load: ... speculation on vs off"): no speculation runs one step in ~31 ms at
+    concurrency 1 and ~38 ms at 16 (t0 30, t1 0.4); the draft's single-token forward is c = 0.372 of the
+    target's (d0 10); speculation at k=4 then predicts 73 and 116 ms per step at concurrency 1 and 16
+    against 71 and 113 ms measured (d1 0.1). ``bench/adaptive_spec.py`` fits all eight from a run.
+    """
+
+    t0: float = 30.0
+    t1: float = 0.4
+    d0: float = 10.0
+    d1: float = 0.1
+    l0: float = 0.0
+    l1: float = 0.0
+    e0: float = 0.0
+    e1: float = 0.0
+
+    def __post_init__(self) -> None:
+        if any(not x >= 0 for x in astuple(self)):
+            raise ValueError(f"step-time model terms must be >= 0 ms, got {astuple(self)}")
+
+    def step_ms(
+        self,
+        batch: int,
+        verify_tokens: int,
+        passes: int,
+        draft_skipped: bool = False,
+        lora_batch: int = 0,
+        lora_verify_tokens: int = 0,
+    ) -> float:
+        """Predicted step time (ms) for ``batch`` requests, ``verify_tokens`` = sum(k_i + 1), ``passes`` = K.
+
+        ``lora_batch`` of the requests have an adapter and verify ``lora_verify_tokens`` of the tokens.
+        ``draft_skipped`` (only meaningful at ``passes == 0``): the draft does not run at all.
+        """
+        if draft_skipped and passes == 0:
+            return self.plain_step_ms(batch, lora_batch)
+        n, has_lora = verify_tokens, lora_batch > 0
+        target = self.t0 + self.t1 * n + has_lora * self.l0 + self.l1 * lora_verify_tokens
+        first = self.d0 + self.d1 * (n + batch) + has_lora * self.e0 + self.e1 * (lora_verify_tokens + lora_batch)
+        later = self.d0 + self.d1 * batch + has_lora * self.e0 + self.e1 * lora_batch
+        return target + first + max(passes - 1, 0) * later
+
+    def plain_step_ms(self, batch: int, lora_batch: int = 0) -> float:
+        """Predicted step time (ms) of the batch with no draft model at all (one token per request)."""
+        return self.t0 + self.t1 * batch + (lora_batch > 0) * self.l0 + self.l1 * lora_batch
+
+    def verify_token_ms(self, lora: bool) -> float:
+        """What one more draft of a request adds to the step (ms): a target and a first-pass draft token."""
+        return self.t1 + self.d1 + (self.l1 + self.e1 if lora else 0.0)
+
+    def break_even_acceptance(self, k: int, lora: bool = False) -> float:
+        """The acceptance rate (accepted / draft tokens) below which ``k`` drafts per step are slower than
+        none, for one request (with an adapter if ``lora``): speedup E / (T_k / T_0) = 1 (Leviathan et al.
+        2023, Thm 3.8, with this step model for the cost) at E = T_k / T_0 tokens per step, i.e.
+        (T_k / T_0 - 1) / k accepted per draft token; clipped to [0, 1]. ``k`` >= 1. (With Leviathan's own
+        cost T_k / T_0 = 1 + k c it is c, for any k: a per-token acceptance threshold compared with
+        accepted / draft tokens would be wrong for k > 1.)
+        """
+        lb = int(lora)
+        ratio = self.step_ms(1, k + 1, k, lora_batch=lb, lora_verify_tokens=lb * (k + 1)) / self.plain_step_ms(1, lb)
+        return min(max((ratio - 1) / k, 0.0), 1.0)

@@ -1,0 +1,41 @@
+"""bench.adaptive_spec.fit_cost recovers the step-time model (speculation/cost.CostModel) from a run's rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.adaptive_spec import fit_cost
+from server.engine.speculation.cost import CostModel
+from server.engine.speculation.speedup import expected_tokens
+
+LEVELS = (1, 2, 4, 8, 16)
+
+
+def rows(cost: CostModel, traffic: str, a: float) -> dict:
+    """The cells a run on hardware that follows ``cost`` exactly would record: (tokens/s, TTFT, E per step)."""
+    lora = traffic == "near"
+    cells = {}
+    for b in LEVELS:
+        plain = cost.plain_step_ms(b, lora_batch=b if lora else 0)
+        cells[("no speculation", traffic, b)] = [(1000 * b / plain, 0.0, 1.0)] * 2
+        for k in (1, 2, 3, 4):
+            e = expected_tokens(a, k)
+            step = cost.step_ms(b, b * (k + 1), k, lora_batch=b if lora else 0, lora_verify_tokens=b * (k + 1) * lora)
+            cells[(f"fixed k={k}", traffic, b)] = [(1000 * b * e / step, 0.0, e)] * 2
+    return cells
+
+
+def test_base_traffic_alone_fits_the_four_base_terms():
+    cost = CostModel(96.36, 3.282, 22.546, 0.5)
+    assert fit_cost(rows(cost, "base", 0.33)) == pytest.approx((96.36, 3.282, 22.546, 0.5), abs=1e-3)
+
+
+def test_near_traffic_adds_the_lora_terms():
+    cost = CostModel(96.36, 3.282, 22.546, 0.5, 90.0, 8.0, 6.0, 1.2)
+    fitted = fit_cost(rows(cost, "base", 0.33) | rows(cost, "near", 0.28))
+    assert fitted == pytest.approx((96.36, 3.282, 22.546, 0.5, 90.0, 8.0, 6.0, 1.2), abs=1e-3)
+
+
+def test_without_a_no_speculation_row_there_is_nothing_to_fit():
+    cells = {key: v for key, v in rows(CostModel(), "base", 0.5).items() if key[0] != "no speculation"}
+    assert fit_cost(cells) is None
