@@ -114,7 +114,7 @@ class ServerMetrics:
         self.break_even = Gauge(
             f"{PREFIX}_speculation_break_even_acceptance",
             "Acceptance rate (accepted / draft tokens) below which speculation with the configured k is slower "
-            "than none for a lone request, from the pair's step-time model (policy.CostModel.break_even_acceptance).",
+            "than none for a lone request, from the pair's step-time model (cost.CostModel.break_even_acceptance).",
             ["model"],
             registry=r,
         )

@@ -49,7 +49,7 @@ PAIRS = {
         REPO_ROOT / "models" / "draft",
         REPO_ROOT / "models" / "demo-adapters",
         4,
-        (30.0, 0.4, 10.0, 0.1),  # fitted to the demo pair's load tests (policy.CostModel's doc)
+        (30.0, 0.4, 10.0, 0.1),  # fitted to the demo pair's load tests (cost.CostModel's doc)
     ),
 }
 DEMO_TARGET, DEMO_DRAFT = PAIRS["demo"].target, PAIRS["demo"].draft

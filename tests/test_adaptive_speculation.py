@@ -81,7 +81,7 @@ def test_a_mixed_batch_with_different_k_gives_the_plain_greedy_output(adaptive, 
 @pytest.fixture(scope="module")
 def skipping():
     # Step-time model where drafting pays for one request at any acceptance above 0.23 and a step without the
-    # draft wins for 8 at any below 0.7 (policy.CostModel, choose_k): the demo pair's base estimate runs ~0.5
+    # draft wins for 8 at any below 0.7 (cost.CostModel, policy.choose_k): the demo pair's base estimate runs ~0.5
     # here, and a slow host that drafts more early steps alone moves it by less than those margins.
     # B=1, a 0.5: k=1 1.5 / 15.35 ms > no draft 1 / 12.5; B=8: no draft 8 / 30 > k=1 12 / 51.4.
     proc = launch("adaptive-skip", "--speculation-policy", "adaptive", "--speculation-cost-ms", "10,2.5,0.2,0.05")
