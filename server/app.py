@@ -128,9 +128,10 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
     ).set(1)
     if settings.draft_tokens_per_step:
         cost = CostModel(*settings.speculation_cost)
-        state.metrics.break_even.labels(settings.served_model_name).set(
-            cost.break_even_acceptance(settings.draft_tokens_per_step)
-        )
+        for requests, lora in (("base", False), ("adapter", True)):
+            state.metrics.break_even.labels(settings.served_model_name, requests).set(
+                cost.break_even_acceptance(settings.draft_tokens_per_step, lora=lora)
+            )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai.router)

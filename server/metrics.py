@@ -114,8 +114,10 @@ class ServerMetrics:
         self.break_even = Gauge(
             f"{PREFIX}_speculation_break_even_acceptance",
             "Acceptance rate (accepted / draft tokens) below which speculation with the configured k is slower "
-            "than none for a lone request, from the pair's step-time model (cost.CostModel.break_even_acceptance).",
-            ["model"],
+            "than none for a lone request, from the pair's step-time model (cost.CostModel.break_even_acceptance); "
+            "requests=base for requests without an adapter, requests=adapter for adapter requests (their LoRA "
+            "makes each token cost more).",
+            ["model", "requests"],
             registry=r,
         )
         self.speculation_skipped_steps = Gauge(

@@ -59,14 +59,14 @@ class _Cells(HTMLParser):
         self.tiles: dict[str, str] = {}
         self.loaded = False
         self.series: list[str] = []
-        self.break_even: dict[str, str] = {}
+        self.break_even: dict[tuple[str, str], str] = {}
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "body" and a.get("data-loaded") == "1":
             self.loaded = True
         if a.get("class") == "break-even":
-            self.break_even[a["data-model"]] = a["data-value"]
+            self.break_even[(a["data-model"], a["data-requests"])] = a["data-value"]
         if "data-series" in a:
             self.series.append(a["data-series"])
         if "data-field" in a:
@@ -124,4 +124,6 @@ def test_dashboard_shows_the_numbers_of_metrics(base_url, prompts):
             expected = histogram_quantile(q, buckets(served, hist, adapter))
             assert float(shown[field]) == pytest.approx(expected, rel=1e-9), (adapter, field)
     # the break-even line is drawn at the value /metrics exports
-    assert float(parsed.break_even[MODEL]) == total(served, "qserve_speculation_break_even_acceptance", model=MODEL) > 0
+    for requests in ("base", "adapter"):
+        drawn = float(parsed.break_even[(MODEL, requests)])
+        assert drawn == total(served, "qserve_speculation_break_even_acceptance", model=MODEL, requests=requests) > 0

@@ -12,7 +12,7 @@ import pytest
 
 from bench.serving_bench import spec_counters
 from server.engine.observed import spec_summary
-from server.engine.speculation.policy import CostModel
+from server.engine.speculation.cost import CostModel
 from server.engine.speculation.speedup import break_even_acceptance, expected_tokens, speedup
 from server.metrics import BASE_LABEL, OTHER_LABEL, AdapterLabels
 from testing.process import REPO_ROOT
@@ -46,9 +46,9 @@ def test_break_even_acceptance_matches_the_alert_rule():
         assert CostModel(t0=1.0, t1=0.0, d0=0.372, d1=0.0).break_even_acceptance(k) == pytest.approx(0.372)
         assert (expected_tokens(break_even_acceptance(k, 0.372), k) - 1) / k == pytest.approx(0.372, abs=1e-9)
     rules = (REPO_ROOT / "deploy/prometheus/alerts.yml").read_text()
-    assert "< on (model) group_left () max by (model) (qserve_speculation_break_even_acceptance)" in rules
+    assert "< on (model, requests) group_left () max by (model, requests) (qserve_speculation_break_even_acceptance)" in rules
     grafana = (REPO_ROOT / "deploy/grafana/qserve-dashboard.json").read_text()
-    assert "max by (model) (qserve_speculation_break_even_acceptance)" in grafana
+    assert "max by (model, requests) (qserve_speculation_break_even_acceptance)" in grafana
 
 
 @pytest.mark.engine
