@@ -46,7 +46,10 @@ def test_break_even_acceptance_matches_the_alert_rule():
         assert CostModel(t0=1.0, t1=0.0, d0=0.372, d1=0.0).break_even_acceptance(k) == pytest.approx(0.372)
         assert (expected_tokens(break_even_acceptance(k, 0.372), k) - 1) / k == pytest.approx(0.372, abs=1e-9)
     rules = (REPO_ROOT / "deploy/prometheus/alerts.yml").read_text()
-    assert "< on (model, requests) group_left () max by (model, requests) (qserve_speculation_break_even_acceptance)" in rules
+    assert (
+        "< on (model, requests) group_left () max by (model, requests) (qserve_speculation_break_even_acceptance)"
+        in rules
+    )
     grafana = (REPO_ROOT / "deploy/grafana/qserve-dashboard.json").read_text()
     assert "max by (model, requests) (qserve_speculation_break_even_acceptance)" in grafana
 
