@@ -15,8 +15,8 @@ adapter adds to every draft pass, BENCHMARKS.md "Draft adapters: what LoRA adds 
 target ``l0 + l1 x_l`` and each draft pass ``e0 + e1 x_l``, where ``x_l`` counts that forward's tokens
 of adapter requests and the ``l0`` / ``e0`` terms apply when the forward has any (``l0``: once per step,
 the same with or without drafts). So an adapter's drafts are priced at what they cost: on the 2-core CPU
-hosts a draft for an adapter request costs about three times one for a base request (BENCHMARKS.md,
-"Adaptive speculation").
+hosts a draft adapter adds 33-38% to a draft step and the target's LoRA path halves its throughput
+(BENCHMARKS.md, "Draft adapters: what LoRA adds to a draft step" and "Adapters").
 """
 
 from __future__ import annotations
