@@ -3,11 +3,16 @@
 Usage: python -m bench.adaptive_spec [--pair smollm2] [--levels 1,2,4,8,16,32] [--repeats 2] [--max-tokens 32]
        [--configs ...] [--write BENCHMARKS.md]
 
-Starts one server at a time (never two: they would share the 2 CPU cores): ``--no-speculation``, fixed
-k = 1..4 (``--num-speculative-tokens K``) and, last, ``--speculation-policy adaptive`` (k at most 4) with
-the step-time model fitted to the rows before it (:func:`fit_cost`; ``--no-fit-cost``: the pair's), as a
-user measures their own machine. Each gets ``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter
-(so the plain draft drafts it). Per server, per repeat, per traffic and concurrency level it streams
+Serves every config at once, one server each: ``--no-speculation``, fixed k = 1..4
+(``--num-speculative-tokens K``) and ``--speculation-policy adaptive`` (k at most 4), and measures them
+interleaved: each cell (traffic, concurrency) runs on every server in turn, the first server rotating
+from cell to cell, so the host's drift over the run lands on every row alike (an idle vLLM engine stops
+polling after a second; the servers' traffic never overlaps). The adaptive server starts last, with
+the step-time model fitted to calibration cells of the other servers (:func:`fit_cost` on base and
+near traffic at ``CALIBRATION_LEVELS``; ``--no-fit-cost``: the pair's), as a user measures their own
+machine. Memory: three smollm2 servers used 10.6 GB here (``free``), so all six need about 21 GB; name
+fewer ``--configs`` on a smaller host. Each gets ``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter (so
+the plain draft drafts it). Per server, per repeat, per traffic and concurrency level it streams
 ``max(4, 2 x level)`` greedy requests (``ignore_eos``, ``--max-tokens`` each) with ``level`` in flight,
 and reports output tokens over wall time and the median time to first token. Traffic ``base``: the
 base model only; ``near``: the style adapter ``austen`` only; ``zipf``: a fixed cycle of 10 requests,
@@ -55,6 +60,7 @@ DIAGNOSTICS = {
     "spec engine never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
                                   "--speculation-cost-ms", "100,3,1000000,0"],
 }  # fmt: skip
+CALIBRATION_LEVELS = (1, 8)  # the concurrency levels fit_cost's cells are measured at, before the adaptive server
 FIT_TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1")  # cost.CostModel's fields, in order
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
@@ -179,6 +185,32 @@ def speculation_gauges(url: str) -> dict[str, dict[str, float]]:
     return got
 
 
+def start(work: Workload, name: str, flags: list[str]):
+    """A server of ``work``'s pair for config ``name`` (its own adapter store), ``nodraft`` uploaded, adapters warm."""
+    pair = work.pair
+    store = tempfile.mkdtemp(prefix="qserve-bench-adaptive-")
+    env = {"QSERVE_ADAPTER_STORE_DIR": store, "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
+    proc = start_server(flags, LOGS / f"adaptive-{pair}-{name.replace(' ', '_')}.log", env=env, pair=pair)
+    try:
+        upload_without_draft(proc.base_url, PAIRS[pair].seed_adapters / "stdlib-docs", "nodraft")
+        run_cell(proc.base_url, work, work.requests("zipf", 10), 4, 8)  # every adapter loaded
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def measure(servers: dict, work: Workload, traffic: str, level: int, max_tokens: int, cells: dict, turn: int) -> None:
+    """One cell (``traffic`` at concurrency ``level``) on every server in ``servers``, one after another,
+    starting at the ``turn``-th (mod the count) so no config always runs first or last; appends to ``cells``."""
+    names = list(servers)
+    for name in names[turn % len(names) :] + names[: turn % len(names)]:
+        tps, ttft, per_step = run_cell(servers[name].base_url, work, work.requests(traffic, max(4, 2 * level)),
+                                       level, max_tokens)  # fmt: skip
+        cells.setdefault((name, traffic, level), []).append((tps, ttft, per_step))
+        print(f"{name:24s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms", flush=True)
+
+
 def main() -> None:
     ap = argument_parser(__doc__)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
@@ -196,35 +228,36 @@ def main() -> None:
     configs = {name: known[name] for name in args.configs.split(",")}
     traffics = tuple(args.traffics.split(","))
     work = Workload(args.pair)
+    adaptive = [n for n in configs if n in CONFIGS and "adaptive" in n]
     cells: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     gauges: dict[str, dict[str, float]] = {}
     fitted = None
-    for name, flags in configs.items():
-        if name in CONFIGS and "adaptive" in name and args.fit_cost and (fitted := fit_cost(cells)):
-            flags = [*flags, "--speculation-cost-ms", ",".join(f"{x:g}" for x in fitted)]
-            print(
-                f"step-time model fitted to this run ({', '.join(FIT_TERMS[: len(fitted)])} ms): {fitted}", flush=True
-            )
-        store = tempfile.mkdtemp(prefix="qserve-bench-adaptive-")
-        env = {"QSERVE_ADAPTER_STORE_DIR": store, "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
-        log = LOGS / f"adaptive-{args.pair}-{name.replace(' ', '_')}.log"
-        proc = start_server(flags, log, env=env, pair=args.pair)
-        try:
-            upload_without_draft(proc.base_url, PAIRS[args.pair].seed_adapters / "stdlib-docs", "nodraft")
-            run_cell(proc.base_url, work, work.requests("zipf", 10), 4, 8)  # warm-up: every adapter loaded
-            for _ in range(args.repeats):
-                for traffic in traffics:
-                    for level in levels:
-                        cases = work.requests(traffic, max(4, 2 * level))
-                        tps, ttft, per_step = run_cell(proc.base_url, work, cases, level, args.max_tokens)
-                        cells.setdefault((name, traffic, level), []).append((tps, ttft, per_step))
-                        print(
-                            f"{name:16s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms", flush=True
-                        )
-            if name in CONFIGS and "adaptive" in name:
-                gauges = speculation_gauges(proc.base_url)
-                print(f"adaptive gauges: {gauges}", flush=True)
-        finally:
+    servers: dict = {}
+    try:
+        for name in (n for n in configs if n not in adaptive):
+            servers[name] = start(work, name, configs[name])
+        if adaptive and args.fit_cost:
+            calibration: dict = {}
+            for i, (traffic, level) in enumerate((t, lv) for t in ("base", "near") if t in traffics
+                                                 for lv in CALIBRATION_LEVELS):  # fmt: skip
+                measure(servers, work, traffic, level, args.max_tokens, calibration, i)
+            if fitted := fit_cost(calibration):
+                print(f"step-time model fitted to the calibration cells ({', '.join(FIT_TERMS[: len(fitted)])} "
+                      f"ms): {fitted}", flush=True)  # fmt: skip
+        for name in adaptive:
+            flags = configs[name] + (["--speculation-cost-ms", ",".join(f"{x:g}" for x in fitted)] if fitted else [])
+            servers[name] = start(work, name, flags)
+        turn = 0
+        for _ in range(args.repeats):
+            for traffic in traffics:
+                for level in levels:
+                    measure(servers, work, traffic, level, args.max_tokens, cells, turn)
+                    turn += 1
+        for name in adaptive:
+            gauges = speculation_gauges(servers[name].base_url)
+            print(f"adaptive gauges: {gauges}", flush=True)
+    finally:
+        for proc in servers.values():
             proc.stop()
     # A run with a diagnostic row is not the policy benchmark: its table goes under its own marker.
     marker = f"adaptive_spec_{args.pair}" + ("_engine_overhead" if DIAGNOSTICS.keys() & configs.keys() else "")
@@ -270,7 +303,7 @@ def table(args, levels, traffics, configs, cells, gauges, fitted) -> list[str]:
         lines += ["", f"Noise: repeats of one cell spread by a median {100 * statistics.median(spread):.0f}% "
                   f"(max {100 * max(spread):.0f}%), (max - min) / median."]  # fmt: skip
     if fitted:
-        lines += ["", f"The adaptive server ran with the step-time model fitted to this run's base traffic "
+        lines += ["", f"The adaptive server ran with the step-time model fitted to this run's calibration cells "
                   f"(`fit_cost`: `--speculation-cost-ms {','.join(f'{x:g}' for x in fitted)}`, "
                   f"{', '.join(FIT_TERMS[: len(fitted)])} ms)."]  # fmt: skip
     if gauges:
