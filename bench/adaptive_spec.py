@@ -10,7 +10,7 @@ from cell to cell, so the host's drift over the run lands on every row alike (an
 polling after a second; the servers' traffic never overlaps). The adaptive server starts last, with
 the step-time model fitted to calibration cells of the other servers (:func:`fit_cost` on base and
 near traffic at ``CALIBRATION_LEVELS``; ``--no-fit-cost``: the pair's), as a user measures their own
-machine. Memory: three smollm2 servers used 10.6 GB here (``free``), so all six need about 21 GB; name
+machine. Memory: three smollm2 servers used 10.3 GiB here (``free -m``: 10582 MiB), so all six need about 21 GiB; name
 fewer ``--configs`` on a smaller host. Each gets ``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter (so
 the plain draft drafts it). Per server, per repeat, per traffic and concurrency level it streams
 ``max(4, 2 x level)`` greedy requests (``ignore_eos``, ``--max-tokens`` each) with ``level`` in flight,
