@@ -1,6 +1,6 @@
 """Adaptive speculation vs fixed k vs none: output tokens/s and TTFT by concurrency, for three traffic mixes.
 
-Usage: python -m bench.adaptive_spec [--pair smollm2] [--levels 1,2,4,8,16,32] [--repeats 2] [--max-tokens 32]
+Usage: python -m bench.adaptive_spec [--pair smollm2] [--levels 1,2,4,8,16,32] [--repeats 2] [--mean-tokens 32]
        [--configs ...] [--write BENCHMARKS.md]
 
 Serves every config at once, one server each: ``--no-speculation``, fixed k = 1..4
@@ -8,13 +8,19 @@ Serves every config at once, one server each: ``--no-speculation``, fixed k = 1.
 interleaved: each cell (traffic, concurrency) runs on every server in turn, the first server rotating
 from cell to cell, so the host's drift over the run lands on every row alike (an idle vLLM engine stops
 polling after a second; the servers' traffic never overlaps). The adaptive server starts last, with
-the step-time model fitted to calibration cells of the other servers (:func:`fit_cost` on base and
+the step-time model fitted to calibration cells of the other servers (``bench.step_time_fit`` on base and
 near traffic at ``CALIBRATION_LEVELS``; ``--no-fit-cost``: the pair's), as a user measures their own
 machine. Memory: three smollm2 servers used 10.3 GiB here (``free -m``: 10582 MiB), so all six need about 21 GiB; name
 fewer ``--configs`` on a smaller host. Each gets ``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter (so
 the plain draft drafts it). Per server, per repeat, per traffic and concurrency level it streams
-``max(4, 2 x level)`` greedy requests (``ignore_eos``, ``--max-tokens`` each) with ``level`` in flight,
-and reports output tokens over wall time and the median time to first token. Traffic ``base``: the
+``max(4, 2 x level)`` greedy requests (``ignore_eos``) with ``level`` in flight, and reports output tokens
+over wall time and the median time to first token of the requests after the first ``level`` (steady
+state). Output lengths vary as users' answers do: request ``i`` asks for ``LENGTH_FACTORS[i % 5]`` x
+``--mean-tokens`` tokens (0.5x to 1.5x). With one length for all, requests without speculation advance in
+lockstep, finish in the same step and are replaced in one burst, so every request of the second wave waits
+for a prefill of ``level`` prompts at once (seen here at c=16: second-wave TTFT 0.9-1.3 s without
+speculation, 0.5-0.6 s with k=4, whose requests finish at staggered times); that measured the workload's
+synchronization, not the policy. Traffic ``base``: the
 base model only; ``near``: the style adapter ``austen`` only; ``zipf``: a fixed cycle of 10 requests,
 3 base, 4 ``stdlib-docs`` (far domain, with its draft adapter), 2 ``austen``, 1 ``nodraft`` (Zipf 1/r
 over the three adapters, plus 30% base). The smollm2 pair gets chat requests (base: prompts/chat.txt,
@@ -34,11 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy
 
 from bench.merge_serving import upload_without_draft
 from bench.report import argument_parser, publish
 from bench.serving_bench import spec_counters
+from bench.step_time_fit import FIT_TERMS, fit_cost
 from prompts import domain_prompts, heldout_prompts
 from server.settings import PAIRS
 from testing.process import start_server
@@ -60,8 +66,8 @@ DIAGNOSTICS = {
     "spec engine never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
                                   "--speculation-cost-ms", "100,3,1000000,0"],
 }  # fmt: skip
+LENGTH_FACTORS = (0.5, 1.25, 0.75, 1.5, 1.0)  # of the mean output length, request by request (mean 1)
 CALIBRATION_LEVELS = (1, 8)  # the concurrency levels fit_cost's cells are measured at, before the adaptive server
-FIT_TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1")  # cost.CostModel's fields, in order
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
 
@@ -82,13 +88,15 @@ class Workload:
             style = plain = heldout_prompts(24)
         self.prompts = {"(base)": plain, "austen": style, "stdlib-docs": far, "nodraft": far}
 
-    def requests(self, traffic: str, n: int) -> list[tuple[str, str]]:
-        """``n`` (model, prompt) pairs of ``traffic``."""
+    def requests(self, traffic: str, n: int, mean_tokens: int) -> list[tuple[str, str, int]]:
+        """``n`` (model, prompt, output tokens) of ``traffic``, lengths ``LENGTH_FACTORS`` x ``mean_tokens`` (>= 1)."""
         kinds = {"base": ("(base)",), "near": ("austen",), "zipf": ZIPF_CYCLE}[traffic]
         out = []
         for i in range(n):
             kind = kinds[i % len(kinds)]
-            out.append((self.base if kind == "(base)" else kind, self.prompts[kind][i % len(self.prompts[kind])]))
+            length = max(1, round(mean_tokens * LENGTH_FACTORS[i % len(LENGTH_FACTORS)]))
+            model = self.base if kind == "(base)" else kind
+            out.append((model, self.prompts[kind][i % len(self.prompts[kind])], length))
         return out
 
     def body(self, model: str, prompt: str, max_tokens: int) -> tuple[str, dict]:
@@ -117,60 +125,21 @@ def stream_one(url: str, path: str, body: dict) -> tuple[int, float]:
     return tokens, first if first is not None else time.monotonic() - started
 
 
-def run_cell(url: str, work: Workload, cases: list[tuple[str, str]], level: int, max_tokens: int) -> tuple:
+def run_cell(url: str, work: Workload, cases: list[tuple[str, str, int]], level: int) -> tuple:
     """(output tokens per wall second, median TTFT ms, tokens per request-step) for ``cases`` streamed with
-    ``level`` in flight; tokens per request-step is 1 + accepted / verify steps with drafts (1 without)."""
+    ``level`` in flight. The TTFT median leaves out the first ``level`` requests (all sent at once: the
+    closed loop's ramp-up) when there are more; tokens per request-step is 1 + accepted / verify steps with
+    drafts (1 without)."""
     before = spec_counters(url)
     start = time.monotonic()
     with ThreadPoolExecutor(level) as pool:
-        done = list(pool.map(lambda c: stream_one(url, *work.body(c[0], c[1], max_tokens)), cases))
+        done = list(pool.map(lambda c: stream_one(url, *work.body(*c)), cases))
     wall = time.monotonic() - start
     after = spec_counters(url)
     steps = after["num_drafts"] - before["num_drafts"]
     per_step = 1 + (after["num_accepted_tokens"] - before["num_accepted_tokens"]) / steps if steps else 1.0
-    return sum(t for t, _ in done) / wall, 1000 * statistics.median(f for _, f in done), per_step
-
-
-def fit_cost(cells: dict) -> tuple[float, ...] | None:
-    """The policy's step-time model (cost.CostModel, ms) fitted to this run: (t0, t1, d0, d1) from base
-    traffic, and (l0, l1, e0, e1) too when the run has ``near`` traffic (every request an adapter with its
-    draft adapter).
-
-    No speculation at concurrency B: a step of ``B`` tokens takes ``1000 B / tokens_per_s`` ms, fitted
-    as ``t0 + t1 B``. Fixed k at B: ``1000 B E / tokens_per_s`` ms with E the measured tokens per
-    request-step; less the target's ``t0 + t1 B (k + 1)``, the rest is k draft passes,
-    ``d0 k + d1 B (2k + 1)`` (first pass over B (k + 1) + B tokens, k - 1 passes over B), least squares.
-    The same fit on ``near`` traffic gives ``t0 + l0``, ``t1 + l1``, ``d0 + e0`` and ``d1 + e1``. Every term
-    clipped at 0; medians over repeats. None without the no-speculation row or a fixed-k row.
-    """
-    base = _fit_traffic(cells, "base")
-    if base is None:
-        return None
-    near = _fit_traffic(cells, "near")
-    if near is None:
-        return base
-    lora = tuple(round(max(n - b, 0.0), 3) for n, b in zip(near, base, strict=True))
-    return (*base, lora[0], lora[1], lora[2], lora[3])
-
-
-def _fit_traffic(cells: dict, traffic: str) -> tuple[float, float, float, float] | None:
-    """(t0, t1, d0, d1) of :func:`fit_cost` on one traffic's cells; None without the rows it needs."""
-
-    def median(v: list[tuple], i: int) -> float:
-        return statistics.median(x[i] for x in v)
-
-    rows = {(n, lv): v for (n, t, lv), v in cells.items() if t == traffic}
-    plain = [(lv, 1000 * lv / median(v, 0)) for (n, lv), v in rows.items() if n == "no speculation"]
-    fixed = [(int(n.split("=")[1]), lv, (median(v, 0), 0, median(v, 2))) for (n, lv), v in rows.items()
-             if n.startswith("fixed")]  # fmt: skip
-    if len(plain) < 2 or not fixed:
-        return None
-    t1, t0 = numpy.polyfit([b for b, _ in plain], [ms for _, ms in plain], 1)
-    a = numpy.array([[k, b * (2 * k + 1)] for k, b, _ in fixed], dtype=float)
-    rest = numpy.array([1000 * b * e / tps - t0 - t1 * b * (k + 1) for k, b, (tps, _, e) in fixed])
-    (d0, d1), *_ = numpy.linalg.lstsq(a, rest, rcond=None)
-    t0, t1, d0, d1 = (round(max(float(x), 0.0), 3) for x in (t0, t1, d0, d1))
-    return t0, t1, d0, d1
+    steady = done[level:] or done
+    return sum(t for t, _ in done) / wall, 1000 * statistics.median(f for _, f in steady), per_step
 
 
 def speculation_gauges(url: str) -> dict[str, dict[str, float]]:
@@ -193,20 +162,20 @@ def start(work: Workload, name: str, flags: list[str]):
     proc = start_server(flags, LOGS / f"adaptive-{pair}-{name.replace(' ', '_')}.log", env=env, pair=pair)
     try:
         upload_without_draft(proc.base_url, PAIRS[pair].seed_adapters / "stdlib-docs", "nodraft")
-        run_cell(proc.base_url, work, work.requests("zipf", 10), 4, 8)  # every adapter loaded
+        run_cell(proc.base_url, work, work.requests("zipf", 10, 8), 4)  # every adapter loaded
     except BaseException:
         proc.stop()
         raise
     return proc
 
 
-def measure(servers: dict, work: Workload, traffic: str, level: int, max_tokens: int, cells: dict, turn: int) -> None:
+def measure(servers: dict, work: Workload, traffic: str, level: int, mean_tokens: int, cells: dict, turn: int) -> None:
     """One cell (``traffic`` at concurrency ``level``) on every server in ``servers``, one after another,
     starting at the ``turn``-th (mod the count) so no config always runs first or last; appends to ``cells``."""
     names = list(servers)
     for name in names[turn % len(names) :] + names[: turn % len(names)]:
-        tps, ttft, per_step = run_cell(servers[name].base_url, work, work.requests(traffic, max(4, 2 * level)),
-                                       level, max_tokens)  # fmt: skip
+        cases = work.requests(traffic, max(4, 2 * level), mean_tokens)
+        tps, ttft, per_step = run_cell(servers[name].base_url, work, cases, level)
         cells.setdefault((name, traffic, level), []).append((tps, ttft, per_step))
         print(f"{name:24s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms", flush=True)
 
@@ -216,7 +185,7 @@ def main() -> None:
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
     ap.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels, comma-separated")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--mean-tokens", type=int, default=32, help="mean output tokens per request (0.5x-1.5x of it)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"which rows to run, comma-separated, of {[*CONFIGS, *DIAGNOSTICS]}")  # fmt: skip
     ap.add_argument("--traffics", default=",".join(TRAFFICS), help=f"traffic mixes, comma-separated, of {TRAFFICS}")
@@ -240,7 +209,7 @@ def main() -> None:
             calibration: dict = {}
             for i, (traffic, level) in enumerate((t, lv) for t in ("base", "near") if t in traffics
                                                  for lv in CALIBRATION_LEVELS):  # fmt: skip
-                measure(servers, work, traffic, level, args.max_tokens, calibration, i)
+                measure(servers, work, traffic, level, args.mean_tokens, calibration, i)
             if fitted := fit_cost(calibration):
                 print(f"step-time model fitted to the calibration cells ({', '.join(FIT_TERMS[: len(fitted)])} "
                       f"ms): {fitted}", flush=True)  # fmt: skip
@@ -251,7 +220,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for traffic in traffics:
                 for level in levels:
-                    measure(servers, work, traffic, level, args.max_tokens, cells, turn)
+                    measure(servers, work, traffic, level, args.mean_tokens, cells, turn)
                     turn += 1
         for name in adaptive:
             gauges = speculation_gauges(servers[name].base_url)
@@ -274,11 +243,11 @@ def table(args, levels, traffics, configs, cells, gauges, fitted) -> list[str]:
         + (": the speculation-enabled engine when nobody drafts" if DIAGNOSTICS.keys() & set(configs) else ""),
         "",
         f"Command: `python -m bench.adaptive_spec --pair {args.pair} --levels {args.levels} --repeats {args.repeats} "
-        f"--max-tokens {args.max_tokens}"
+        f"--mean-tokens {args.mean_tokens}"
         + (f" --configs '{args.configs}'" if args.configs != ",".join(CONFIGS) else "")
         + (f" --traffics {args.traffics}" if args.traffics != ",".join(TRAFFICS) else "")
         + ("" if args.fit_cost else " --no-fit-cost")
-        + "` (2-core CPU, NF4 target and draft, LoRA on; streamed, greedy, ignore_eos; "
+        + "` (2-core CPU, NF4 target and draft, LoRA on; streamed, greedy, ignore_eos, output lengths 0.5x-1.5x the mean; "
         "`near` = austen only, `zipf` = 30% base + stdlib-docs / austen / nodraft at 4:2:1, nodraft = stdlib-docs "
         "without its draft adapter; medians over repeats).",
         "",
@@ -294,7 +263,7 @@ def table(args, levels, traffics, configs, cells, gauges, fitted) -> list[str]:
                 f"{med[(name, t, lv)] / b:.2f}x" for (t, lv), b in zip(cols, best, strict=True)) + " |")  # fmt: skip
             lines.append("| best other | " + " | ".join(
                 max(fixed, key=lambda f, t=t, lv=lv: med[(f, t, lv)]).replace("fixed ", "") for t, lv in cols) + " |")  # fmt: skip
-    lines += ["", "TTFT p50, ms (median over repeats of each cell's median):", "",
+    lines += ["", "TTFT p50, ms (median over repeats of each cell's median, ramp-up wave left out):", "",
               "| policy | " + " | ".join(f"{t} c={lv}" for t, lv in cols) + " |", "|---|" + "---:|" * len(cols)]  # fmt: skip
     lines += [f"| {n} | " + " | ".join(f"{ttft[(n, t, lv)]:.0f}" for t, lv in cols) + " |" for n in configs]
     spread = [(max(v[0] for v in vals) - min(v[0] for v in vals)) / med[key] for key, vals in cells.items()

@@ -178,3 +178,28 @@ def test_stale_requests_count_in_the_batch_but_never_draft_or_get_probed():
     assert len(ks) == 2  # only the fresh rows get a k
     # 30 stale rows make the batch large: fewer drafts than the same two requests alone
     assert max(ks) <= max(policy.plan([("(base)", False)] * 2))
+
+
+def test_the_upper_bound_is_the_mean_plus_z_posterior_deviations():
+    est = AcceptanceEstimate(prior_mean=0.5, prior_strength=2.0, successes=3.0, failures=5.0)
+    m = (3 + 1) / (8 + 2)
+    assert est.upper(1.0) == pytest.approx(m + math.sqrt(m * (1 - m) / 11))
+    assert est.upper(0.0) == est.mean
+    assert AcceptanceEstimate(successes=1e6).upper(50.0) == 1.0  # clipped
+
+
+def test_a_request_near_break_even_skips_the_draft_only_once_its_estimate_is_sure():
+    # Default cost, one request: the plain step is 30.4 ms, k=1 is 30.8 + 10.3 = 41.1 ms, so drafting pays
+    # from a = 41.1 / 30.4 - 1 = 0.352 on.
+    policy = AdaptivePolicy(k_max=4, prior_mean=0.6, prior_strength=4.0)
+    est = policy.estimate("(base)")
+    est.successes, est.failures = 5.0, 15.0  # mean 7.4 / 24 = 0.308 < 0.352, upper 0.308 + 0.092 = 0.40
+    assert choose_k([Group(est.mean, 1)], 4, policy.cost, skip_at_zero=True)[0] == [0]
+    assert policy.plan([("(base)", False)], skip_at_zero=True) == [1]  # drafts, and so keeps learning
+    assert policy.skip_draft is False
+    est.successes, est.failures = 50.0, 150.0  # mean 52.4 / 204 = 0.257, upper 0.287: surely below
+    assert policy.plan([("(base)", False)], skip_at_zero=True) == [0]
+    assert policy.skip_draft is True
+    # where the step may not skip (a prefill), the draft pass is paid anyway, and one draft at 0.257 pays for it
+    assert policy.plan([("(base)", False)], skip_at_zero=False) == [1]
+    assert policy.skip_draft is False

@@ -108,7 +108,7 @@ class SchedulerPolicy:
             self._mixed_logged = True
             log.info("adaptive_k: first step whose requests draft different k: %s", sorted(ks))
         output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, top)
-        if top == 0 and may_skip:
+        if top == 0 and self.policy.skip_draft:
             output.qserve_skip_draft = True  # read by the runner (patched _input_fits_in_drafter)
             self.skipped_steps += 1
             for req_id in fresh:

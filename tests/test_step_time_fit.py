@@ -1,10 +1,10 @@
-"""bench.adaptive_spec.fit_cost recovers the step-time model (speculation/cost.CostModel) from a run's rows."""
+"""bench.step_time_fit.fit_cost recovers the step-time model (speculation/cost.CostModel) from a run's rows."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.adaptive_spec import fit_cost
+from bench.step_time_fit import fit_cost
 from server.engine.speculation.cost import CostModel
 from server.engine.speculation.speedup import expected_tokens
 
@@ -39,3 +39,14 @@ def test_near_traffic_adds_the_lora_terms():
 def test_without_a_no_speculation_row_there_is_nothing_to_fit():
     cells = {key: v for key, v in rows(CostModel(), "base", 0.5).items() if key[0] != "no speculation"}
     assert fit_cost(cells) is None
+
+
+def test_the_benchmark_workload_varies_output_lengths_around_the_mean():
+    from bench.adaptive_spec import LENGTH_FACTORS, Workload
+    from server.settings import PAIRS
+
+    cases = Workload("smollm2").requests("zipf", 10, 32)
+    lengths = [n for _, _, n in cases]
+    assert lengths == [round(32 * f) for f in LENGTH_FACTORS] * 2
+    assert sum(lengths) / len(lengths) == 32  # the mean is what --mean-tokens says
+    assert {m for m, _, _ in cases} == {PAIRS["smollm2"].served_model_name, "stdlib-docs", "austen", "nodraft"}
