@@ -104,3 +104,25 @@ def test_the_engine_fetches_no_drafts_from_the_worker_after_a_step_where_every_k
         EngineCore.post_step(core, True)
     assert never.no_drafts and not free.no_drafts
     assert fetched == [1] and stored == ["ids"]  # only the step where a request drafts asked the worker
+
+
+def test_an_override_holds_under_the_fixed_policy_and_an_all_zero_step_skips_the_draft():
+    state = SchedulerPolicy(AdaptivePolicy(k_max=4, overrides={"off": 0}), adaptive=False)
+    off = request("a", 20, 301)
+    off.lora_request = SimpleNamespace(lora_name="off")
+    s = scheduler(off, request("b", 20, 301))
+    out = step({"a": 1, "b": 1})
+    state.plan(s, out)
+    assert state.k_for == {"a": 0, "b": 4} and out.num_spec_tokens_to_schedule == 4
+    only_off = step({"a": 1})
+    state.plan(s, only_off)
+    assert only_off.num_spec_tokens_to_schedule == 0 and only_off.qserve_skip_draft is True
+    assert state.report()["adapters"]["off"]["k"] == 0
+
+
+def test_the_fixed_policy_without_overrides_leaves_vllm_alone():
+    state = SchedulerPolicy(AdaptivePolicy(k_max=4), adaptive=False)
+    s = scheduler(request("b", 20, 301))
+    out = step({"b": 1})
+    state.plan(s, out)
+    assert state.k_for == {} and out.num_spec_tokens_to_schedule == 4

@@ -104,3 +104,36 @@ def test_steps_without_the_draft_keep_the_output_and_later_requests_draft_again(
     assert "first step the runner ran without the draft model" in skipping.log_tail(100_000)  # the worker saw it
     spec = solo["metrics"]["speculative_decoding"]
     assert spec["num_draft_tokens"] > 0 and spec["num_accepted_draft_tokens"] > 0, (a_before, k_before, spec)
+
+
+def test_an_admin_override_fixes_an_adapters_k_until_it_is_cleared(adaptive, plain, stdlib_prompts):
+    url = adaptive.base_url + "/v1/adapters/nodraft/speculation"
+    for body, status, says in [
+        ({"k": 9}, 400, "k must be an integer from 0 (no drafting) to 4"),
+        ({"k": -1}, 400, "got -1"),
+        ({"k": "two"}, 400, "k"),
+        ({"k": 1, "extra": 1}, 400, "extra"),
+        ({}, 400, "k"),
+    ]:
+        r = httpx.put(url, json=body, timeout=30)
+        assert r.status_code == status and says in r.json()["error"]["message"], (body, r.text)
+    r = httpx.put(adaptive.base_url + "/v1/adapters/nosuch/speculation", json={"k": 1}, timeout=30)
+    assert r.status_code == 404 and "nodraft" in r.json()["error"]["message"]  # it names the stored ones
+    assert httpx.get(adaptive.base_url + "/v1/adapters/nodraft", timeout=30).json()["speculation_k_override"] is None
+
+    r = httpx.put(url, json={"k": 0}, timeout=30)
+    assert r.status_code == 200 and r.json()["speculation_k_override"] == 0, r.text
+    spec = complete(adaptive.base_url, "nodraft", stdlib_prompts[0], 16)["metrics"]["speculative_decoding"]
+    assert spec["num_draft_tokens"] == 0, spec
+    # k=4 for an adapter whose drafts the policy had given up on: every step of the request drafts 4
+    assert httpx.put(url, json={"k": 4}, timeout=30).json()["speculation_k_override"] == 4
+    spec = complete(adaptive.base_url, "nodraft", stdlib_prompts[1], 16)["metrics"]["speculative_decoding"]
+    assert spec["num_draft_tokens"] >= 4 * 3, spec  # the 15 tokens after the prefill take 3 or more steps of 4
+    assert gauges(adaptive.base_url, "nodraft")[0] == 4
+    listed = {a["name"]: a for a in httpx.get(adaptive.base_url + "/v1/adapters", timeout=30).json()["data"]}
+    assert listed["nodraft"]["speculation_k_override"] == 4 and listed["austen"]["speculation_k_override"] is None
+
+    r = httpx.delete(url, timeout=30)
+    assert r.status_code == 200 and r.json()["speculation_k_override"] is None
+    r = httpx.put(plain + "/v1/adapters/nodraft/speculation", json={"k": 1}, timeout=30)
+    assert r.status_code == 409 and "speculation is off" in r.json()["error"]["message"]

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
+from server.engine.speculation.acceptance import AcceptanceEstimate
 from server.engine.speculation.cost import CostModel
-from server.engine.speculation.policy import AcceptanceEstimate, AdaptivePolicy, Group, choose_k
+from server.engine.speculation.policy import AdaptivePolicy, Group, choose_k
 from server.engine.speculation.speedup import expected_tokens, speedup
 
 # t1 = d1 = 0: a step costs 1 + K c for K >= 1 drafts (1 + c at K = 0): Leviathan et al.'s own cost model.
@@ -97,7 +98,7 @@ def test_choose_k_is_the_brute_force_optimum(cost):
 
 
 def test_pinned_requests_keep_the_maximum_k():
-    ks, _ = choose_k([Group(0.0, 4, pinned=True), Group(0.0, 4)], 3, CostModel())
+    ks, _ = choose_k([Group(0.0, 4, fixed=3), Group(0.0, 4)], 3, CostModel())
     assert ks == [3, 0]
 
 
@@ -203,3 +204,31 @@ def test_a_request_near_break_even_skips_the_draft_only_once_its_estimate_is_sur
     # where the step may not skip (a prefill), the draft pass is paid anyway, and one draft at 0.257 pays for it
     assert policy.plan([("(base)", False)], skip_at_zero=False) == [1]
     assert policy.skip_draft is False
+
+
+def test_an_overridden_adapter_drafts_its_override_and_is_never_probed():
+    policy = AdaptivePolicy(k_max=4, probe_every=1, overrides={"far": 3, "off": 0})
+    for _ in range(40):
+        policy.observe("far", 1, 0)  # hopeless by its estimate: the override still stands
+    batch = [("(base)", False)] * 8 + [("far", False)] * 4 + [("off", False)] * 4
+    for _ in range(3):
+        ks = policy.plan(batch)
+        assert ks[8:12] == [3] * 4 and ks[12:] == [0] * 4
+    assert policy.probes == 0
+    report = policy.report()["adapters"]
+    assert report["far"]["override"] == 3 and report["far"]["k"] == 3
+    assert report["off"]["override"] == 0 and report["(base)"]["override"] is None
+    assert policy.plan([("off", True)]) == [4]  # a seeded request keeps the maximum k
+
+
+def test_the_fixed_policy_drafts_the_maximum_except_for_overridden_adapters():
+    policy = AdaptivePolicy(k_max=4, overrides={"off": 0, "two": 2})
+    assert policy.plan_fixed([("(base)", False), ("off", False), ("two", False), ("off", True)]) == [4, 0, 2, 4]
+    assert policy.skip_draft is False
+    assert policy.plan_fixed([("off", False)] * 3, skip_at_zero=True) == [0, 0, 0]
+    assert policy.skip_draft is True  # nobody drafts: the draft model need not run
+
+
+def test_a_fixed_k_outside_the_range_is_refused():
+    with pytest.raises(ValueError, match="fixed k in 0..k_max"):
+        choose_k([Group(0.5, 1, fixed=5)], 4, CostModel())

@@ -22,6 +22,7 @@ import logging
 from http import HTTPStatus
 from pathlib import Path
 
+from server.adapters.speculation_overrides import SpeculationOverrides
 from server.adapters.staging import NO_DRAFT_MODEL, DraftInvalid, Rules, Staged, Upload, stage
 from server.adapters.store import AdapterRecord, AdapterStore
 from server.adapters.validate import AdapterInvalid, BaseShape
@@ -73,6 +74,7 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.records: dict[str, AdapterRecord] = {}
         self.metrics = metrics
+        self.overrides: SpeculationOverrides | None = None  # per-adapter k, set by the app when it has one
         self._resident: set[int] = set()  # lora_int_ids in the engine at the last look (plus loads since)
         self._lock = asyncio.Lock()  # one writer at a time: versions and engine ids stay ordered
 
@@ -111,6 +113,12 @@ class AdapterRegistry:
                 log.error("shipped adapter %s not served on %s: %s", d.name, self.base_name, exc.message)
                 continue
             log.info("seeded adapter %s v%d from %s (draft: %s)", rec.name, rec.version, d, rec.draft is not None)
+
+    def card(self, name: str) -> dict:
+        """What ``GET /v1/adapters/{name}`` shows: the stored record and ``speculation_k_override`` (the
+        operator's k for this adapter's requests, None when the policy decides). Raises NotFound."""
+        override = None if self.overrides is None else self.overrides.get(name)
+        return self.get(name).to_json() | {"speculation_k_override": override}
 
     def list(self) -> list[AdapterRecord]:
         return [self.records[n] for n in sorted(self.records)]
@@ -215,6 +223,8 @@ class AdapterRegistry:
             self.catalog.withdraw_adapter(name)
             del self.records[name]
             await asyncio.to_thread(self.store.delete, name)
+            if self.overrides is not None:
+                await self.overrides.set(name, None)  # a new adapter of this name starts with the policy's k
             self._event("delete")
             if self.metrics is not None:
                 self.metrics.adapters_served.set(len(self.records))

@@ -1,14 +1,15 @@
-"""Adapter routes: upload (multipart), list, show, delete."""
+"""Adapter routes: upload (multipart), list, show, delete; an adapter's speculation override (set, clear)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from server.adapters.registry import PayloadTooLarge, Upload
 from server.api.deps import AdaptersDep
-from server.errors import BadRequest
+from server.errors import BadRequest, Conflict
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -59,19 +60,19 @@ async def upload_adapter(
     uploads = [await _read(f, registry.max_upload_bytes, "files") for f in files]
     drafts = [await _read(f, registry.max_upload_bytes, "draft_files") for f in draft_files or []]
     record = await registry.upload(name, uploads, drafts or None)
-    return record.to_json()
+    return registry.card(record.name)
 
 
 @router.get("")
 async def list_adapters(registry: AdaptersDep):
     """List stored adapters (current version of each)."""
-    return {"object": "list", "data": [r.to_json() for r in registry.list()]}
+    return {"object": "list", "data": [registry.card(r.name) for r in registry.list()]}
 
 
 @router.get("/{name}")
 async def get_adapter(name: str, registry: AdaptersDep):
-    """Show one adapter's stored record."""
-    return registry.get(name).to_json()
+    """Show one adapter's stored record and its speculation override."""
+    return registry.card(name)
 
 
 @router.delete("/{name}")
@@ -79,3 +80,35 @@ async def delete_adapter(name: str, registry: AdaptersDep):
     """Delete an adapter: new requests for it get 404, running ones finish."""
     record = await registry.delete(name)
     return {"id": name, "object": "adapter", "deleted": True, "version": record.version}
+
+
+class SpeculationOverride(BaseModel):
+    """Body of ``PUT /v1/adapters/{name}/speculation``."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: StrictInt = Field(
+        description="draft tokens per step for this adapter's requests: 0 (no drafting) to the server's "
+        "--num-speculative-tokens; holds under both speculation policies"
+    )
+
+
+def _overrides(registry):
+    if registry.overrides is None:
+        raise Conflict("speculation is off on this server (--no-speculation): there is no k to override", param="k")
+    return registry.overrides
+
+
+@router.put("/{name}/speculation")
+async def set_speculation_override(name: str, body: SpeculationOverride, registry: AdaptersDep):
+    """Fix the draft tokens per step of ``name``'s requests (admin); the adapter's card, override shown."""
+    registry.get(name)
+    await _overrides(registry).set(name, body.k)
+    return registry.card(name)
+
+
+@router.delete("/{name}/speculation")
+async def clear_speculation_override(name: str, registry: AdaptersDep):
+    """Give ``name``'s k back to the speculation policy (admin); the adapter's card."""
+    registry.get(name)
+    await _overrides(registry).set(name, None)
+    return registry.card(name)

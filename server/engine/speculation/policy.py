@@ -14,11 +14,11 @@ price ``lam`` the best ``k_i`` maximizes ``E(a_i, k) - lam s_i k`` (``s_i``, the
 verify token of request ``i``, :meth:`CostModel.verify_token_ms`), i.e. keeps draft ``j`` while its
 marginal yield ``a_i^j`` exceeds ``lam s_i``; then ``lam`` <- the resulting rate, until it stops rising.
 
-Acceptance per adapter (:class:`AcceptanceEstimate`): each verify step with ``d`` drafts and ``m``
-accepted is ``m`` successes in ``m + [m < d]`` Bernoulli(a) trials (the first rejection ends the
-step), folded into a Beta posterior whose past is discounted by ``exp(-trials / memory)`` so it
-follows drift; a new adapter starts from the prior. An adapter held at ``k = 0`` yields no data, so
-:class:`AdaptivePolicy` gives it ``probe_k`` drafts every ``probe_every`` steps it is seen at 0.
+Acceptance per adapter (:class:`~server.engine.speculation.acceptance.AcceptanceEstimate`): a Beta
+posterior over each adapter's per-draft acceptance, discounted so it follows drift; a new adapter starts
+from the prior. An adapter held at ``k = 0`` yields no data, so :class:`AdaptivePolicy` gives it
+``probe_k`` drafts every ``probe_every`` steps it is seen at 0. An operator may fix one adapter's k
+(:attr:`AdaptivePolicy.overrides`, set over the API by ``server/adapters/speculation_overrides.py``).
 
 Skipping the draft model is irreversible for the requests of that step (they never draft again), so
 :meth:`AdaptivePolicy.plan` skips only when drafting would not pay even at an optimistic acceptance,
@@ -31,10 +31,10 @@ break-even, about 2% at ``skip_z = 1`` and the usual ~0.03 deviation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from server.engine.speculation.acceptance import AcceptanceEstimate
 from server.engine.speculation.cost import CostModel
 from server.engine.speculation.speedup import expected_tokens
 
@@ -45,14 +45,15 @@ BASE_KEY = "(base)"  # the adapter key of requests without an adapter (server.me
 class Group:
     """Requests of one step that share an acceptance estimate: ``count`` of them at acceptance ``a``.
 
-    ``pinned``: they must draft exactly the maximum k (seeded sampled requests: their realized output
-    depends on how many drafts each step verifies, so it stays that of the fixed policy). ``lora``: they
-    have an adapter (its LoRA terms of :class:`CostModel` apply).
+    ``fixed``: the k they must draft, not chosen (seeded sampled requests keep the maximum k: their
+    realized output depends on how many drafts each step verifies, so it stays that of the fixed policy;
+    an adapter with an operator's override keeps that). ``lora``: they have an adapter (its LoRA terms of
+    :class:`CostModel` apply).
     """
 
     a: float
     count: int
-    pinned: bool = False
+    fixed: int | None = None
     lora: bool = False
 
 
@@ -91,20 +92,27 @@ def choose_k(
         Empty ``groups``: ([], 0.0).
 
     Raises:
-        ValueError: ``k_max`` < 0, a count < 1 or an ``a`` outside [0, 1].
+        ValueError: ``k_max`` < 0, a count < 1, an ``a`` outside [0, 1] or a ``fixed`` outside 0..k_max.
     """
-    if k_max < 0 or any(g.count < 1 or not 0.0 <= g.a <= 1.0 for g in groups):
-        raise ValueError(f"need k_max >= 0, counts >= 1 and a in [0, 1]; got k_max={k_max}, groups={groups}")
+    if k_max < 0 or any(
+        g.count < 1 or not 0.0 <= g.a <= 1.0 or (g.fixed is not None and not 0 <= g.fixed <= k_max) for g in groups
+    ):
+        raise ValueError(
+            f"need k_max >= 0, counts >= 1, a in [0, 1] and fixed k in 0..k_max; got k_max={k_max}, groups={groups}"
+        )
     if not groups:
         return [], 0.0
     price = [cost.verify_token_ms(g.lora) for g in groups]
-    lowest = k_max if any(g.pinned for g in groups) else 0
+    lowest = max((g.fixed for g in groups if g.fixed is not None), default=0)
     best: tuple[float, list[int]] | None = None
     for passes in range(lowest, k_max + 1):
-        ks = [passes if g.pinned else 0 for g in groups]
+        ks = [0 if g.fixed is None else g.fixed for g in groups]
         lam = _rate(groups, ks, passes, cost, skip_at_zero)
         for _ in range(32):  # Dinkelbach on this K: the rate rises strictly until optimal (a few rounds)
-            nxt = [passes if g.pinned else _best_k(g.a, passes, lam * p) for g, p in zip(groups, price, strict=True)]
+            nxt = [
+                _best_k(g.a, passes, lam * p) if g.fixed is None else g.fixed
+                for g, p in zip(groups, price, strict=True)
+            ]
             r = _rate(groups, nxt, passes, cost)
             if r <= lam * (1 + 1e-12):
                 break
@@ -114,45 +122,6 @@ def choose_k(
             best = (lam, ks)
     assert best is not None
     return best[1], best[0]
-
-
-@dataclass
-class AcceptanceEstimate:
-    """Per-token acceptance of one adapter's drafts: a discounted Beta posterior (module doc).
-
-    ``prior_mean`` in (0, 1) and ``prior_strength`` > 0 (pseudo-trials) define the prior; ``memory``
-    (trials) is how fast old evidence fades.
-    """
-
-    prior_mean: float = 0.6
-    prior_strength: float = 4.0
-    memory: float = 256.0
-    successes: float = 0.0
-    failures: float = 0.0
-    trials: int = 0  # undiscounted, for reports
-
-    def observe(self, drafted: int, accepted: int) -> None:
-        """Fold in one verify step: ``drafted`` >= 1 drafts of which the first ``accepted`` were accepted."""
-        if drafted <= 0:
-            return
-        accepted = min(max(accepted, 0), drafted)
-        n = accepted + (1 if accepted < drafted else 0)
-        keep = math.exp(-n / self.memory)
-        self.successes = self.successes * keep + accepted
-        self.failures = self.failures * keep + (n - accepted)
-        self.trials += n
-
-    @property
-    def mean(self) -> float:
-        """The posterior mean acceptance, in (0, 1)."""
-        a0 = self.prior_mean * self.prior_strength
-        return (self.successes + a0) / (self.successes + self.failures + self.prior_strength)
-
-    def upper(self, z: float) -> float:
-        """The mean plus ``z`` posterior standard deviations (Beta variance m (1 - m) / (n + 1), n the
-        pseudo-trials, prior included), clipped to [0, 1]."""
-        m, n = self.mean, self.successes + self.failures + self.prior_strength
-        return min(max(m + z * math.sqrt(m * (1 - m) / (n + 1)), 0.0), 1.0)
 
 
 @dataclass
@@ -178,6 +147,7 @@ class AdaptivePolicy:
     probes: int = 0
     skip_z: float = 1.0  # skip the draft only if even the mean + skip_z sd acceptance would not draft
     skip_draft: bool = False  # the last plan's verdict: run the step without the draft model
+    overrides: dict[str, int] = field(default_factory=dict)  # adapter key -> k an operator fixed (0..k_max)
 
     def estimate(self, key: str) -> AcceptanceEstimate:
         """The estimate of adapter ``key`` (created from the prior on first use)."""
@@ -191,32 +161,36 @@ class AdaptivePolicy:
     ) -> list[int]:
         """Drafts for each of a step's requests, given as (adapter key, pinned); same order as ``requests``.
 
-        ``stale``: the adapter keys of further requests of the step that draft nothing whatever (their
-        draft KV has a gap); they count in the batch's cost. ``skip_at_zero``: the step may skip the draft
-        model; :attr:`skip_draft` then says whether it should (every k 0, and no request's optimistic
-        acceptance would draft: module doc). Stale requests are never probed; probes go to requests whose
-        draft KV is whole.
+        Pinned requests (seeded) draft ``k_max``; an adapter in :attr:`overrides` drafts its override; the
+        rest are chosen by :func:`choose_k`. ``stale``: the adapter keys of further requests of the step that
+        draft nothing whatever (their draft KV has a gap); they count in the batch's cost. ``skip_at_zero``:
+        the step may skip the draft model; :attr:`skip_draft` then says whether it should (every k 0, and no
+        request's optimistic acceptance would draft: module doc). Stale requests and overridden adapters are
+        never probed; probes go to requests whose draft KV is whole.
         """
         keys: dict[tuple[str, bool], int] = {}
         for key, pinned in requests:
             keys[(key, pinned)] = keys.get((key, pinned), 0) + 1
         order = list(keys)
-        groups = [Group(self.estimate(k).mean, n, pinned, k != BASE_KEY) for (k, pinned), n in keys.items()]
+
+        def groups_at(a_of) -> list[Group]:
+            return [Group(a_of(k), n, self._fixed(k, pinned), k != BASE_KEY) for (k, pinned), n in keys.items()]
+
         stale_lora = sum(key != BASE_KEY for key in stale)
         stale_groups = [
             Group(0.0, n, lora=lora) for n, lora in ((len(stale) - stale_lora, False), (stale_lora, True)) if n
         ]
-        groups += stale_groups
+        groups = groups_at(lambda k: self.estimate(k).mean) + stale_groups
         ks, _ = choose_k(groups, self.k_max, self.cost, skip_at_zero=skip_at_zero)
         self.skip_draft = skip_at_zero and not any(ks)
         if self.skip_draft:
-            hopeful = [Group(self.estimate(k).upper(self.skip_z), n, p, k != BASE_KEY) for (k, p), n in keys.items()]
-            if any(choose_k(hopeful + stale_groups, self.k_max, self.cost, skip_at_zero=True)[0]):
+            hopeful = groups_at(lambda k: self.estimate(k).upper(self.skip_z)) + stale_groups
+            if any(choose_k(hopeful, self.k_max, self.cost, skip_at_zero=True)[0]):
                 self.skip_draft = False  # not sure enough to lock these requests out: keep the draft's KV whole
                 ks, _ = choose_k(groups, self.k_max, self.cost, skip_at_zero=False)
         by_key = dict(zip(order, ks[: len(order)], strict=True))
         for (key, pinned), k in list(by_key.items()):
-            if pinned:
+            if self._fixed(key, pinned) is not None:
                 continue
             if k > 0:
                 self.idle_steps[key] = 0
@@ -227,15 +201,35 @@ class AdaptivePolicy:
                 self.probes += 1
                 idle = 0
             self.idle_steps[key] = idle
+        self._account(by_key, keys)
+        self.skip_draft = self.skip_draft and not any(by_key.values())  # a probe needs the draft
+        return [by_key[r] for r in requests]
+
+    def plan_fixed(self, requests: Sequence[tuple[str, bool]], skip_at_zero: bool = False) -> list[int]:
+        """The fixed policy's drafts with the overrides applied: ``k_max`` for every request but those of an
+        overridden (and not pinned) adapter, which draft the override; :attr:`skip_draft` as in :meth:`plan`."""
+        by_key = {(key, pinned): self._fixed(key, pinned) for key, pinned in requests}
+        by_key = {r: self.k_max if k is None else k for r, k in by_key.items()}
+        counts: dict[tuple[str, bool], int] = {}
+        for r in requests:
+            counts[r] = counts.get(r, 0) + 1
+        self._account(by_key, counts)
+        self.skip_draft = skip_at_zero and not any(by_key.values())
+        return [by_key[r] for r in requests]
+
+    def _fixed(self, key: str, pinned: bool) -> int | None:
+        """The k requests of adapter ``key`` must draft (pinned: ``k_max``; else its override), None to choose."""
+        return self.k_max if pinned else self.overrides.get(key)
+
+    def _account(self, by_key: dict[tuple[str, bool], int], counts: dict[tuple[str, bool], int]) -> None:
+        """Record a step's k per (adapter, pinned) group: last k, mean k, mixed steps (pinned rows aside)."""
         for (key, pinned), k in by_key.items():
             if not pinned:
                 self.last_k[key] = k
                 mean = self.mean_k.get(key, float(k))
-                self.mean_k[key] = mean + (k - mean) * (1 - (1 - 1 / self.k_window) ** keys[(key, pinned)])
-        self.skip_draft = self.skip_draft and not any(by_key.values())  # a probe needs the draft
+                self.mean_k[key] = mean + (k - mean) * (1 - (1 - 1 / self.k_window) ** counts[(key, pinned)])
         if len(set(by_key.values())) > 1:
             self.mixed_steps += 1
-        return [by_key[r] for r in requests]
 
     def observe(self, key: str, drafted: int, accepted: int) -> None:
         """One verify step of a request of adapter ``key``: ``drafted`` drafts, ``accepted`` of them accepted."""
@@ -244,8 +238,9 @@ class AdaptivePolicy:
     def report(self) -> dict:
         """Per adapter key: ``k`` (drafts its requests got in the last step they ran), ``mean_k`` (drafts per
         request-step, exponential mean over ``k_window`` request-steps), ``acceptance`` (the estimate),
-        ``trials``; ``probes`` (probe steps given) and ``mixed_steps`` (steps whose requests got different k)."""
-        keys = set(self.estimates) | set(self.last_k)
+        ``trials``, ``override`` (the operator's k, None); ``probes`` (probe steps given) and ``mixed_steps``
+        (steps whose requests got different k)."""
+        keys = set(self.estimates) | set(self.last_k) | set(self.overrides)
         return {
             "adapters": {
                 key: {
@@ -253,6 +248,7 @@ class AdaptivePolicy:
                     "mean_k": self.mean_k.get(key, float(self.last_k.get(key, self.k_max))),
                     "acceptance": self.estimate(key).mean,
                     "trials": self.estimate(key).trials,
+                    "override": self.overrides.get(key),
                 }
                 for key in sorted(keys)
             },

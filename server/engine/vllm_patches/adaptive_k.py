@@ -45,7 +45,9 @@ verifies). A failure in the policy is logged once and that step runs with the fi
 Config: ``additional_config["qserve_speculation"]`` (set by ``server/engine/build.py`` from Settings):
 ``policy`` (``adaptive`` | ``fixed``; with ``fixed`` acceptance is still estimated, for the metrics) and
 ``cost_ms`` (the pair's ``CostModel`` constants, ``--speculation-cost-ms``). The estimates are readable from the API process with the engine-core utility
-``qserve_speculation`` (``AsyncLLM.engine_core.call_utility_async``).
+``qserve_speculation`` (``AsyncLLM.engine_core.call_utility_async``); ``qserve_speculation_overrides`` sets
+the operator's per-adapter k (``server/adapters/speculation_overrides.py``), which holds under both
+policies (under ``fixed`` the other requests keep the maximum k).
 """
 
 from __future__ import annotations
@@ -82,8 +84,10 @@ class SchedulerPolicy:
     def plan(self, scheduler, output) -> None:
         """Choose k per scheduled request of ``output`` (a ``SchedulerOutput``) and cap its draft passes."""
         self.k_for = {}
-        if not self.adaptive or output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
+        if output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
             return
+        if not self.adaptive and not self.policy.overrides:
+            return  # vLLM's own fixed k
         try:
             ids, rows, fresh, stale, starts = list(output.num_scheduled_tokens), [], [], [], {}
             may_skip = True
@@ -98,7 +102,10 @@ class SchedulerPolicy:
                 params = request.sampling_params
                 fresh.append(req_id)
                 rows.append((adapter_key(request), params is not None and params.seed is not None))
-            ks = self.policy.plan(rows, stale=stale, skip_at_zero=may_skip)
+            if self.adaptive:
+                ks = self.policy.plan(rows, stale=stale, skip_at_zero=may_skip)
+            else:
+                ks = self.policy.plan_fixed(rows, skip_at_zero=may_skip)
         except Exception as e:  # noqa: BLE001 (a policy error must not kill the engine step)
             self._failed(e)
             return
@@ -161,9 +168,9 @@ class SchedulerPolicy:
     def report(self) -> dict:
         """:meth:`AdaptivePolicy.report` with the policy name, ``k_max`` and the failure count."""
         report = self.policy.report()
-        if not self.adaptive:  # fixed: every request drafts k_max
+        if not self.adaptive:  # fixed: every request drafts k_max, or its adapter's override
             for entry in report["adapters"].values():
-                entry["k"] = entry["mean_k"] = self.policy.k_max
+                entry["k"] = entry["mean_k"] = self.policy.k_max if entry["override"] is None else entry["override"]
         return {**report, "policy": ADAPTIVE if self.adaptive else FIXED, "k_max": self.policy.k_max,
                 "failures": self.failures, "skipped_steps": self.skipped_steps,
                 "stale_requests": len(self.stale)}  # fmt: skip
@@ -266,6 +273,19 @@ def patch() -> None:
         state = _state(self.scheduler)
         return None if state is None else state.report()
 
+    def qserve_speculation_overrides(self, overrides: dict[str, int]) -> dict[str, int] | None:
+        """Replace the per-adapter k overrides (adapter name -> k in 0..k_max); returns them, None without
+        speculation. Raises ValueError for a k outside 0..k_max (nothing is changed then)."""
+        state = _state(self.scheduler)
+        if state is None:
+            return None
+        bad = {name: k for name, k in overrides.items() if not (isinstance(k, int) and 0 <= k <= state.policy.k_max)}
+        if bad:
+            raise ValueError(f"k overrides must be integers in 0..{state.policy.k_max}; got {bad}")
+        state.policy.overrides = dict(overrides)
+        log.info("adaptive_k: per-adapter k overrides now %s", state.policy.overrides or "none")
+        return state.policy.overrides
+
     patched_schedule._qserve_patched = True
     Scheduler.schedule = patched_schedule
     Scheduler.update_draft_token_ids = patched_update_draft_token_ids
@@ -275,3 +295,4 @@ def patch() -> None:
     GPUModelRunner._input_fits_in_drafter = patched_input_fits_in_drafter
     EngineCore.post_step = patched_post_step
     EngineCore.qserve_speculation = qserve_speculation
+    EngineCore.qserve_speculation_overrides = qserve_speculation_overrides
