@@ -25,10 +25,10 @@ import torch
 from server.precision import NF4_BLOCK_SIZE
 from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, launch
+from tests.near_tie import NEAR_TIE
 
 pytestmark = pytest.mark.engine
 TOKENS = 16
-NEAR_TIE = 0.05  # nats: bf16 rounding of logits of magnitude ~10 is ~0.04
 
 
 def server_tokens(base_url: str, model: str, prompts: list[str]) -> list[list[int]]:

@@ -24,7 +24,9 @@ import pytest
 
 from server.engine.vllm_patches import PATCHES
 from testing.process import REPO_ROOT, start_server
+from tests import near_tie
 from tests.conftest import LOG_DIR, MODEL, launch
+from tests.near_tie import completion_tokens
 from tests.promtext import scrape, total
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 
@@ -32,7 +34,6 @@ pytestmark = pytest.mark.engine
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 SHIPPED = REPO_ROOT / "models/demo-adapters"
 DRAFT_METRIC = "qserve_draft_adapter_requests_total"
-NEAR_TIE = 0.05  # nats, as in tests/test_adapter_oracle.py
 
 
 def upload(url: str, name: str, folder: Path, draft: Path | None = None) -> None:
@@ -52,15 +53,8 @@ def complete(url: str, model: str, prompt: str, max_tokens: int = 24) -> dict:
 
 
 def parting(got: dict, ref: dict) -> str | None:
-    """None if ``got`` has ``ref``'s greedy tokens, or parts from them only at a near-tie of ``ref``; else why not."""
-    a, b = got["choices"][0], ref["choices"][0]
-    first = next((i for i, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"])) if x != y), None)  # noqa: B905
-    if first is None:
-        return None if len(a["token_ids"]) == len(b["token_ids"]) else f"lengths differ: {a['text']!r}"
-    top = b["logprobs"]["top_logprobs"][first]  # the reference's most likely tokens at the parting
-    token = a["logprobs"]["tokens"][first]
-    gap = max(top.values()) - top.get(token, float("-inf"))
-    return None if gap < NEAR_TIE else f"parts at token {first} ({token!r}) by {gap:.3f} nats: {a['text']!r}"
+    """tests/near_tie.py's rule on two ``/v1/completions`` responses (``complete``'s)."""
+    return near_tie.parting(completion_tokens(got), completion_tokens(ref))
 
 
 def acceptance(url: str, model: str, prompts: list[str]) -> tuple[int, int]:

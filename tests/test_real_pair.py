@@ -16,12 +16,11 @@ import pytest
 from server.settings import PAIRS
 from testing.process import start_server
 from tests.conftest import LOG_DIR
-from tests.test_draft_lora import NEAR_TIE
+from tests.near_tie import chat_tokens, parting
 
 pytestmark = pytest.mark.engine
 PAIR = PAIRS["smollm2"]
 MODEL = PAIR.served_model_name
-MAX_ROUNDING_GAP = 0.2  # nats: the most a near-tie may be, whatever the noise
 QUESTIONS = ("What is the capital of France?", "How do I reverse a list in Python?", "Name three primary colors.")
 
 
@@ -115,28 +114,6 @@ def _chat_tokens(client, question: str, model: str = MODEL, max_tokens: int = 48
     return r.choices[0].logprobs.content
 
 
-def _parting(got: list, ref: list) -> str | None:
-    """None if ``got`` has ``ref``'s greedy tokens, or parts from them only at a near-tie of ``ref``; else why not.
-
-    The target verifies more tokens per step with speculation, and the rounding of another batch shape
-    can break a near-tie either way (tests/test_draft_lora.py's rule). A near-tie here: a gap under
-    ``NEAR_TIE`` nats or under twice the rounding noise the two runs show where they agree (the largest
-    difference of the same token's logprob before the parting), since this model's logits are larger
-    than the demo pair's and so is their rounding. Never above ``MAX_ROUNDING_GAP``: a run whose logprobs
-    differ more than rounding does (a wrong adapter, a broken kernel) cannot excuse its own parting.
-    """
-    first = next((i for i, (x, y) in enumerate(zip(got, ref)) if x.token != y.token), None)  # noqa: B905
-    if first is None:
-        return None if len(got) == len(ref) else f"lengths differ: {len(got)} vs {len(ref)} tokens"
-    top = {t.token: t.logprob for t in ref[first].top_logprobs}
-    gap = max(top.values()) - top.get(got[first].token, float("-inf"))
-    noise = max((abs(x.logprob - y.logprob) for x, y in zip(got[:first], ref[:first], strict=True)), default=0.0)
-    text = "".join(t.token for t in got)
-    if gap < max(NEAR_TIE, min(2 * noise, MAX_ROUNDING_GAP)):
-        return None
-    return f"parts at token {first} ({got[first].token!r}) by {gap:.3f} nats (rounding noise {noise:.3f}): {text!r}"
-
-
 def test_speculation_changes_no_greedy_token(client):
     cases = [(MODEL, q) for q in QUESTIONS] + [(n, QUESTIONS[0]) for n in _shipped_adapters()[:1]]
     spec = [_chat_tokens(client, q, model=m) for m, q in cases]
@@ -144,7 +121,9 @@ def test_speculation_changes_no_greedy_token(client):
     try:
         c = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
         for (model, question), got in zip(cases, spec, strict=True):
-            assert _parting(got, _chat_tokens(c, question, model=model)) is None, (model, question)
+            # this model's logits are larger than the demo pair's, and so is their rounding
+            why = parting(chat_tokens(got), chat_tokens(_chat_tokens(c, question, model=model)), scale_with_noise=True)
+            assert why is None, (model, question, why)
     finally:
         plain.stop()
 
