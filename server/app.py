@@ -19,7 +19,6 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.adapters.registry import AdapterRegistry
-from server.adapters.speculation_overrides import SpeculationOverrides
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
 from server.api.auth import BearerAuth, KeyRing
@@ -61,10 +60,8 @@ async def open_adapters(settings: Settings, catalog: ModelCatalog, engine, metri
         settings.max_adapter_bytes,
         metrics,
         draft_shape=draft_shape,
+        draft_tokens_per_step=settings.draft_tokens_per_step,
     )
-    if settings.draft_tokens_per_step:
-        registry.overrides = SpeculationOverrides(settings.adapter_store_dir, engine, settings.draft_tokens_per_step)
-        await registry.overrides.push()
     await registry.restore()
     if settings.seed_adapters_dir is not None:
         await registry.seed(settings.seed_adapters_dir)

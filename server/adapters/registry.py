@@ -58,11 +58,13 @@ class AdapterRegistry:
         max_upload_bytes: int,
         metrics: ServerMetrics | None = None,
         draft_shape: BaseShape | None = None,
+        draft_tokens_per_step: int = 0,
     ) -> None:
         """``catalog`` owns the model-id namespace the adapter names live in (the registry registers
         itself there). ``draft_shape``: the draft model's shape, which draft adapters must fit; None when the
         server has no draft model (draft adapters are then refused). ``max_upload_bytes`` bounds an
-        upload (adapter and draft together) and each archive's expansion."""
+        upload (adapter and draft together) and each archive's expansion. ``draft_tokens_per_step``: the
+        most an adapter's k may be overridden to (0: speculation off, no overrides)."""
         self.store = store
         self.catalog = catalog
         catalog.adapters = self
@@ -74,12 +76,14 @@ class AdapterRegistry:
         self.max_upload_bytes = max_upload_bytes
         self.records: dict[str, AdapterRecord] = {}
         self.metrics = metrics
-        self.overrides: SpeculationOverrides | None = None  # per-adapter k, set by the app when it has one
+        self.overrides = SpeculationOverrides(store.root, engine, draft_tokens_per_step)
         self._resident: set[int] = set()  # lora_int_ids in the engine at the last look (plus loads since)
         self._lock = asyncio.Lock()  # one writer at a time: versions and engine ids stay ordered
 
     async def restore(self) -> None:
-        """Serve every adapter already in the store (after a restart), newest intact version each."""
+        """Serve every adapter already in the store (after a restart), newest intact version each, and give
+        the engine the stored speculation overrides."""
+        await self.overrides.push()
         for rec in self.store.load_all():
             try:
                 await self._activate(rec)
@@ -117,8 +121,7 @@ class AdapterRegistry:
     def card(self, name: str) -> dict:
         """What ``GET /v1/adapters/{name}`` shows: the stored record and ``speculation_k_override`` (the
         operator's k for this adapter's requests, None when the policy decides). Raises NotFound."""
-        override = None if self.overrides is None else self.overrides.get(name)
-        return self.get(name).to_json() | {"speculation_k_override": override}
+        return self.get(name).to_json() | {"speculation_k_override": self.overrides.get(name)}
 
     def list(self) -> list[AdapterRecord]:
         return [self.records[n] for n in sorted(self.records)]
@@ -223,8 +226,7 @@ class AdapterRegistry:
             self.catalog.withdraw_adapter(name)
             del self.records[name]
             await asyncio.to_thread(self.store.delete, name)
-            if self.overrides is not None:
-                await self.overrides.set(name, None)  # a new adapter of this name starts with the policy's k
+            await self.overrides.set(name, None)  # a new adapter of this name starts with the policy's k
             self._event("delete")
             if self.metrics is not None:
                 self.metrics.adapters_served.set(len(self.records))

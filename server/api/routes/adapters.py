@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from server.adapters.registry import PayloadTooLarge, Upload
 from server.api.deps import AdaptersDep
-from server.errors import BadRequest, Conflict
+from server.errors import BadRequest
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -92,17 +92,11 @@ class SpeculationOverride(BaseModel):
     )
 
 
-def _overrides(registry):
-    if registry.overrides is None:
-        raise Conflict("speculation is off on this server (--no-speculation): there is no k to override", param="k")
-    return registry.overrides
-
-
 @router.put("/{name}/speculation")
 async def set_speculation_override(name: str, body: SpeculationOverride, registry: AdaptersDep):
     """Fix the draft tokens per step of ``name``'s requests (admin); the adapter's card, override shown."""
     registry.get(name)
-    await _overrides(registry).set(name, body.k)
+    await registry.overrides.set(name, body.k)
     return registry.card(name)
 
 
@@ -110,5 +104,5 @@ async def set_speculation_override(name: str, body: SpeculationOverride, registr
 async def clear_speculation_override(name: str, registry: AdaptersDep):
     """Give ``name``'s k back to the speculation policy (admin); the adapter's card."""
     registry.get(name)
-    await _overrides(registry).set(name, None)
+    await registry.overrides.set(name, None)
     return registry.card(name)
