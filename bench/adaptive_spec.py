@@ -41,6 +41,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.adaptive_spec_table import GAUGES, table
 from bench.merge_serving import upload_without_draft
 from bench.report import argument_parser, publish
 from bench.serving_bench import spec_counters
@@ -68,7 +69,6 @@ DIAGNOSTICS = {
 }  # fmt: skip
 LENGTH_FACTORS = (0.5, 1.25, 0.75, 1.5, 1.0)  # of the mean output length, request by request (mean 1)
 CALIBRATION_LEVELS = (1, 8)  # the concurrency levels fit_cost's cells are measured at, before the adaptive server
-GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
 
 class Workload:
@@ -230,59 +230,15 @@ def main() -> None:
             proc.stop()
     # A run with a diagnostic row is not the policy benchmark: its table goes under its own marker.
     marker = f"adaptive_spec_{args.pair}" + ("_engine_overhead" if DIAGNOSTICS.keys() & configs.keys() else "")
-    publish(table(args, levels, traffics, configs, cells, gauges, fitted), args.write, marker)
-
-
-def table(args, levels, traffics, configs, cells, gauges, fitted) -> list[str]:
-    """The markdown of one run: tokens/s and TTFT per config (row) and traffic x level (column)."""
-    cols = [(t, lv) for t in traffics for lv in levels]
-    med = {key: statistics.median(v[0] for v in vals) for key, vals in cells.items()}
-    ttft = {key: statistics.median(v[1] for v in vals) for key, vals in cells.items()}
-    lines = [
-        f"## Adaptive speculation: tokens/s by policy, concurrency and traffic ({args.pair} pair)"
-        + (": the speculation-enabled engine when nobody drafts" if DIAGNOSTICS.keys() & set(configs) else ""),
-        "",
-        f"Command: `python -m bench.adaptive_spec --pair {args.pair} --levels {args.levels} --repeats {args.repeats} "
+    command = (
+        f"python -m bench.adaptive_spec --pair {args.pair} --levels {args.levels} --repeats {args.repeats} "
         f"--mean-tokens {args.mean_tokens}"
         + (f" --configs '{args.configs}'" if args.configs != ",".join(CONFIGS) else "")
         + (f" --traffics {args.traffics}" if args.traffics != ",".join(TRAFFICS) else "")
         + ("" if args.fit_cost else " --no-fit-cost")
-        + "` (2-core CPU, NF4 target and draft, LoRA on; streamed, greedy, ignore_eos, output lengths 0.5x-1.5x the mean; "
-        "`near` = austen only, `zipf` = 30% base + stdlib-docs / austen / nodraft at 4:2:1, nodraft = stdlib-docs "
-        "without its draft adapter; medians over repeats).",
-        "",
-        "| policy | " + " | ".join(f"{t} c={lv}" for t, lv in cols) + " |",
-        "|---|" + "---:|" * len(cols),
-    ]
-    lines += [f"| {n} | " + " | ".join(f"{med[(n, t, lv)]:.1f}" for t, lv in cols) + " |" for n in configs]
-    fixed = [n for n in configs if "adaptive" not in n and n not in DIAGNOSTICS]
-    for name in (n for n in configs if "adaptive" in n and n not in DIAGNOSTICS):
-        best = [max(med[(f, t, lv)] for f in fixed) for t, lv in cols] if fixed else []
-        if best:
-            lines.append(f"| {name} / best other | " + " | ".join(
-                f"{med[(name, t, lv)] / b:.2f}x" for (t, lv), b in zip(cols, best, strict=True)) + " |")  # fmt: skip
-            lines.append("| best other | " + " | ".join(
-                max(fixed, key=lambda f, t=t, lv=lv: med[(f, t, lv)]).replace("fixed ", "") for t, lv in cols) + " |")  # fmt: skip
-    lines += ["", "TTFT p50, ms (median over repeats of each cell's median, ramp-up wave left out):", "",
-              "| policy | " + " | ".join(f"{t} c={lv}" for t, lv in cols) + " |", "|---|" + "---:|" * len(cols)]  # fmt: skip
-    lines += [f"| {n} | " + " | ".join(f"{ttft[(n, t, lv)]:.0f}" for t, lv in cols) + " |" for n in configs]
-    spread = [(max(v[0] for v in vals) - min(v[0] for v in vals)) / med[key] for key, vals in cells.items()
-              if len(vals) > 1 and med[key] > 0]  # fmt: skip
-    if spread:
-        lines += ["", f"Noise: repeats of one cell spread by a median {100 * statistics.median(spread):.0f}% "
-                  f"(max {100 * max(spread):.0f}%), (max - min) / median."]  # fmt: skip
-    if fitted:
-        lines += ["", f"The adaptive server ran with the step-time model fitted to this run's calibration cells "
-                  f"(`fit_cost`: `--speculation-cost-ms {','.join(f'{x:g}' for x in fitted)}`, "
-                  f"{', '.join(FIT_TERMS[: len(fitted)])} ms)."]  # fmt: skip
-    if gauges:
-        steps = gauges.pop("steps", {}).get("qserve_speculation_steps_without_draft")
-        lines += ["", "| adapter (adaptive server, after its traffic) | qserve_speculation_k | acceptance estimate |",
-                  "|---|---:|---:|"]  # fmt: skip
-        lines += [f"| {a} | {v.get(GAUGES[0], 0):.2f} | {v.get(GAUGES[1], 0):.3f} |" for a, v in sorted(gauges.items())]
-        if steps is not None:
-            lines += ["", f"Steps in which the adaptive server ran no draft model at all: {steps:.0f}."]
-    return lines
+    )
+    lines = table(command, args.pair, levels, traffics, configs, cells, gauges, fitted, tuple(DIAGNOSTICS))
+    publish(lines, args.write, marker)
 
 
 if __name__ == "__main__":
