@@ -4,9 +4,10 @@
 tokens per request-step). Besides medians over repeats, the adaptive row is compared with the best other
 config *paired and cross-validated*: in repeat ``r`` against the config that was best on the other repeats,
 both measured in the same cell minutes apart. "Best other" picked on the same numbers it is compared with is
-the largest of five noisy estimates, biased upward (the winner's curse: for five equal configs with a 5%
-spread the expected largest is ~6% above the truth), so a policy that matched the best exactly would still
-read below 1x there; choosing the best on other repeats removes that bias, pairing removes the drift between
+the largest of five noisy estimates, biased upward (the winner's curse: for five equal configs whose
+estimates each have a 5% standard deviation, the largest is on average 1.16 x 5% = 5.8% above the truth,
+1.163 sd being the mean of the largest of five normal draws), so a policy that matched the best exactly
+would still read below 1x there; choosing the best on other repeats removes that bias, pairing removes the drift between
 repeats.
 """
 
