@@ -125,11 +125,12 @@ def test_an_admin_override_fixes_an_adapters_k_until_it_is_cleared(adaptive, pla
     assert r.status_code == 200 and r.json()["speculation_k_override"] == 0, r.text
     spec = complete(adaptive.base_url, "nodraft", stdlib_prompts[0], 16)["metrics"]["speculative_decoding"]
     assert spec["num_draft_tokens"] == 0, spec
+    k_held = gauges(adaptive.base_url, "nodraft")[0]  # drafts per request-step, a running mean
     # k=4 for an adapter whose drafts the policy had given up on: every step of the request drafts 4
     assert httpx.put(url, json={"k": 4}, timeout=30).json()["speculation_k_override"] == 4
     spec = complete(adaptive.base_url, "nodraft", stdlib_prompts[1], 16)["metrics"]["speculative_decoding"]
     assert spec["num_draft_tokens"] >= 4 * 3, spec  # the 15 tokens after the prefill take 3 or more steps of 4
-    assert gauges(adaptive.base_url, "nodraft")[0] == 4
+    assert gauges(adaptive.base_url, "nodraft")[0] > k_held
     listed = {a["name"]: a for a in httpx.get(adaptive.base_url + "/v1/adapters", timeout=30).json()["data"]}
     assert listed["nodraft"]["speculation_k_override"] == 4 and listed["austen"]["speculation_k_override"] is None
 

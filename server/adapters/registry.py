@@ -82,8 +82,13 @@ class AdapterRegistry:
 
     async def restore(self) -> None:
         """Serve every adapter already in the store (after a restart), newest intact version each, and give
-        the engine the stored speculation overrides."""
-        await self.overrides.push()
+        the engine the stored speculation overrides (an engine without the adaptive_k patch cannot take them:
+        logged, the server still starts)."""
+        if self.overrides.by_name:
+            try:
+                await self.overrides.push()
+            except Exception as e:  # noqa: BLE001 (the overrides are an operator's tuning, not a reason to refuse start)
+                log.error("speculation overrides %s not applied: %s", self.overrides.by_name, e)
         for rec in self.store.load_all():
             try:
                 await self._activate(rec)
