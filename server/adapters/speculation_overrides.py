@@ -15,6 +15,7 @@ file lacks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ class SpeculationOverrides:
         self.engine = engine
         self.k_max = k_max
         self.by_name: dict[str, int] = self._read()
+        self._lock = asyncio.Lock()  # one change at a time: a rollback never undoes another request's change
 
     def _read(self) -> dict[str, int]:
         """The stored map; an unreadable or malformed file is logged and read as empty (the policy decides)."""
@@ -89,18 +91,19 @@ class SpeculationOverrides:
         """
         if k is not None:
             self.check(k)
-        old = self.by_name
-        new = {n: v for n, v in old.items() if n != name} | ({} if k is None else {name: k})
-        if new == old:
-            return
-        self._write(new)
-        self.by_name = new
-        try:
-            await self.push()
-        except BaseException:
-            self._write(old)  # the file never says what the engine does not do
-            self.by_name = old
-            raise
+        async with self._lock:
+            old = self.by_name
+            new = {n: v for n, v in old.items() if n != name} | ({} if k is None else {name: k})
+            if new == old:
+                return
+            self._write(new)
+            self.by_name = new
+            try:
+                await self.push()
+            except BaseException:
+                self._write(old)  # the file never says what the engine does not do
+                self.by_name = old
+                raise
 
     def _write(self, by_name: dict[str, int]) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -112,7 +115,7 @@ class SpeculationOverrides:
         fsync_dir(self.path.parent)
 
     async def push(self) -> None:
-        """Send the whole map to the engine core; an engine without the utility (no speculation) is skipped."""
+        """Send the whole map to the engine core (nothing to send with speculation off). Raises the engine's error."""
         if self.k_max <= 0:
             return
         await self.engine.engine_core.call_utility_async(UTILITY, dict(self.by_name))
