@@ -31,6 +31,7 @@ break-even, about 2% at ``skip_z = 1`` and the usual ~0.03 deviation.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -168,9 +169,7 @@ class AdaptivePolicy:
         request's optimistic acceptance would draft: module doc). Stale requests and overridden adapters are
         never probed; probes go to requests whose draft KV is whole.
         """
-        keys: dict[tuple[str, bool], int] = {}
-        for key, pinned in requests:
-            keys[(key, pinned)] = keys.get((key, pinned), 0) + 1
+        keys = Counter(requests)  # (adapter key, pinned) -> requests, in first-seen order
         order = list(keys)
 
         def groups_at(a_of) -> list[Group]:
@@ -208,11 +207,8 @@ class AdaptivePolicy:
     def plan_fixed(self, requests: Sequence[tuple[str, bool]], skip_at_zero: bool = False) -> list[int]:
         """The fixed policy's drafts with the overrides applied: ``k_max`` for every request but those of an
         overridden (and not pinned) adapter, which draft the override; :attr:`skip_draft` as in :meth:`plan`."""
-        by_key = {(key, pinned): self._fixed(key, pinned) for key, pinned in requests}
-        by_key = {r: self.k_max if k is None else k for r, k in by_key.items()}
-        counts: dict[tuple[str, bool], int] = {}
-        for r in requests:
-            counts[r] = counts.get(r, 0) + 1
+        counts = Counter(requests)
+        by_key = {(key, pinned): self.k_max if (k := self._fixed(key, pinned)) is None else k for key, pinned in counts}
         self._account(by_key, counts)
         self.skip_draft = skip_at_zero and not any(by_key.values())
         return [by_key[r] for r in requests]
