@@ -217,9 +217,9 @@ class Settings(BaseSettings):
             values = [float(p) for p in v.split(",")]
         except ValueError:
             values = []
-        if len(values) not in (4, 8) or any(not x >= 0 for x in values):
+        if len(values) not in (4, 8) or any(not x >= 0 for x in values) or not values[0] > 0:
             raise ValueError(
-                f"{v!r} is not 't0,t1,d0,d1' or 't0,t1,d0,d1,l0,l1,e0,e1': four or eight numbers >= 0 (ms), "
+                f"{v!r} is not 't0,t1,d0,d1' or 't0,t1,d0,d1,l0,l1,e0,e1': four or eight numbers >= 0 (ms), t0 > 0, "
                 "e.g. '86,5.7,15,1.8' or '86,5.7,15,1.8,40,20,5,2'"
             )
         return v

@@ -52,6 +52,8 @@ def test_hand_computed_step_with_lora_terms():
     assert cost.verify_token_ms(lora=True) == pytest.approx(0.4 + 0.1 + 5 + 1)
     with pytest.raises(ValueError, match=">= 0 ms"):
         CostModel(l1=-1.0)
+    with pytest.raises(ValueError, match="t0 > 0"):  # a plain step of 0 ms would make every rate infinite
+        CostModel(t0=0.0, t1=0.0)
 
 
 def test_an_adapter_whose_tokens_cost_more_drafts_less_at_the_same_acceptance():

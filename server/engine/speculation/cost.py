@@ -29,7 +29,7 @@ class CostModel:
     """Step-time model, milliseconds: target ``t0 + t1 x``, draft ``d0 + d1 x`` over ``x`` tokens, plus LoRA terms.
 
     ``l0 + l1 x_l`` is what adapter requests' ``x_l`` tokens add to a target forward, ``e0 + e1 x_l`` to a
-    draft pass (module doc); all >= 0. Defaults are the demo pair's, fitted by hand on its 2-core CPU hosts
+    draft pass (module doc); all >= 0, ``t0`` > 0 (ValueError otherwise). Defaults are the demo pair's, fitted by hand on its 2-core CPU hosts
     (BENCHMARKS.md, "Load: ... speculation on vs off"): no speculation runs one step in ~31 ms at
     concurrency 1 and ~38 ms at 16 (t0 30, t1 0.4); the draft's single-token forward is c = 0.372 of the
     target's (d0 10); speculation at k=4 then predicts 73 and 116 ms per step at concurrency 1 and 16
@@ -46,8 +46,8 @@ class CostModel:
     e1: float = 0.0
 
     def __post_init__(self) -> None:
-        if any(not x >= 0 for x in astuple(self)):
-            raise ValueError(f"step-time model terms must be >= 0 ms, got {astuple(self)}")
+        if any(not x >= 0 for x in astuple(self)) or not self.t0 > 0:  # t0 0: a plain step could take 0 ms
+            raise ValueError(f"step-time model terms must be >= 0 ms and t0 > 0, got {astuple(self)}")
 
     def step_ms(
         self,
