@@ -13,7 +13,7 @@ near traffic at ``CALIBRATION_LEVELS``; ``--no-fit-cost``: the pair's), as a use
 machine. Memory: three smollm2 servers used 10.3 GiB here (``free -m``: 10582 MiB), so all six need about 21 GiB; name
 fewer ``--configs`` on a smaller host. Each gets ``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter (so
 the plain draft drafts it). Per server, per repeat, per traffic and concurrency level it streams
-``max(4, 2 x level)`` greedy requests (``ignore_eos``) with ``level`` in flight, and reports output tokens
+``max(12, 4 x level)`` greedy requests (``ignore_eos``) with ``level`` in flight, and reports output tokens
 over wall time and the median time to first token of the requests after the first ``level`` (steady
 state). Output lengths vary as users' answers do: request ``i`` asks for ``LENGTH_FACTORS[i % 5]`` x
 ``--mean-tokens`` tokens (0.5x to 1.5x). With one length for all, requests without speculation advance in
@@ -26,7 +26,10 @@ base model only; ``near``: the style adapter ``austen`` only; ``zipf``: a fixed 
 over the three adapters, plus 30% base). The smollm2 pair gets chat requests (base: prompts/chat.txt,
 austen: prompts/style.txt, stdlib-docs and nodraft: prompts/python_docs.txt); the demo pair raw
 completions of held-out book text (stdlib docstrings for stdlib-docs and nodraft). Cells are medians
-over repeats; the spread line gives (max - min) / median. After the adaptive server's traffic its
+over repeats; the spread line gives (max - min) / median. Cells of ``max(4, 2 x level)`` requests were
+too short to compare at 0.97x: the same servers' base c=1 and c=32 cells spread by a median 13% between
+repeats, and a 4-request c=1 cell measured the adaptive server at 0.90x of no speculation where 10-request
+cells gave 0.99-1.04x (BENCHMARKS.md). After the adaptive server's traffic its
 per-adapter k and acceptance estimate and its count of steps without the draft are printed too.
 """
 
@@ -174,7 +177,7 @@ def measure(servers: dict, work: Workload, traffic: str, level: int, mean_tokens
     starting at the ``turn``-th (mod the count) so no config always runs first or last; appends to ``cells``."""
     names = list(servers)
     for name in names[turn % len(names) :] + names[: turn % len(names)]:
-        cases = work.requests(traffic, max(4, 2 * level), mean_tokens)
+        cases = work.requests(traffic, max(12, 4 * level), mean_tokens)
         tps, ttft, per_step = run_cell(servers[name].base_url, work, cases, level)
         cells.setdefault((name, traffic, level), []).append((tps, ttft, per_step))
         print(f"{name:24s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms", flush=True)
