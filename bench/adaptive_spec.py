@@ -180,7 +180,8 @@ def measure(servers: dict, work: Workload, traffic: str, level: int, mean_tokens
         cases = work.requests(traffic, max(12, 4 * level), mean_tokens)
         tps, ttft, per_step = run_cell(servers[name].base_url, work, cases, level)
         cells.setdefault((name, traffic, level), []).append((tps, ttft, per_step))
-        print(f"{name:24s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms", flush=True)
+        print(f"{name:24s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms  "
+              f"{per_step:.3f} tokens/request-step", flush=True)  # fmt: skip
 
 
 def main() -> None:
