@@ -130,7 +130,8 @@ def _start_once(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            if "address already in use" in server.log_tail(20):
+            # uvicorn's bind error comes before the engine's shutdown lines (40 or more of them): read past those
+            if "error while attempting to bind on address" in server.log_tail(200):
                 raise PortTaken(f"port {port} was taken before the server bound it")
             raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{server.log_tail()}")
         try:
