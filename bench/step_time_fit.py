@@ -8,50 +8,78 @@ tokens per request-step); config names are ``no speculation`` and ``fixed k=K``,
 
 from __future__ import annotations
 
+import itertools
 import statistics
 
 import numpy
 
-FIT_TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1")  # cost.CostModel's fields, in order
+FIT_TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1", "v1")  # cost.CostModel's fields, in order
 
 
 def fit_cost(cells: dict) -> tuple[float, ...] | None:
-    """The policy's step-time model (cost.CostModel, ms) fitted to this run: (t0, t1, d0, d1) from base
-    traffic, and (l0, l1, e0, e1) too when the run has ``near`` traffic (every request an adapter with its
-    draft adapter).
+    """The policy's step-time model (cost.CostModel, ms, all nine terms in its order) fitted to this run:
+    (t0, t1, d0, d1, v1) from base traffic, and (l0, l1, e0, e1) too when the run has ``near`` traffic
+    (every request an adapter with its draft adapter; else they are 0).
 
     No speculation at concurrency B: a step of ``B`` tokens takes ``1000 B / tokens_per_s`` ms, fitted
     as ``t0 + t1 B``. Fixed k at B: ``1000 B E / tokens_per_s`` ms with E the measured tokens per
-    request-step; less the target's ``t0 + t1 B (k + 1)``, the rest is k draft passes,
-    ``d0 k + d1 B (2k + 1)`` (first pass over B (k + 1) + B tokens, k - 1 passes over B), least squares.
-    The same fit on ``near`` traffic gives ``t0 + l0``, ``t1 + l1``, ``d0 + e0`` and ``d1 + e1``. Every term
-    clipped at 0; medians over repeats. None without the no-speculation row or a fixed-k row.
+    request-step; less ``t0 + t1 B``, the rest is the target verifying ``B k`` drafts and k draft passes,
+    ``v1 B k + d0 k + d1 B (2k + 1)`` (first pass over B (k + 1) + B tokens, k - 1 passes over B). Both
+    fits are least squares in relative error (each row divided by its step time), so a one-request step
+    of 60 ms weighs what a 350 ms one does: the policy's closest calls are at low concurrency. Terms are
+    >= 0 (the best fit over the subsets of terms left free). The same fit on ``near`` traffic gives
+    ``t0 + l0``, ``t1 + l1``, ``d0 + e0`` and ``d1 + e1`` (its verify term is not kept: the model's ``l1``
+    prices an adapter's verify tokens as its requests' own). Medians over repeats. None without the
+    no-speculation row at two levels or a fixed-k row.
     """
     base = _fit_traffic(cells, "base")
     if base is None:
         return None
+    t0, t1, d0, d1, v1 = base
     near = _fit_traffic(cells, "near")
     if near is None:
-        return base
-    lora = tuple(round(max(n - b, 0.0), 3) for n, b in zip(near, base, strict=True))
-    return (*base, lora[0], lora[1], lora[2], lora[3])
+        return (t0, t1, d0, d1, 0.0, 0.0, 0.0, 0.0, v1)
+    lora = tuple(round(max(n - b, 0.0), 3) for n, b in zip(near[:4], base[:4], strict=True))
+    return (t0, t1, d0, d1, *lora, v1)
 
 
-def _fit_traffic(cells: dict, traffic: str) -> tuple[float, float, float, float] | None:
-    """(t0, t1, d0, d1) of :func:`fit_cost` on one traffic's cells; None without the rows it needs."""
+def _nonnegative_lstsq(a: numpy.ndarray, b: numpy.ndarray) -> numpy.ndarray:
+    """argmin ||a x - b|| over x >= 0, for a few columns: the best unconstrained fit over every subset of
+    free columns whose solution is >= 0 (the others held at 0)."""
+    cols = a.shape[1]
+    best, best_err = numpy.zeros(cols), float(numpy.sum(b**2))
+    for mask in itertools.product((False, True), repeat=cols):
+        free = [i for i in range(cols) if mask[i]]
+        if not free:
+            continue
+        x_free, *_ = numpy.linalg.lstsq(a[:, free], b, rcond=None)
+        if (x_free < 0).any():
+            continue
+        x = numpy.zeros(cols)
+        x[free] = x_free
+        err = float(numpy.sum((a @ x - b) ** 2))
+        if err < best_err:
+            best, best_err = x, err
+    return best
+
+
+def _fit_traffic(cells: dict, traffic: str) -> tuple[float, float, float, float, float] | None:
+    """(t0, t1, d0, d1, v1) of :func:`fit_cost` on one traffic's cells; None without the rows it needs."""
 
     def median(v: list[tuple], i: int) -> float:
         return statistics.median(x[i] for x in v)
 
     rows = {(n, lv): v for (n, t, lv), v in cells.items() if t == traffic}
     plain = [(lv, 1000 * lv / median(v, 0)) for (n, lv), v in rows.items() if n == "no speculation"]
-    fixed = [(int(n.split("=")[1]), lv, (median(v, 0), 0, median(v, 2))) for (n, lv), v in rows.items()
+    fixed = [(int(n.split("=")[1]), lv, 1000 * lv * median(v, 2) / median(v, 0)) for (n, lv), v in rows.items()
              if n.startswith("fixed")]  # fmt: skip
-    if len(plain) < 2 or not fixed:
+    if len({b for b, _ in plain}) < 2 or not fixed:
         return None
-    t1, t0 = numpy.polyfit([b for b, _ in plain], [ms for _, ms in plain], 1)
-    a = numpy.array([[k, b * (2 * k + 1)] for k, b, _ in fixed], dtype=float)
-    rest = numpy.array([1000 * b * e / tps - t0 - t1 * b * (k + 1) for k, b, (tps, _, e) in fixed])
-    (d0, d1), *_ = numpy.linalg.lstsq(a, rest, rcond=None)
-    t0, t1, d0, d1 = (round(max(float(x), 0.0), 3) for x in (t0, t1, d0, d1))
-    return t0, t1, d0, d1
+    b, ms = numpy.array([b for b, _ in plain], dtype=float), numpy.array([ms for _, ms in plain])
+    t0, t1 = _nonnegative_lstsq(numpy.stack([numpy.ones_like(b), b], axis=1) / ms[:, None], numpy.ones_like(ms))
+    step = numpy.array([s for _, _, s in fixed])
+    a = numpy.array([[b * k, k, b * (2 * k + 1)] for k, b, _ in fixed], dtype=float)
+    rest = numpy.array([s - t0 - t1 * b for _, b, s in fixed])
+    v1, d0, d1 = _nonnegative_lstsq(a / step[:, None], rest / step)
+    t0, t1, d0, d1, v1 = (round(float(x), 3) for x in (t0, t1, d0, d1, v1))
+    return t0, t1, d0, d1, v1

@@ -26,7 +26,7 @@ class ModelPair(NamedTuple):
     draft: Path
     seed_adapters: Path
     num_speculative_tokens: int  # the k this pair is fastest at (BENCHMARKS.md, "Serving")
-    # The adaptive policy's step-time model, ms (t0, t1, d0, d1, l0, l1, e0, e1; speculation/cost.CostModel).
+    # The adaptive policy's step-time model, ms (t0, t1, d0, d1, l0, l1, e0, e1[, v1]; speculation/cost.CostModel).
     speculation_cost_ms: tuple[float, ...]
 
 
@@ -39,8 +39,9 @@ PAIRS = {
         REPO_ROOT / "models" / "smollm2-135m-draft",
         REPO_ROOT / "adapters",
         1,  # acceptance 0.33: k=1 1.08x of no speculation at concurrency 1, k=4 0.85x
-        # Fitted on the 2-core CI machine by `python -m bench.adaptive_spec --pair smollm2` (BENCHMARKS.md).
-        (96.36, 3.282, 22.546, 0.0),
+        # Fitted on the 2-core CI machine by `python -m bench.adaptive_spec --pair smollm2 --levels 1,2,8,16
+        # --repeats 1 --traffics base,near --configs 'no speculation,fixed k=1,fixed k=2,fixed k=4'` (2026-12-04).
+        (60.448, 4.038, 12.206, 1.27, 12.573, 6.944, 1.388, 2.223, 0.0),
     ),
     # The 12M demo pair trained on five books: the fast fixture of the mechanics tests.
     "demo": ModelPair(
@@ -121,10 +122,10 @@ class Settings(BaseSettings):
         "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size",
     )
     speculation_cost_ms: str = Field(
-        description="the adaptive policy's step-time model in ms, 't0,t1,d0,d1[,l0,l1,e0,e1]': a target forward "
-        "over x tokens costs t0 + t1 x, a draft pass d0 + d1 x, and x_l tokens of adapter requests add l0 + l1 x_l "
-        "to the target and e0 + e1 x_l to each draft pass (measure yours: python -m bench.adaptive_spec); "
-        "default: the pair's"
+        description="the adaptive policy's step-time model in ms, 't0,t1,d0,d1[,l0,l1,e0,e1[,v1]]': a target "
+        "forward over B requests verifying D drafts costs t0 + t1 B + v1 D (v1 defaults to t1), a draft pass over "
+        "x tokens d0 + d1 x, and x_l tokens of adapter requests add l0 + l1 x_l to the target and e0 + e1 x_l to "
+        "each draft pass (measure yours: python -m bench.adaptive_spec); default: the pair's"
     )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: 4-bit NF4 via bitsandbytes (QLoRA); none: serve the checkpoint dtype"
@@ -212,15 +213,15 @@ class Settings(BaseSettings):
 
     @field_validator("speculation_cost_ms")
     @classmethod
-    def _cost_is_four_or_eight_numbers(cls, v: str) -> str:
+    def _cost_is_four_eight_or_nine_numbers(cls, v: str) -> str:
         try:
             values = [float(p) for p in v.split(",")]
         except ValueError:
             values = []
-        if len(values) not in (4, 8) or any(not x >= 0 for x in values) or not values[0] > 0:
+        if len(values) not in (4, 8, 9) or any(not x >= 0 for x in values) or not values[0] > 0:
             raise ValueError(
-                f"{v!r} is not 't0,t1,d0,d1' or 't0,t1,d0,d1,l0,l1,e0,e1': four or eight numbers >= 0 (ms), t0 > 0, "
-                "e.g. '86,5.7,15,1.8' or '86,5.7,15,1.8,40,20,5,2'"
+                f"{v!r} is not 't0,t1,d0,d1', 't0,t1,d0,d1,l0,l1,e0,e1' or 't0,t1,d0,d1,l0,l1,e0,e1,v1': four, eight "
+                "or nine numbers >= 0 (ms), t0 > 0, e.g. '86,5.7,15,1.8' or '86,5.7,15,1.8,40,20,5,2,1.5'"
             )
         return v
 
@@ -275,5 +276,5 @@ class Settings(BaseSettings):
 
     @property
     def speculation_cost(self) -> tuple[float, ...]:
-        """``speculation_cost_ms`` as numbers (t0, t1, d0, d1[, l0, l1, e0, e1]), milliseconds."""
+        """``speculation_cost_ms`` as numbers (t0, t1, d0, d1[, l0, l1, e0, e1[, v1]]), milliseconds."""
         return tuple(float(p) for p in self.speculation_cost_ms.split(","))

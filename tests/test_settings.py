@@ -122,8 +122,10 @@ def test_the_speculation_policy_reaches_the_engine_core_as_additional_config():
     assert mine.additional_config["qserve_speculation"]["cost_ms"] == [50.0, 2.0, 8.0, 0.5]
     lora = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5,40,20,5,2"]))
     assert lora.additional_config["qserve_speculation"]["cost_ms"] == [50.0, 2.0, 8.0, 0.5, 40.0, 20.0, 5.0, 2.0]
-    for bad in ("1,2", "a,b,c,d", "1,2,3,-4", "1,2,3,4,5", "1,2,3,4,5,6,7,-8", "0,0,3,4"):
-        with pytest.raises(ValidationError, match="four or eight numbers >= 0"):
+    verify = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5,0,0,0,0,1.5"]))
+    assert verify.additional_config["qserve_speculation"]["cost_ms"][8] == 1.5  # v1, the 9th: CostModel's order
+    for bad in ("1,2", "a,b,c,d", "1,2,3,-4", "1,2,3,4,5", "1,2,3,4,5,6,7,-8", "0,0,3,4", "1,2,3,4,5,6,7,8,-9"):
+        with pytest.raises(ValidationError, match="four, eight or nine numbers >= 0"):
             Settings(speculation_cost_ms=bad)
     assert "--additional-config" not in vllm_argv(Settings(speculation=False))
     with pytest.raises(ValidationError, match="'fixed' or 'adaptive'"):

@@ -41,6 +41,15 @@ def test_hand_computed_step_at_the_default_cost():
     assert CostModel().step_ms(1, 3, 2) == pytest.approx(51.7)
 
 
+def test_hand_computed_step_with_a_verify_term_of_its_own():
+    cost = CostModel(t0=30, t1=4, d0=10, d1=1, v1=0.5)
+    # 2 requests at k=2: target 30 + 4 * 2 + 0.5 * 4 drafts = 40; first draft pass over 6 + 2 tokens 18, second 12
+    assert cost.step_ms(2, 6, 2) == pytest.approx(70)
+    assert cost.plain_step_ms(2) == pytest.approx(38)
+    assert cost.verify_token_ms(lora=False) == pytest.approx(1.5)
+    assert CostModel(t0=30, t1=4, d0=10, d1=1).verify_ms == 4  # unset: t1
+
+
 def test_hand_computed_step_with_lora_terms():
     cost = CostModel(t0=30, t1=0.4, d0=10, d1=0.1, l0=20, l1=5, e0=3, e1=1)
     # a base request at k=1 (2 verify tokens) and an adapter one at k=2 (3), 2 draft passes:
@@ -52,6 +61,8 @@ def test_hand_computed_step_with_lora_terms():
     assert cost.verify_token_ms(lora=True) == pytest.approx(0.4 + 0.1 + 5 + 1)
     with pytest.raises(ValueError, match=">= 0 ms"):
         CostModel(l1=-1.0)
+    with pytest.raises(ValueError, match=">= 0 ms"):
+        CostModel(v1=-0.5)
     with pytest.raises(ValueError, match="t0 > 0"):  # a plain step of 0 ms would make every rate infinite
         CostModel(t0=0.0, t1=0.0)
 

@@ -25,15 +25,28 @@ def rows(cost: CostModel, traffic: str, a: float) -> dict:
     return cells
 
 
-def test_base_traffic_alone_fits_the_four_base_terms():
-    cost = CostModel(96.36, 3.282, 22.546, 0.5)
-    assert fit_cost(rows(cost, "base", 0.33)) == pytest.approx((96.36, 3.282, 22.546, 0.5), abs=1e-3)
+def test_base_traffic_alone_fits_the_base_terms_and_the_verify_term():
+    cost = CostModel(96.36, 3.282, 22.546, 0.5, v1=1.1)
+    assert fit_cost(rows(cost, "base", 0.33)) == pytest.approx((96.36, 3.282, 22.546, 0.5, 0, 0, 0, 0, 1.1), abs=1e-3)
+    same = CostModel(96.36, 3.282, 22.546, 0.5)  # v1 unset: a verified draft token costs what a request does
+    assert fit_cost(rows(same, "base", 0.33))[8] == pytest.approx(3.282, abs=1e-3)
 
 
 def test_near_traffic_adds_the_lora_terms():
-    cost = CostModel(96.36, 3.282, 22.546, 0.5, 90.0, 8.0, 6.0, 1.2)
+    cost = CostModel(96.36, 3.282, 22.546, 0.5, 90.0, 8.0, 6.0, 1.2, v1=1.1)
     fitted = fit_cost(rows(cost, "base", 0.33) | rows(cost, "near", 0.28))
-    assert fitted == pytest.approx((96.36, 3.282, 22.546, 0.5, 90.0, 8.0, 6.0, 1.2), abs=1e-3)
+    assert fitted == pytest.approx((96.36, 3.282, 22.546, 0.5, 90.0, 8.0, 6.0, 1.2, 1.1), abs=1e-3)
+
+
+def test_terms_stay_nonnegative_where_the_unconstrained_fit_goes_below_zero():
+    # steps that grow less with B than a request's own cost: plain least squares would give d1 < 0
+    cells = rows(CostModel(60, 4, 12, 0.0, v1=0.0), "base", 0.25)
+    for key, reps in cells.items():
+        if key[0] != "no speculation":
+            cells[key] = [(tps * (1 + 0.02 * key[2]), ttft, e) for tps, ttft, e in reps]
+    fitted = fit_cost(cells)
+    assert all(x >= 0 for x in fitted), fitted
+    assert fitted[2] > 0  # the draft pass keeps a cost
 
 
 def test_without_a_no_speculation_row_there_is_nothing_to_fit():
