@@ -11,8 +11,9 @@ besides: sampling, output processing, streaming) and ``v1`` per draft token it v
 slot per request (``n + B``; it runs even at ``K = 0``), then ``K - 1`` passes of one token per request.
 A step whose draft is skipped costs the plain step ``t0 + t1 B``. ``v1`` is a term of its own because on
 the CPU hosts a verified draft token costs the target less than a request does (bench.adaptive_spec,
-2026-12-04: 16 requests at k=4 step in 350 ms, where ``t1`` per verified token would put the target alone
-at 410); with one shared term the fit underprices the draft passes. Unset, ``v1`` is ``t1``.
+2026-12-04: 16 requests at k=4 step in 350 ms, where ``t0`` 53 and ``t1`` 6.44 from the steps without
+speculation at 1 and 8 requests, ``t1`` per verified token, put the target alone at 568); with one shared
+term the fit underprices the draft passes. Unset, ``v1`` is ``t1``.
 
 Requests with a LoRA adapter add to both forwards (vLLM's CPU LoRA path is per token, and a draft
 adapter adds to every draft pass, BENCHMARKS.md "Draft adapters: what LoRA adds to a draft step"): the
