@@ -28,8 +28,8 @@ def fit_cost(cells: dict) -> tuple[float, ...] | None:
     fits are least squares in relative error (each row divided by its step time), so a one-request step
     of 60 ms weighs what a 350 ms one does: the policy's closest calls are at low concurrency. Terms are
     >= 0 (the best fit over the subsets of terms left free). The same fit on ``near`` traffic gives
-    ``t0 + l0``, ``t1 + l1``, ``d0 + e0`` and ``d1 + e1`` (its verify term is not kept: the model's ``l1``
-    prices an adapter's verify tokens as its requests' own). Medians over repeats. None without the
+    ``t0 + l0``, ``t1 + l1``, ``d0 + e0`` and ``d1 + e1`` (its verify term is not kept: with ``v1`` set the
+    model puts what verifying an adapter's drafts adds in ``e1``, which this fit's ``d1 + e1`` absorbs). Medians over repeats. None without the
     no-speculation row at two levels or a fixed-k row.
     """
     base = _fit_traffic(cells, "base")

@@ -36,9 +36,9 @@ class CostModel:
     """Step-time model, milliseconds: target ``t0 + t1 B + v1 D`` for ``B`` requests verifying ``D`` drafts,
     draft ``d0 + d1 x`` over ``x`` tokens, plus LoRA terms.
 
-    ``v1`` None means ``t1`` (a verified draft token costs the target what a request does). ``l0 + l1 x_l``
-    is what adapter requests' ``x_l`` tokens add to a target forward, ``e0 + e1 x_l`` to a draft pass (module
-    doc); all >= 0, ``t0`` > 0 (ValueError otherwise). The positional order is that of
+    ``v1`` None means ``t1`` (a verified draft token costs the target what a request does). ``l0 + l1 B_l``
+    is what ``B_l`` adapter requests add to a target forward (and ``l1`` per verified draft of theirs when
+    ``v1`` is None), ``e0 + e1 x_l`` what their ``x_l`` tokens add to a draft pass (module doc); all >= 0, ``t0`` > 0 (ValueError otherwise). The positional order is that of
     ``--speculation-cost-ms``: t0, t1, d0, d1, l0, l1, e0, e1, v1.
 
     Defaults are the demo pair's, fitted by hand on its 2-core CPU hosts (BENCHMARKS.md, "Load: ...
@@ -101,7 +101,7 @@ class CostModel:
 
     def verify_token_ms(self, lora: bool) -> float:
         """What one more draft of a request adds to the step (ms): a target and a first-pass draft token."""
-        adapter = (self.l1 if self.v1 is None else 0.0) + self.e1 if lora else 0.0
+        adapter = ((self.l1 if self.v1 is None else 0.0) + self.e1) if lora else 0.0
         return self.verify_ms + self.d1 + adapter
 
     def break_even_acceptance(self, k: int, lora: bool = False) -> float:
