@@ -8,10 +8,10 @@ tokens per request-step); config names are ``no speculation`` and ``fixed k=K``,
 
 from __future__ import annotations
 
-import itertools
 import statistics
 
 import numpy
+from scipy.optimize import nnls
 
 FIT_TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1", "v1")  # cost.CostModel's fields, in order
 
@@ -27,7 +27,7 @@ def fit_cost(cells: dict) -> tuple[float, ...] | None:
     ``v1 B k + d0 k + d1 B (2k + 1)`` (first pass over B (k + 1) + B tokens, k - 1 passes over B). Both
     fits are least squares in relative error (each row divided by its step time), so a one-request step
     of 60 ms weighs what a 350 ms one does: the policy's closest calls are at low concurrency. Terms are
-    >= 0 (the best fit over the subsets of terms left free). The same fit on ``near`` traffic gives
+    >= 0 (scipy's non-negative least squares, Lawson and Hanson 1974). The same fit on ``near`` traffic gives
     ``t0 + l0``, ``t1 + l1``, ``d0 + e0`` and ``d1 + e1`` (its verify term is not kept: with ``v1`` set the
     model puts what verifying an adapter's drafts adds in ``e1``, which this fit's ``d1 + e1`` absorbs). Medians over repeats. None without the
     no-speculation row at two levels or a fixed-k row.
@@ -43,26 +43,6 @@ def fit_cost(cells: dict) -> tuple[float, ...] | None:
     return (t0, t1, d0, d1, *lora, v1)
 
 
-def _nonnegative_lstsq(a: numpy.ndarray, b: numpy.ndarray) -> numpy.ndarray:
-    """argmin ||a x - b|| over x >= 0, for a few columns: the best unconstrained fit over every subset of
-    free columns whose solution is >= 0 (the others held at 0)."""
-    cols = a.shape[1]
-    best, best_err = numpy.zeros(cols), float(numpy.sum(b**2))
-    for mask in itertools.product((False, True), repeat=cols):
-        free = [i for i in range(cols) if mask[i]]
-        if not free:
-            continue
-        x_free, *_ = numpy.linalg.lstsq(a[:, free], b, rcond=None)
-        if (x_free < 0).any():
-            continue
-        x = numpy.zeros(cols)
-        x[free] = x_free
-        err = float(numpy.sum((a @ x - b) ** 2))
-        if err < best_err:
-            best, best_err = x, err
-    return best
-
-
 def _fit_traffic(cells: dict, traffic: str) -> tuple[float, float, float, float, float] | None:
     """(t0, t1, d0, d1, v1) of :func:`fit_cost` on one traffic's cells; None without the rows it needs."""
 
@@ -76,10 +56,10 @@ def _fit_traffic(cells: dict, traffic: str) -> tuple[float, float, float, float,
     if len({b for b, _ in plain}) < 2 or not fixed:
         return None
     b, ms = numpy.array([b for b, _ in plain], dtype=float), numpy.array([ms for _, ms in plain])
-    t0, t1 = _nonnegative_lstsq(numpy.stack([numpy.ones_like(b), b], axis=1) / ms[:, None], numpy.ones_like(ms))
+    t0, t1 = nnls(numpy.stack([numpy.ones_like(b), b], axis=1) / ms[:, None], numpy.ones_like(ms))[0]
     step = numpy.array([s for _, _, s in fixed])
     a = numpy.array([[b * k, k, b * (2 * k + 1)] for k, b, _ in fixed], dtype=float)
     rest = numpy.array([s - t0 - t1 * b for _, b, s in fixed])
-    v1, d0, d1 = _nonnegative_lstsq(a / step[:, None], rest / step)
+    v1, d0, d1 = nnls(a / step[:, None], rest / step)[0]
     t0, t1, d0, d1, v1 = (round(float(x), 3) for x in (t0, t1, d0, d1, v1))
     return t0, t1, d0, d1, v1
