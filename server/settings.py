@@ -15,6 +15,8 @@ from typing import Any, Literal, NamedTuple
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.engine.speculation.cost import CostModel
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -216,13 +218,14 @@ class Settings(BaseSettings):
     def _cost_is_four_eight_or_nine_numbers(cls, v: str) -> str:
         try:
             values = [float(p) for p in v.split(",")]
+            if len(values) not in (4, 8, 9):
+                raise ValueError(len(values))
+            CostModel(*values)  # the model owns which values it takes (each >= 0, t0 > 0)
         except ValueError:
-            values = []
-        if len(values) not in (4, 8, 9) or any(not x >= 0 for x in values) or not values[0] > 0:
             raise ValueError(
                 f"{v!r} is not 't0,t1,d0,d1', 't0,t1,d0,d1,l0,l1,e0,e1' or 't0,t1,d0,d1,l0,l1,e0,e1,v1': four, eight "
                 "or nine numbers >= 0 (ms), t0 > 0, e.g. '86,5.7,15,1.8' or '86,5.7,15,1.8,40,20,5,2,1.5'"
-            )
+            ) from None
         return v
 
     @field_validator("api_keys_file")
