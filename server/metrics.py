@@ -114,10 +114,19 @@ class ServerMetrics:
         self.break_even = Gauge(
             f"{PREFIX}_speculation_break_even_acceptance",
             "Acceptance rate (accepted / draft tokens) below which speculation with the configured k is slower "
-            "than none for a lone request, from the pair's step-time model (cost.CostModel.break_even_acceptance); "
+            "than none for a lone request, from the step-time model in force (cost.CostModel.break_even_acceptance); "
             "requests=base for requests without an adapter, requests=adapter for adapter requests (their LoRA "
             "makes each token cost more).",
             ["model", "requests"],
+            registry=r,
+        )
+        self.step_model = Gauge(
+            f"{PREFIX}_speculation_step_model_ms",
+            "The adaptive policy's step-time model in force, ms per unit of each term (t0 per step, t1 per request, "
+            "v1 per verified draft, d0 + d1 x per draft pass of x tokens, l0/l1/e0/e1 what adapter requests add; "
+            "server/engine/speculation/cost.py): the configured --speculation-cost-ms, refitted from the engine's "
+            "step times with --speculation-cost-online.",
+            ["model", "term"],
             registry=r,
         )
         self.speculation_skipped_steps = Gauge(
@@ -203,13 +212,19 @@ class ServerMetrics:
 
     def set_speculation(self, model: str, report: dict) -> None:
         """Export the engine's speculation report (``vllm_patches.adaptive_k``): per adapter key, ``mean_k`` and
-        ``acceptance``; the key ``(base)`` is the base model."""
+        ``acceptance`` (the key ``(base)`` is the base model); the step-time model in force (``cost_ms``) and the
+        break-even acceptance it gives (``break_even``: ``base`` / ``adapter``)."""
         for key, entry in report.get("adapters", {}).items():
             labels = (model, self.adapter_label(None if key == BASE_LABEL else key))
             self.speculation_k.labels(*labels).set(entry["mean_k"])
             self.speculation_acceptance.labels(*labels).set(entry["acceptance"])
         if "skipped_steps" in report:
             self.speculation_skipped_steps.labels(model).set(report["skipped_steps"])
+        for term, ms in report.get("cost_ms", {}).items():
+            if ms is not None:  # v1 unset: it is t1 (CostModel)
+                self.step_model.labels(model, term).set(ms)
+        for requests, acceptance in report.get("break_even", {}).items():
+            self.break_even.labels(model, requests).set(acceptance)
 
     MERGED_KINDS = {"weight": "weight_bytes", "kv_cache": "kv_cache_bytes", "engine_rss": "engine_rss_bytes",
                     "disk": "disk_bytes"}  # fmt: skip

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         "x tokens d0 + d1 x, and x_l tokens of adapter requests add l0 + l1 x_l to the target and e0 + e1 x_l to "
         "each draft pass (measure yours: python -m bench.adaptive_spec); default: the pair's"
     )
+    speculation_cost_online: bool = Field(
+        False,
+        description="refit the step-time model from the engine's own decode-step times while serving, starting "
+        "from --speculation-cost-ms; the policy decides with the latest fit, exported as "
+        "qserve_speculation_step_model_ms",
+    )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: 4-bit NF4 via bitsandbytes (QLoRA); none: serve the checkpoint dtype"
     )

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from server.engine.speculation.cost import CostModel
 from server.engine.speculation.policy import AdaptivePolicy
-from server.engine.vllm_patches.adaptive_k import SchedulerPolicy
+from server.engine.vllm_patches.scheduler_policy import SchedulerPolicy
 
 BLOCK = 128
 NEVER = CostModel(t0=1.0, t1=0.0, d0=1000.0, d1=0.0)  # a draft pass costs 1000 target steps: never draft

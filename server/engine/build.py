@@ -60,7 +60,8 @@ def vllm_argv(settings: Settings) -> list[str]:
         argv += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary"]
         # Read in the engine core by vllm_patches.adaptive_k (vLLM's channel for plugin config).
         argv += ["--additional-config", json.dumps({"qserve_speculation": {
-            "policy": settings.speculation_policy, "cost_ms": list(settings.speculation_cost)}})]  # fmt: skip
+            "policy": settings.speculation_policy, "cost_ms": list(settings.speculation_cost),
+            "cost_online": settings.speculation_cost_online}})]  # fmt: skip
     if settings.enable_lora:
         argv += [
             "--enable-lora",

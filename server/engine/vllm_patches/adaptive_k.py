@@ -43,137 +43,26 @@ their realized output stays what the fixed policy gives (it depends on how many 
 verifies). A failure in the policy is logged once and that step runs with the fixed k.
 
 Config: ``additional_config["qserve_speculation"]`` (set by ``server/engine/build.py`` from Settings):
-``policy`` (``adaptive`` | ``fixed``; with ``fixed`` acceptance is still estimated, for the metrics) and
-``cost_ms`` (the pair's ``CostModel`` constants, ``--speculation-cost-ms``). The estimates are readable from the API process with the engine-core utility
-``qserve_speculation`` (``AsyncLLM.engine_core.call_utility_async``); ``qserve_speculation_overrides`` sets
-the operator's per-adapter k (``server/adapters/speculation_overrides.py``), which holds under both
+``policy`` (``adaptive`` | ``fixed``; with ``fixed`` acceptance is still estimated, for the metrics),
+``cost_ms`` (``CostModel`` constants, ``--speculation-cost-ms``) and ``cost_online`` (refit them from the
+engine's step times, ``step_clock.py``). The engine-core utility ``qserve_speculation`` reports the
+estimates to the API process (``AsyncLLM.engine_core.call_utility_async``); ``qserve_speculation_overrides``
+sets the operator's per-adapter k (``server/adapters/speculation_overrides.py``), which holds under both
 policies (under ``fixed`` the other requests keep the maximum k).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
+import time
 
 from server.engine.speculation.cost import CostModel
-from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy
+from server.engine.speculation.policy import AdaptivePolicy
+from server.engine.speculation.step_timing import OnlineCostFit
+from server.engine.vllm_patches.scheduler_policy import ADAPTIVE, FIXED, SchedulerPolicy, log
+from server.engine.vllm_patches.step_clock import StepClock
 
-log = logging.getLogger("vllm.qserve.adaptive_k")  # under vLLM's "vllm" logger: its handler and level
 CONFIG_KEY = "qserve_speculation"
-ADAPTIVE, FIXED = "adaptive", "fixed"
-
-
-def adapter_key(request) -> str:
-    """The policy's key for a vLLM ``Request``: its adapter's name, ``(base)`` without one."""
-    lora = getattr(request, "lora_request", None)
-    return BASE_KEY if lora is None else lora.lora_name
-
-
-class SchedulerPolicy:
-    """The policy bound to one scheduler: this step's k per request, and the fall-back when it fails."""
-
-    def __init__(self, policy: AdaptivePolicy, adaptive: bool) -> None:
-        self.policy = policy
-        self.adaptive = adaptive
-        self.k_for: dict[str, int] = {}  # request id -> drafts it keeps from this step's proposals
-        self.stale: dict[str, int] = {}  # request id -> first KV block its draft KV lacks
-        self.skipped_steps = 0
-        self.failures = 0
-        self._mixed_logged = False
-
-    def plan(self, scheduler, output) -> None:
-        """Choose k per scheduled request of ``output`` (a ``SchedulerOutput``) and cap its draft passes."""
-        self.k_for = {}
-        if output.num_spec_tokens_to_schedule <= 0 or not output.num_scheduled_tokens:
-            return
-        if not self.adaptive and not self.policy.overrides:
-            return  # vLLM's own fixed k
-        try:
-            ids, rows, fresh, stale, starts = list(output.num_scheduled_tokens), [], [], [], {}
-            may_skip = True
-            for req_id, n in output.num_scheduled_tokens.items():
-                request = scheduler.requests[req_id]
-                starts[req_id] = start = request.num_computed_tokens - n  # scheduling already advanced it
-                if start < request.num_prompt_tokens and request.num_prompt_tokens >= scheduler.block_size:
-                    may_skip = False  # a long prompt's blocks may be shared while it runs
-                if req_id in self.stale:
-                    stale.append(adapter_key(request))
-                    continue
-                params = request.sampling_params
-                fresh.append(req_id)
-                rows.append((adapter_key(request), params is not None and params.seed is not None))
-            if self.adaptive:
-                ks = self.policy.plan(rows, stale=stale, skip_at_zero=may_skip)
-            else:
-                ks = self.policy.plan_fixed(rows, skip_at_zero=may_skip)
-        except Exception as e:  # noqa: BLE001 (a policy error must not kill the engine step)
-            self._failed(e)
-            return
-        self.k_for = dict.fromkeys(ids, 0) | dict(zip(fresh, ks, strict=True))
-        top = max(ks, default=0)
-        if not self._mixed_logged and len(set(ks)) > 1:
-            self._mixed_logged = True
-            log.info("adaptive_k: first step whose requests draft different k: %s", sorted(ks))
-        output.num_spec_tokens_to_schedule = min(output.num_spec_tokens_to_schedule, top)
-        if top == 0 and self.policy.skip_draft:
-            output.qserve_skip_draft = True  # read by the runner (patched _input_fits_in_drafter)
-            self.skipped_steps += 1
-            for req_id in fresh:
-                self.stale[req_id] = starts[req_id] // scheduler.block_size
-
-    @property
-    def no_drafts(self) -> bool:
-        """This step's k is 0 for every scheduled request: there is nothing to fetch from the worker."""
-        return bool(self.k_for) and not any(self.k_for.values())
-
-    def release(self, scheduler, request) -> None:
-        """A finished stale ``request``: evict its blocks from the first gap on from the prefix cache."""
-        first = self.stale.pop(request.request_id, None)
-        if first is None:
-            return
-        try:
-            manager = scheduler.kv_cache_manager
-            bad = {b for group in manager.get_block_ids(request.request_id) for b in group[first:]}
-            manager.block_pool.evict_blocks(bad)
-        except Exception as e:  # noqa: BLE001 (a stale cached block costs acceptance, never exactness)
-            self._failed(e)
-
-    def cut(self, draft_token_ids) -> None:
-        """Cut each request's proposed drafts (``DraftTokenIds``: req_ids [B], draft_token_ids [B][K]) to its k."""
-        if not self.k_for:
-            return
-        drafts = draft_token_ids.draft_token_ids
-        for i, req_id in enumerate(draft_token_ids.req_ids):
-            k = self.k_for.get(req_id)
-            if k is not None and len(drafts[i]) > k:
-                drafts[i] = drafts[i][:k]
-
-    def observe(self, scheduler, request_id: str, drafted: int, accepted: int, invalid: dict | None) -> None:
-        """One verify step of ``request_id``: ``drafted`` drafts (less grammar-invalidated ones), ``accepted``."""
-        try:
-            request = scheduler.requests.get(request_id)
-            if request is None:
-                return
-            drafted -= (invalid or {}).get(request_id, 0)
-            self.policy.observe(adapter_key(request), drafted, accepted)
-        except Exception as e:  # noqa: BLE001 (statistics must not kill the engine step)
-            self._failed(e)
-
-    def _failed(self, e: Exception) -> None:
-        self.failures += 1
-        self.k_for = {}
-        if self.failures == 1:
-            log.warning("adaptive speculation failed (%s: %s); this step drafts the fixed k", type(e).__name__, e)
-
-    def report(self) -> dict:
-        """:meth:`AdaptivePolicy.report` with the policy name, ``k_max`` and the failure count."""
-        report = self.policy.report()
-        if not self.adaptive:  # fixed: every request drafts k_max, or its adapter's override
-            for entry in report["adapters"].values():
-                entry["k"] = entry["mean_k"] = self.policy.k_max if entry["override"] is None else entry["override"]
-        return {**report, "policy": ADAPTIVE if self.adaptive else FIXED, "k_max": self.policy.k_max,
-                "failures": self.failures, "skipped_steps": self.skipped_steps,
-                "stale_requests": len(self.stale)}  # fmt: skip
 
 
 def _state(scheduler) -> SchedulerPolicy | None:
@@ -188,6 +77,8 @@ def _state(scheduler) -> SchedulerPolicy | None:
         cost = config.get("cost_ms")
         policy = AdaptivePolicy(k_max=k_max, cost=CostModel(*cost) if cost else CostModel())
         state = SchedulerPolicy(policy, config.get("policy", FIXED) == ADAPTIVE)
+        if config.get("cost_online"):
+            state.clock = StepClock(OnlineCostFit(policy.cost), policy)
         log.info("adaptive_k: speculation policy %s, k_max %d (patch from %s)",
                  ADAPTIVE if state.adaptive else FIXED, k_max, __file__)  # fmt: skip
     scheduler._qserve_adaptive = state
@@ -214,10 +105,13 @@ def patch() -> None:
 
     @functools.wraps(schedule)
     def patched_schedule(self, *args, **kwargs):
+        started = time.perf_counter()
         output = schedule(self, *args, **kwargs)
         state = _state(self)
         if state is not None:
             state.plan(self, output)
+            if state.clock is not None:
+                state.clock.start(self, output, started)
         return output
 
     @functools.wraps(update_drafts)
@@ -264,9 +158,10 @@ def patch() -> None:
     @functools.wraps(post_step)
     def patched_post_step(self, model_executed: bool) -> None:
         state = _state(self.scheduler)
-        if state is not None and state.no_drafts:
-            return  # every draft of the step would be cut to none: skip the worker round trip
-        return post_step(self, model_executed)
+        if state is None or not state.no_drafts:  # with no drafts, every one would be cut: skip the round trip
+            post_step(self, model_executed)
+        if state is not None and state.clock is not None:
+            state.clock.stop()
 
     def qserve_speculation(self) -> dict | None:
         """The scheduler's :meth:`SchedulerPolicy.report`; None without speculation."""
