@@ -79,8 +79,9 @@ def _state(scheduler) -> SchedulerPolicy | None:
         state = SchedulerPolicy(policy, config.get("policy", FIXED) == ADAPTIVE)
         if config.get("cost_online"):
             state.clock = StepClock(OnlineCostFit(policy.cost), policy)
-        log.info("adaptive_k: speculation policy %s, k_max %d (patch from %s)",
-                 ADAPTIVE if state.adaptive else FIXED, k_max, __file__)  # fmt: skip
+        log.info("adaptive_k: speculation policy %s, k_max %d, step-time model %s%s (patch from %s)",
+                 ADAPTIVE if state.adaptive else FIXED, k_max, policy.cost,
+                 ", refitted online" if state.clock else "", __file__)  # fmt: skip
     scheduler._qserve_adaptive = state
     return state
 
