@@ -48,8 +48,9 @@ from bench.adaptive_spec_table import GAUGES, table
 from bench.merge_serving import upload_without_draft
 from bench.report import argument_parser, publish
 from bench.serving_bench import spec_counters
-from bench.step_time_fit import FIT_TERMS, fit_cost
+from bench.step_time_fit import fit_cost
 from prompts import domain_prompts, heldout_prompts
+from server.engine.speculation.cost import TERMS
 from server.settings import PAIRS
 from testing.process import start_server
 from training.stdlib_text import split_docstrings, stdlib_docstrings
@@ -215,7 +216,7 @@ def main() -> None:
                                                  for lv in CALIBRATION_LEVELS):  # fmt: skip
                 measure(servers, work, traffic, level, args.mean_tokens, calibration, i)
             if fitted := fit_cost(calibration):
-                print(f"step-time model fitted to the calibration cells ({', '.join(FIT_TERMS[: len(fitted)])} "
+                print(f"step-time model fitted to the calibration cells ({', '.join(TERMS[: len(fitted)])} "
                       f"ms): {fitted}", flush=True)  # fmt: skip
         for name in adaptive:
             flags = configs[name] + (["--speculation-cost-ms", ",".join(f"{x:g}" for x in fitted)] if fitted else [])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench.step_time_fit import FIT_TERMS
+from server.engine.speculation.cost import TERMS
 
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
@@ -75,7 +75,7 @@ def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fit
     if fitted:
         lines += ["", f"The adaptive server ran with the step-time model fitted to this run's calibration cells "
                   f"(`fit_cost`: `--speculation-cost-ms {','.join(f'{x:g}' for x in fitted)}`, "
-                  f"{', '.join(FIT_TERMS[: len(fitted)])} ms)."]  # fmt: skip
+                  f"{', '.join(TERMS[: len(fitted)])} ms)."]  # fmt: skip
     if gauges:
         steps = gauges.pop("steps", {}).get("qserve_speculation_steps_without_draft")
         lines += ["", "| adapter (adaptive server, after its traffic) | qserve_speculation_k | acceptance estimate |",

@@ -13,7 +13,8 @@ import statistics
 import numpy
 from scipy.optimize import nnls
 
-FIT_TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1", "v1")  # cost.CostModel's fields, in order
+from server.engine.speculation.cost import TERMS
+from server.engine.speculation.step_timing import step_terms
 
 
 def fit_cost(cells: dict) -> tuple[float, ...] | None:
@@ -58,7 +59,8 @@ def _fit_traffic(cells: dict, traffic: str) -> tuple[float, float, float, float,
     b, ms = numpy.array([b for b, _ in plain], dtype=float), numpy.array([ms for _, ms in plain])
     t0, t1 = nnls(numpy.stack([numpy.ones_like(b), b], axis=1) / ms[:, None], numpy.ones_like(ms))[0]
     step = numpy.array([s for _, _, s in fixed])
-    a = numpy.array([[b * k, k, b * (2 * k + 1)] for k, b, _ in fixed], dtype=float)
+    drafting = numpy.array([step_terms(b, b * (k + 1), k, False) for k, b, _ in fixed])  # every term's multiplier
+    a = drafting[:, [TERMS.index(t) for t in ("v1", "d0", "d1")]]
     rest = numpy.array([s - t0 - t1 * b for _, b, s in fixed])
     v1, d0, d1 = nnls(a / step[:, None], rest / step)[0]
     t0, t1, d0, d1, v1 = (round(float(x), 3) for x in (t0, t1, d0, d1, v1))

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from server.engine.speculation.cost import CostModel
+from server.engine.speculation.cost import TERMS, CostModel
 from server.engine.speculation.policy import AdaptivePolicy
-from server.engine.speculation.step_timing import TERMS, OnlineCostFit, as_terms, step_terms
+from server.engine.speculation.step_timing import OnlineCostFit, as_terms, step_terms
 from server.engine.vllm_patches.scheduler_policy import SchedulerPolicy
 from server.engine.vllm_patches.step_clock import StepClock
 

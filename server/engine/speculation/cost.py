@@ -28,7 +28,7 @@ halves its throughput (BENCHMARKS.md, "Draft adapters: what LoRA adds to a draft
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -115,3 +115,6 @@ class CostModel:
         lb = int(lora)
         ratio = self.step_ms(1, k + 1, k, lora_batch=lb, lora_verify_tokens=lb * (k + 1)) / self.plain_step_ms(1, lb)
         return min(max((ratio - 1) / k, 0.0), 1.0)
+
+
+TERMS = tuple(f.name for f in fields(CostModel))  # t0, t1, d0, d1, l0, l1, e0, e1, v1: --speculation-cost-ms's order

@@ -30,13 +30,12 @@ draft then moves into ``e1``, which with ``v1`` set holds what verifying an adap
 from __future__ import annotations
 
 import math
-from dataclasses import astuple
+from dataclasses import asdict, astuple
 
 import numpy as np
 
-from server.engine.speculation.cost import CostModel
+from server.engine.speculation.cost import TERMS, CostModel
 
-TERMS = ("t0", "t1", "d0", "d1", "l0", "l1", "e0", "e1", "v1")
 # (batch, drafts per request, draft passes, draft skipped, adapter requests): the steps a term's typical
 # size is read from, for the prior's scale (one and eight requests, drafting 0, 1 and 4, with and without
 # adapters).
@@ -131,4 +130,4 @@ class OnlineCostFit:
     def report(self) -> dict:
         """``cost_ms`` (the model in force, by term name; ``v1`` None if the prior's is and nothing was fitted)
         and ``observations`` (steps measured)."""
-        return {"cost_ms": dict(zip(TERMS, astuple(self.model), strict=True)), "observations": self.observations}
+        return {"cost_ms": asdict(self.model), "observations": self.observations}

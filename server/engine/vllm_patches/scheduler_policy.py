@@ -8,10 +8,9 @@ line references are in that module's doc; :class:`SchedulerPolicy` is the state 
 from __future__ import annotations
 
 import logging
-from dataclasses import astuple
+from dataclasses import asdict
 
 from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy
-from server.engine.speculation.step_timing import TERMS
 from server.engine.vllm_patches.step_clock import StepClock
 
 log = logging.getLogger("vllm.qserve.adaptive_k")  # under vLLM's "vllm" logger: its handler and level
@@ -130,7 +129,7 @@ class SchedulerPolicy:
         cost, k_max = self.policy.cost, self.policy.k_max
         return {**report, "policy": ADAPTIVE if self.adaptive else FIXED, "k_max": k_max,
                 "failures": self.failures, "skipped_steps": self.skipped_steps, "stale_requests": len(self.stale),
-                "cost_ms": dict(zip(TERMS, astuple(cost), strict=True)), "cost_online": self.clock is not None,
+                "cost_ms": asdict(cost), "cost_online": self.clock is not None,
                 "cost_observations": 0 if self.clock is None else self.clock.fit.observations,
                 "break_even": {"base": cost.break_even_acceptance(k_max),
                                "adapter": cost.break_even_acceptance(k_max, lora=True)}}  # fmt: skip
