@@ -23,6 +23,13 @@ what a 400 ms one does, as ``bench/step_time_fit.py`` fits offline), with
   rest refitted (an active-set pass of Lawson and Hanson's NNLS, "Solving Least Squares Problems", 1974,
   ch. 23, without its exchange steps; the ridge keeps the problem well posed, so a pass or two settles).
 
+Limit: the fit learns from the steps the policy chooses. A server whose every step drafts the same K
+cannot tell ``t0`` from ``d0`` (both multiply a constant), so the ridge splits them, and what skipping the
+draft would save is then the prior's guess (tests/test_speculation_cost_online.py, from a prior with
+``t0`` = 1000 ms: drafting always, it fit ``t0`` 26 ms and ``d0`` 0). Steps with other K come from batch
+changes, probes and skips; forcing them would cost steps, so whether this beats a calibrated model is a
+benchmark's question (why ``--speculation-cost-online`` is off by default).
+
 A prior without ``v1`` (``t1`` per verified draft) is read with ``v1 = t1``; its ``l1`` per verified adapter
 draft then moves into ``e1``, which with ``v1`` set holds what verifying an adapter's drafts adds (cost.py).
 """
