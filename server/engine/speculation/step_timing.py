@@ -25,8 +25,8 @@ what a 400 ms one does, as ``bench/step_time_fit.py`` fits offline), with
 
 Limit: the fit learns from the steps the policy chooses. A server whose every step drafts the same K
 cannot tell ``t0`` from ``d0`` (both multiply a constant), so the ridge splits them, and what skipping the
-draft would save is then the prior's guess (tests/test_speculation_cost_online.py, from a prior with
-``t0`` = 1000 ms: drafting always, it fit ``t0`` 26 ms and ``d0`` 0). Steps with other K come from batch
+draft would save is then the prior's guess (tests/test_speculation_cost_online.py starts from a prior
+``1000,1,1,1`` under which drafting is all but free, so its requests draft; it fit ``t0`` 26 ms, ``d0`` 0). Steps with other K come from batch
 changes, probes and skips; forcing them would cost steps, so whether this beats a calibrated model is a
 benchmark's question (why ``--speculation-cost-online`` is off by default).
 
