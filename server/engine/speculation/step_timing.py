@@ -26,9 +26,10 @@ what a 400 ms one does, as ``bench/step_time_fit.py`` fits offline), with
 Limit: the fit learns from the steps the policy chooses. A server whose every step drafts the same K
 cannot tell ``t0`` from ``d0`` (both multiply a constant), so the ridge splits them, and what skipping the
 draft would save is then the prior's guess (tests/test_speculation_cost_online.py starts from a prior
-``1000,1,1,1`` under which drafting is all but free, so its requests draft; it fit ``t0`` 26 ms, ``d0`` 0). Steps with other K come from batch
-changes, probes and skips; forcing them would cost steps, so whether this beats a calibrated model is a
-benchmark's question (why ``--speculation-cost-online`` is off by default).
+``1000,1,1,1`` under which drafting is all but free, so its requests draft; it fit ``t0`` 26 ms, ``d0`` 0).
+Steps with other K come from batch changes, probes and skips; forcing them would cost steps, so whether
+this beats a calibrated model is a benchmark's question (why ``--speculation-cost-online`` is off by
+default).
 
 A prior without ``v1`` (``t1`` per verified draft) is read with ``v1 = t1``; its ``l1`` per verified adapter
 draft then moves into ``e1``, which with ``v1`` set holds what verifying an adapter's drafts adds (cost.py).
@@ -83,8 +84,8 @@ class OnlineCostFit:
     """A :class:`CostModel` fitted from observed steps, starting at and regularized by ``prior`` (module doc).
 
     ``prior_weight``: the prior's strength, in steps mispredicted by 100% per typical step of deviation (> 0);
-    ``memory``: steps over which an observation's
-    weight falls by e (> 0); ``refit_every``: observations between refits (>= 1). Raises ValueError otherwise.
+    ``memory``: steps over which an observation's weight falls by e (> 0); ``refit_every``: observations
+    between refits (>= 1). Raises ValueError otherwise.
     """
 
     def __init__(self, prior: CostModel, prior_weight: float = 1.0, memory: float = 2048.0, refit_every: int = 32):
@@ -92,7 +93,6 @@ class OnlineCostFit:
             raise ValueError(
                 f"need prior_weight > 0, memory > 0, refit_every >= 1; got {prior_weight, memory, refit_every}"
             )
-        self.prior = prior
         self.model = prior
         self.decay = math.exp(-1.0 / memory)
         self.refit_every = refit_every
