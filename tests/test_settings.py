@@ -115,7 +115,10 @@ def test_keys_file_must_exist(tmp_path):
 def test_the_speculation_policy_reaches_the_engine_core_as_additional_config():
     assert Settings().speculation_policy == "fixed"
     args = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive"]))
-    assert args.additional_config == {"qserve_speculation": {"policy": "adaptive", "cost_ms": [30.0, 0.4, 10.0, 0.1]}}
+    expected = {"policy": "adaptive", "cost_ms": [30.0, 0.4, 10.0, 0.1], "cost_online": False}
+    assert args.additional_config == {"qserve_speculation": expected}
+    online = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive", "--speculation-cost-online"]))
+    assert online.additional_config["qserve_speculation"]["cost_online"] is True
     # the step-time model: the pair's by default, or a user's own measurement
     assert Settings(pair="smollm2").speculation_cost == PAIRS["smollm2"].speculation_cost_ms
     mine = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5"]))
