@@ -108,6 +108,8 @@ def test_steps_without_the_draft_keep_the_output_and_later_requests_draft_again(
     assert "adaptive speculation failed" not in log, said
     assert skipped > 0, (a_before, k_before, said)
     assert "first step the runner ran without the draft model" in log, said  # the worker saw it
+    # ... and built steps with no drafts anywhere as without speculation (plain sampler, no spec metadata)
+    assert "first step the runner built as a plain decode step" in log, said
     spec = solo["metrics"]["speculative_decoding"]
     assert spec["num_draft_tokens"] > 0 and spec["num_accepted_draft_tokens"] > 0, (a_before, k_before, spec)
 

@@ -23,7 +23,12 @@ What the patch does, in the engine-core process (``server/engine/speculation/pol
   (``llm_base_proposer.py`` ~618) so its KV cache stays in step: a k = 0 step is not free;
 - a step where no request drafts skips the draft model altogether: the scheduler marks its
   ``SchedulerOutput`` and ``GPUModelRunner._input_fits_in_drafter`` (~4288) answers False for it,
-  the path vLLM itself takes near ``max_model_len`` (zero drafts, no drafter forward). The draft's KV
+  the path vLLM itself takes near ``max_model_len`` (zero drafts, no drafter forward). If that step
+  also verifies no drafts, ``GPUModelRunner._prepare_inputs`` (~2184) builds its inputs as without
+  speculation: vLLM builds spec-decode metadata and samples through the rejection sampler whenever a
+  ``speculative_config`` exists, even for a step with no draft anywhere, which cost such a step about
+  2% of the worker's time over a plain one (py-spy, base traffic at concurrency 4); the plain sampler
+  gives each row what the rejection sampler gives a row with 0 drafts, its one sampled token. The draft's KV
   cache then has a gap at that step's positions, so its requests are *stale*: they never draft again
   (their drafts would be proposed over garbage; verification would keep the output exact, but the
   acceptance estimate would suffer), and when they finish, their blocks from the gap on are evicted
@@ -88,7 +93,8 @@ def _state(scheduler) -> SchedulerPolicy | None:
 
 def patch() -> None:
     """Wrap the scheduler's schedule / update_draft_token_ids / make_spec_decoding_stats / _free_request_blocks,
-    the engine core's post_step and the runner's sample_tokens / _input_fits_in_drafter (idempotent)."""
+    the engine core's post_step and the runner's _prepare_inputs / sample_tokens / _input_fits_in_drafter
+    (idempotent)."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -102,6 +108,7 @@ def patch() -> None:
         Scheduler._free_request_blocks,
     )
     sample_tokens, fits = GPUModelRunner.sample_tokens, GPUModelRunner._input_fits_in_drafter
+    prepare_inputs = GPUModelRunner._prepare_inputs
     post_step = EngineCore.post_step
 
     @functools.wraps(schedule)
@@ -147,6 +154,23 @@ def patch() -> None:
         self._qserve_skip_draft = step is not None and getattr(step.scheduler_output, "qserve_skip_draft", False)
         return sample_tokens(self, *args, **kwargs)
 
+    @functools.wraps(prepare_inputs)
+    def patched_prepare_inputs(self, scheduler_output, *args, **kwargs):
+        if not getattr(scheduler_output, "qserve_skip_draft", False) or any(
+            scheduler_output.scheduled_spec_decode_tokens.values()
+        ):
+            return prepare_inputs(self, scheduler_output, *args, **kwargs)
+        # Nothing to verify and no drafter pass: the step is a plain decode step. _prepare_inputs decides
+        # on `self.speculative_config is not None` alone; the worker runs one step at a time.
+        if not getattr(self, "_qserve_plain_logged", False):
+            self._qserve_plain_logged = True
+            log.info("adaptive_k: first step the runner built as a plain decode step (no drafts to verify or make)")
+        spec, self.speculative_config = self.speculative_config, None
+        try:
+            return prepare_inputs(self, scheduler_output, *args, **kwargs)
+        finally:
+            self.speculative_config = spec
+
     @functools.wraps(fits)
     def patched_input_fits_in_drafter(self, *args, **kwargs):
         if not getattr(self, "_qserve_skip_draft", False):
@@ -189,6 +213,7 @@ def patch() -> None:
     Scheduler._free_request_blocks = patched_free_request_blocks
     GPUModelRunner.sample_tokens = patched_sample_tokens
     GPUModelRunner._input_fits_in_drafter = patched_input_fits_in_drafter
+    GPUModelRunner._prepare_inputs = patched_prepare_inputs
     EngineCore.post_step = patched_post_step
     EngineCore.qserve_speculation = qserve_speculation
     EngineCore.qserve_speculation_overrides = qserve_speculation_overrides
