@@ -31,6 +31,9 @@ too short to compare at 0.97x: the same servers' base c=1 and c=32 cells spread 
 repeats, and a 4-request c=1 cell measured the adaptive server at 0.90x of no speculation where 10-request
 cells gave 0.99-1.04x (BENCHMARKS.md). After the adaptive server's traffic its
 per-adapter k and acceptance estimate and its count of steps without the draft are printed too.
+``--configs`` may also name ``VARIANTS`` (the adaptive policy with ``--speculation-cost-online``) and
+``DIAGNOSTICS``; a run with a diagnostic row, or over fewer levels or traffics, is recorded under its own
+marker (``record_key``), never over the full run's table.
 """
 
 from __future__ import annotations
@@ -57,12 +60,18 @@ from training.stdlib_text import split_docstrings, stdlib_docstrings
 
 LOGS = Path("/tmp/qserve-bench-logs")
 TRAFFICS = ("base", "near", "zipf")
+LEVELS = (1, 2, 4, 8, 16, 32)
 ZIPF_CYCLE = ("stdlib-docs", "(base)", "stdlib-docs", "austen", "(base)", "stdlib-docs", "nodraft", "(base)",
               "stdlib-docs", "austen")  # fmt: skip
 CONFIGS = {
     "no speculation": ["--no-speculation"],
     **{f"fixed k={k}": ["--num-speculative-tokens", str(k)] for k in (1, 2, 3, 4)},
     "adaptive (k<=4)": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4"],
+}
+# Policies outside the issue's comparison, run only when named in --configs: the adaptive policy with its
+# step-time model refitted online from the engine's own step times, starting from the same model.
+VARIANTS = {
+    "adaptive online-cost (k<=4)": [*CONFIGS["adaptive (k<=4)"], "--speculation-cost-online"],
 }
 # Not a policy: the speculation-enabled engine with a step-time model under which drafting never pays,
 # so every step skips the draft model. Against "no speculation" it isolates what the engine's
@@ -185,10 +194,20 @@ def measure(servers: dict, work: Workload, traffic: str, level: int, mean_tokens
               f"{per_step:.3f} tokens/request-step", flush=True)  # fmt: skip
 
 
+def record_key(pair: str, configs, levels, traffics) -> str:
+    """The BENCHMARKS.md marker a run's table goes under: the issue's benchmark (every level and traffic, no
+    diagnostic row) has one per pair; a run with a diagnostic row or over part of the grid gets its own, so it
+    never replaces the full run's table."""
+    key = f"adaptive_spec_{pair}" + ("_engine_overhead" if DIAGNOSTICS.keys() & set(configs) else "")
+    if tuple(levels) != LEVELS or tuple(traffics) != TRAFFICS:
+        key += f"_c{'_'.join(map(str, levels))}_{'_'.join(traffics)}"
+    return key
+
+
 def main() -> None:
     ap = argument_parser(__doc__)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
-    ap.add_argument("--levels", default="1,2,4,8,16,32", help="concurrency levels, comma-separated")
+    ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrency levels, comma-separated")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mean-tokens", type=int, default=32, help="mean output tokens per request (0.5x-1.5x of it)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
@@ -198,11 +217,11 @@ def main() -> None:
                     help="serve the adaptive row with the pair's step-time model, not one fitted to this run")  # fmt: skip
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    known = CONFIGS | DIAGNOSTICS
+    known = CONFIGS | VARIANTS | DIAGNOSTICS
     configs = {name: known[name] for name in args.configs.split(",")}
     traffics = tuple(args.traffics.split(","))
     work = Workload(args.pair)
-    adaptive = [n for n in configs if n in CONFIGS and "adaptive" in n]
+    adaptive = [n for n in configs if n in CONFIGS | VARIANTS and "adaptive" in n]
     cells: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
     gauges: dict[str, dict[str, float]] = {}
     fitted = None
@@ -233,8 +252,7 @@ def main() -> None:
     finally:
         for proc in servers.values():
             proc.stop()
-    # A run with a diagnostic row is not the policy benchmark: its table goes under its own marker.
-    marker = f"adaptive_spec_{args.pair}" + ("_engine_overhead" if DIAGNOSTICS.keys() & configs.keys() else "")
+    marker = record_key(args.pair, configs, levels, traffics)
     command = (
         f"python -m bench.adaptive_spec --pair {args.pair} --levels {args.levels} --repeats {args.repeats} "
         f"--mean-tokens {args.mean_tokens}"

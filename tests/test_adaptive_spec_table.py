@@ -27,3 +27,13 @@ def test_the_table_shows_the_plain_and_the_paired_ratio():
     lines = table("python -m bench.adaptive_spec", "smollm2", [4], ["base"], configs, CELLS, {}, None)
     assert "| adaptive (k<=4) / best other | 0.97x |" in lines  # 95 / 97.5: medians, best picked on the same numbers
     assert "| adaptive (k<=4) / best other, paired and cross-validated (module doc) | 1.09x |" in lines
+
+
+def test_only_the_full_grid_replaces_the_policy_benchmark_table():
+    from bench.adaptive_spec import CONFIGS, DIAGNOSTICS, LEVELS, TRAFFICS, VARIANTS, record_key
+
+    assert record_key("smollm2", CONFIGS, LEVELS, TRAFFICS) == "adaptive_spec_smollm2"
+    assert record_key("smollm2", CONFIGS | VARIANTS, list(LEVELS), list(TRAFFICS)) == "adaptive_spec_smollm2"
+    assert record_key("smollm2", CONFIGS, [4, 8], TRAFFICS) == "adaptive_spec_smollm2_c4_8_base_near_zipf"
+    assert record_key("demo", CONFIGS, LEVELS, ("base",)) == "adaptive_spec_demo_c1_2_4_8_16_32_base"
+    assert record_key("smollm2", DIAGNOSTICS, LEVELS, TRAFFICS) == "adaptive_spec_smollm2_engine_overhead"
