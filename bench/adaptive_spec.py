@@ -167,12 +167,14 @@ def speculation_gauges(url: str) -> dict[str, dict[str, float]]:
     return got
 
 
-def start(work: Workload, name: str, flags: list[str]):
-    """A server of ``work``'s pair for config ``name`` (its own adapter store), ``nodraft`` uploaded, adapters warm."""
+def start(work: Workload, name: str, flags: list[str], repo: Path | None = None):
+    """A server of ``work``'s pair for config ``name`` (its own adapter store), ``nodraft`` uploaded, adapters warm;
+    ``repo``: the checkout to serve from (``testing.process.start_server``)."""
     pair = work.pair
     store = tempfile.mkdtemp(prefix="qserve-bench-adaptive-")
     env = {"QSERVE_ADAPTER_STORE_DIR": store, "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
-    proc = start_server(flags, LOGS / f"adaptive-{pair}-{name.replace(' ', '_')}.log", env=env, pair=pair)
+    log = LOGS / f"adaptive-{pair}-{name.replace(' ', '_').replace('/', '_')}.log"
+    proc = start_server(flags, log, env=env, pair=pair, repo=repo)
     try:
         upload_without_draft(proc.base_url, PAIRS[pair].seed_adapters / "stdlib-docs", "nodraft")
         run_cell(proc.base_url, work, work.requests("zipf", 10, 8), 4)  # every adapter loaded

@@ -75,11 +75,15 @@ def start_server(
     env: dict[str, str] | None = None,
     attempts: int = 3,
     pair: str = "demo",
+    repo: Path | None = None,
 ) -> ServerProcess:
     """Start ``python -m server ARGS`` (or vLLM's own OpenAI server with ``vllm_own``) and wait for readiness.
 
     ``pair`` is the server's ``QSERVE_PAIR`` (server/settings.py ``PAIRS``): the 12M demo pair unless a
     caller asks for ``smollm2``, because the mechanics tests and benchmarks were built on its speed.
+
+    ``repo``: the checkout to run it from (default this one; the same Python environment either way), as
+    benchmarks serving an earlier commit side by side do.
 
     ``args`` must not contain ``--port``/``--host``; a free port on 127.0.0.1 is chosen.
     The port is bound only after the engine has loaded (tens of seconds), so another
@@ -89,9 +93,10 @@ def start_server(
     Raises:
         RuntimeError: if the process exits or is not ready in time (with the log tail).
     """
+    env = {"QSERVE_PAIR": pair, **(env or {})}
     for attempt in range(attempts):
         try:
-            return _start_once(args, log_path, vllm_own, ready_path, timeout_s, {"QSERVE_PAIR": pair, **(env or {})})
+            return _start_once(args, log_path, vllm_own, ready_path, timeout_s, env, repo or REPO_ROOT)
         except PortTaken:
             if attempt == attempts - 1:
                 raise
@@ -105,6 +110,7 @@ def _start_once(
     ready_path: str,
     timeout_s: float,
     env: dict[str, str] | None,
+    repo: Path,
 ) -> ServerProcess:
     port = free_port()
     if vllm_own:
@@ -123,9 +129,7 @@ def _start_once(
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
