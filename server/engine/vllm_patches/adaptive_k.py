@@ -27,7 +27,7 @@ What the patch does, in the engine-core process (``server/engine/speculation/pol
   also verifies no drafts, ``GPUModelRunner._prepare_inputs`` (~2184) builds its inputs as without
   speculation: vLLM builds spec-decode metadata and samples through the rejection sampler whenever a
   ``speculative_config`` exists, even for a step with no draft anywhere: 2% more worker samples than a
-  plain step at base concurrency 4 (py-spy), 5% of tokens/s with adapters at 8 (BENCHMARKS.md; for
+  plain step at base concurrency 4 (py-spy), 2-5% of tokens/s with adapters at 8 (BENCHMARKS.md; for
   upstream: docs/upstream/vllm_spec_decode_zero_draft_step.md); the plain sampler
   gives each row what the rejection sampler gives a row with 0 drafts, its one sampled token. The draft's KV
   cache then has a gap at that step's positions, so its requests are *stale*: they never draft again
