@@ -41,6 +41,7 @@ def table(command: str, pair: str, cells: list[tuple[str, int]], runs: dict) -> 
     """Markdown: per cell and server, median tokens/s and the median (min-max) ratio to no speculation.
     ``runs`` maps (traffic, level) to the ``ratios`` input of that cell."""
     names = list(next(iter(runs.values())))
+    ratio = {cell: ratios(runs[cell]) for cell in cells}
     lines = [f"## Speculation-enabled engine that never drafts vs no speculation ({pair} pair)", "",
              f"Command: `{command}` (2-core CPU; streamed greedy requests as in `bench.adaptive_spec`; ratio: "
              "tokens/s over the mean of the two no-speculation servers in the same round, median (min-max) "
@@ -50,7 +51,7 @@ def table(command: str, pair: str, cells: list[tuple[str, int]], runs: dict) -> 
     for name in names:
         row = []
         for cell in cells:
-            r = ratios(runs[cell])[name]
+            r = ratio[cell][name]
             row += [f"{statistics.median(runs[cell][name]):.1f}",
                     f"{statistics.median(r):.3f} ({min(r):.2f}-{max(r):.2f})"]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(row) + " |")
@@ -87,8 +88,9 @@ def main() -> None:
     finally:
         for proc in servers.values():
             proc.stop()
-    command = f"python -m bench.engine_overhead --pair {args.pair} --cells {args.cells} --rounds {args.rounds}" + (
-        f" --before {args.before}" if args.before else ""
+    command = (
+        f"python -m bench.engine_overhead --pair {args.pair} --cells {args.cells} --rounds {args.rounds} "
+        f"--mean-tokens {args.mean_tokens}" + (f" --before {args.before}" if args.before else "")
     )
     publish(table(command, args.pair, cells, runs), args.write, pair_key("engine_overhead", args.pair))
 
