@@ -31,8 +31,9 @@ too short to compare at 0.97x: the same servers' base c=1 and c=32 cells spread 
 repeats, and a 4-request c=1 cell measured the adaptive server at 0.90x of no speculation where 10-request
 cells gave 0.99-1.04x (BENCHMARKS.md). After the adaptive server's traffic its
 per-adapter k and acceptance estimate and its count of steps without the draft are printed too.
-``--configs`` may also name ``VARIANTS`` (the adaptive policy with ``--speculation-cost-online``) and
-``DIAGNOSTICS``; a run with a diagnostic row, or over fewer levels or traffics, is recorded under its own
+``--configs`` may also name ``VARIANTS`` (the adaptive policy with ``--speculation-cost-online``),
+``DIAGNOSTICS`` and ``CONTROLS`` (no speculation measured twice per cell: the A/A row, the run's own noise
+at the 0.97x line); a run with a diagnostic row, or over fewer levels or traffics, is recorded under its own
 marker (``record_key``), never over the full run's table.
 """
 
@@ -80,6 +81,10 @@ DIAGNOSTICS = {
     "spec engine never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
                                   "--speculation-cost-ms", "100,3,1000000,0"],
 }  # fmt: skip
+# Not a policy: the A/A control. The name re-measures the server of the config it maps to, in every cell, at
+# the middle of the rotation, so its ratio to that config is what two measurements of one server differ by
+# in this run: a miss of the 0.97x line smaller than the control's own misses is not resolved.
+CONTROLS = {"no speculation (again)": "no speculation"}
 LENGTH_FACTORS = (0.5, 1.25, 0.75, 1.5, 1.0)  # of the mean output length, request by request (mean 1)
 CALIBRATION_LEVELS = (1, 8)  # the concurrency levels fit_cost's cells are measured at, before the adaptive server
 
@@ -196,11 +201,24 @@ def measure(servers: dict, work: Workload, traffic: str, level: int, mean_tokens
               f"{per_step:.3f} tokens/request-step", flush=True)  # fmt: skip
 
 
+def with_controls(servers: dict, controls: list[str]) -> dict:
+    """``servers`` (config name -> server) with each of ``controls`` added as a second name of the server of
+    the config it re-measures (``CONTROLS``), placed in the middle of the rotation order, so that within a cell
+    the two measurements of that server are as far apart as measurements of two configs are on average."""
+    names = list(servers)
+    for control in controls:
+        names.insert(len(names) // 2, control)
+    return {n: servers[CONTROLS.get(n, n)] for n in names}
+
+
 def record_key(pair: str, configs, levels, traffics) -> str:
     """The BENCHMARKS.md marker a run's table goes under: the issue's benchmark (every level and traffic, no
-    diagnostic row) has one per pair; a run with a diagnostic row or over part of the grid gets its own, so it
-    never replaces the full run's table."""
+    diagnostic row) has one per pair; a run with a diagnostic row, over part of the grid or with a variant in
+    place of one of ``CONFIGS`` gets its own, so it never replaces the full run's table. The control row
+    (``CONTROLS``) changes nothing."""
     key = f"adaptive_spec_{pair}" + ("_engine_overhead" if DIAGNOSTICS.keys() & set(configs) else "")
+    if VARIANTS.keys() & set(configs) and not CONFIGS.keys() <= set(configs):
+        key += "_variants"
     if tuple(levels) != LEVELS or tuple(traffics) != TRAFFICS:
         key += f"_c{'_'.join(map(str, levels))}_{'_'.join(traffics)}"
     return key
@@ -213,14 +231,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--mean-tokens", type=int, default=32, help="mean output tokens per request (0.5x-1.5x of it)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help=f"which rows to run, comma-separated, of {[*CONFIGS, *DIAGNOSTICS]}")  # fmt: skip
+                    help=f"which rows to run, comma-separated, of {[*CONFIGS, *VARIANTS, *DIAGNOSTICS, *CONTROLS]}")  # fmt: skip
     ap.add_argument("--traffics", default=",".join(TRAFFICS), help=f"traffic mixes, comma-separated, of {TRAFFICS}")
     ap.add_argument("--no-fit-cost", dest="fit_cost", action="store_false",
                     help="serve the adaptive row with the pair's step-time model, not one fitted to this run")  # fmt: skip
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    known = CONFIGS | VARIANTS | DIAGNOSTICS
+    known = CONFIGS | VARIANTS | DIAGNOSTICS | CONTROLS
     configs = {name: known[name] for name in args.configs.split(",")}
+    if missing := [f"{c!r} needs {of!r}" for c, of in CONTROLS.items() if c in configs and of not in configs]:
+        ap.error(f"--configs: {'; '.join(missing)} in --configs too")
     traffics = tuple(args.traffics.split(","))
     work = Workload(args.pair)
     adaptive = [n for n in configs if n in CONFIGS | VARIANTS and "adaptive" in n]
@@ -229,7 +249,7 @@ def main() -> None:
     fitted = None
     servers: dict = {}
     try:
-        for name in (n for n in configs if n not in adaptive):
+        for name in (n for n in configs if n not in adaptive and n not in CONTROLS):
             servers[name] = start(work, name, configs[name])
         if adaptive and args.fit_cost:
             calibration: dict = {}
@@ -242,6 +262,7 @@ def main() -> None:
         for name in adaptive:
             flags = configs[name] + (["--speculation-cost-ms", ",".join(f"{x:g}" for x in fitted)] if fitted else [])
             servers[name] = start(work, name, flags)
+        servers = with_controls(servers, [n for n in configs if n in CONTROLS])
         turn = 0
         for _ in range(args.repeats):
             for traffic in traffics:
@@ -252,7 +273,7 @@ def main() -> None:
             gauges = speculation_gauges(servers[name].base_url)
             print(f"adaptive gauges: {gauges}", flush=True)
     finally:
-        for proc in servers.values():
+        for proc in {id(p): p for p in servers.values()}.values():
             proc.stop()
     marker = record_key(args.pair, configs, levels, traffics)
     command = (
@@ -262,7 +283,7 @@ def main() -> None:
         + (f" --traffics {args.traffics}" if args.traffics != ",".join(TRAFFICS) else "")
         + ("" if args.fit_cost else " --no-fit-cost")
     )
-    lines = table(command, args.pair, levels, traffics, configs, cells, gauges, fitted, tuple(DIAGNOSTICS))
+    lines = table(command, args.pair, levels, traffics, configs, cells, gauges, fitted, tuple(DIAGNOSTICS), CONTROLS)
     publish(lines, args.write, marker)
 
 

@@ -17,6 +17,7 @@ import statistics
 
 from server.engine.speculation.cost import TERMS
 
+CRITERION = 0.97  # the issue's line: adaptive tokens/s at least this fraction of the best other config's
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
 
@@ -34,9 +35,13 @@ def paired_ratio(cells: dict, name: str, others: list[str], traffic: str, level:
     return statistics.median(ratios)
 
 
-def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fitted, diagnostics=()) -> list[str]:
+def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fitted, diagnostics=(), controls=None
+          ) -> list[str]:  # fmt: skip
     """The markdown of one run (``command`` its command line) on ``pair``: tokens/s and TTFT per config (row) and
-    traffic x level (column); ``diagnostics``: the names in ``configs`` that are not policies (no ratio rows)."""
+    traffic x level (column); ``diagnostics``: the names in ``configs`` that are not policies (no ratio rows);
+    ``controls``: control name -> the config it re-measures (A/A, never a "best other"), given a paired ratio
+    row of its own and, like each adaptive row, a count of the cells below ``CRITERION``."""
+    controls = {c: of for c, of in (controls or {}).items() if c in configs}
     cols = [(t, lv) for t in traffics for lv in levels]
     med = {key: statistics.median(v[0] for v in vals) for key, vals in cells.items()}
     ttft = {key: statistics.median(v[1] for v in vals) for key, vals in cells.items()}
@@ -52,7 +57,8 @@ def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fit
         "|---|" + "---:|" * len(cols),
     ]
     lines += [f"| {n} | " + " | ".join(f"{med[(n, t, lv)]:.1f}" for t, lv in cols) + " |" for n in configs]
-    fixed = [n for n in configs if "adaptive" not in n and n not in diagnostics]
+    tally: list[str] = []
+    fixed = [n for n in configs if "adaptive" not in n and n not in diagnostics and n not in controls]
     for name in (n for n in configs if "adaptive" in n and n not in diagnostics):
         best = [max(med[(f, t, lv)] for f in fixed) for t, lv in cols] if fixed else []
         if best:
@@ -64,6 +70,21 @@ def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fit
             if all(x is not None for x in paired):
                 lines.append(f"| {name} / best other, paired and cross-validated (module doc) | "
                              + " | ".join(f"{x:.2f}x" for x in paired) + " |")  # fmt: skip
+                tally.append(f"{name}: at or above {CRITERION}x of the best other, paired, in "
+                             f"{sum(x >= CRITERION for x in paired)} of {len(paired)} cells")  # fmt: skip
+    for control, of in controls.items():
+        paired = [paired_ratio(cells, control, [of], t, lv) for t, lv in cols]
+        if all(x is not None for x in paired):
+            lines.append(f"| A/A control: {control} / {of}, paired | " + " | ".join(f"{x:.2f}x" for x in paired) + " |")
+            tally.append(f"the A/A control ({control} / {of}): below {CRITERION}x in "
+                         f"{sum(x < CRITERION for x in paired)} of {len(paired)} cells, above {1 / CRITERION:.2f}x in "
+                         f"{sum(x > 1 / CRITERION for x in paired)}")  # fmt: skip
+    if "fixed k=4" in configs:
+        for name in (n for n in configs if "adaptive" in n and n not in diagnostics):
+            tally.append(f"{name}: TTFT p50 at or below fixed k=4's in "
+                         f"{sum(ttft[(name, *c)] <= ttft[('fixed k=4', *c)] for c in cols)} of {len(cols)} cells")  # fmt: skip
+    if tally:
+        lines += ["", "Against the criterion: " + "; ".join(tally) + "."]
     lines += ["", "TTFT p50, ms (median over repeats of each cell's median, ramp-up wave left out):", "",
               "| policy | " + " | ".join(f"{t} c={lv}" for t, lv in cols) + " |", "|---|" + "---:|" * len(cols)]  # fmt: skip
     lines += [f"| {n} | " + " | ".join(f"{ttft[(n, t, lv)]:.0f}" for t, lv in cols) + " |" for n in configs]
