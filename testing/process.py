@@ -65,6 +65,24 @@ class PortTaken(RuntimeError):
     """The chosen port was taken by another process between choosing it and binding it."""
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit(143)`` in this process, if nothing else handles it yet.
+
+    Why: servers run in their own session (``start_new_session``), so a SIGTERM to a benchmark or load test
+    does not reach them, and under Python's default handling the caller's ``finally`` that stops them never
+    runs: they outlive it. As an exception, SIGTERM unwinds the caller like Ctrl-C does. A handler set by
+    someone else is left alone; off the main thread (where handlers cannot be set) this does nothing.
+    """
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def start_server(
     args: list[str],
     log_path: Path,
@@ -90,9 +108,13 @@ def start_server(
     process can take it meanwhile; then the start is retried on a new port, at most
     ``attempts`` times. Polls ``ready_path`` every 0.5 s for at most ``timeout_s`` seconds.
 
+    The caller stops the server (``ServerProcess.stop``, in a ``finally``); :func:`exit_on_sigterm` is
+    installed so that a SIGTERM to the caller runs that ``finally`` too.
+
     Raises:
         RuntimeError: if the process exits or is not ready in time (with the log tail).
     """
+    exit_on_sigterm()
     env = {"QSERVE_PAIR": pair, **(env or {})}
     for attempt in range(attempts):
         try:
@@ -132,17 +154,21 @@ def _start_once(
     proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     server = ServerProcess(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            # uvicorn's bind error comes before the engine's shutdown lines (40 or more of them): read past those
-            if "error while attempting to bind on address" in server.log_tail(200):
-                raise PortTaken(f"port {port} was taken before the server bound it")
-            raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{server.log_tail()}")
-        try:
-            if httpx.get(server.base_url + ready_path, timeout=2.0).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                # uvicorn's bind error comes before the engine's shutdown lines (40 or more of them): read past those
+                if "error while attempting to bind on address" in server.log_tail(200):
+                    raise PortTaken(f"port {port} was taken before the server bound it")
+                raise RuntimeError(f"server exited with {proc.returncode} before ready:\n{server.log_tail()}")
+            try:
+                if httpx.get(server.base_url + ready_path, timeout=2.0).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+    except BaseException:  # Ctrl-C or SIGTERM while it loads, too: nobody else holds it yet
+        server.stop()
+        raise
     server.stop()
     raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
