@@ -59,7 +59,8 @@ def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fit
     lines += [f"| {n} | " + " | ".join(f"{med[(n, t, lv)]:.1f}" for t, lv in cols) + " |" for n in configs]
     tally: list[str] = []
     fixed = [n for n in configs if "adaptive" not in n and n not in diagnostics and n not in controls]
-    for name in (n for n in configs if "adaptive" in n and n not in diagnostics):
+    policies = [n for n in configs if "adaptive" in n and n not in diagnostics]
+    for name in policies:
         best = [max(med[(f, t, lv)] for f in fixed) for t, lv in cols] if fixed else []
         if best:
             lines.append(f"| {name} / best other | " + " | ".join(
@@ -80,7 +81,7 @@ def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fit
                          f"{sum(x < CRITERION for x in paired)} of {len(paired)} cells, above {1 / CRITERION:.2f}x in "
                          f"{sum(x > 1 / CRITERION for x in paired)}")  # fmt: skip
     if "fixed k=4" in configs:
-        for name in (n for n in configs if "adaptive" in n and n not in diagnostics):
+        for name in policies:
             tally.append(f"{name}: TTFT p50 at or below fixed k=4's in "
                          f"{sum(ttft[(name, *c)] <= ttft[('fixed k=4', *c)] for c in cols)} of {len(cols)} cells")  # fmt: skip
     if tally:

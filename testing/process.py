@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,6 @@ def exit_on_sigterm() -> None:
     runs: they outlive it. As an exception, SIGTERM unwinds the caller like Ctrl-C does. A handler set by
     someone else is left alone; off the main thread (where handlers cannot be set) this does nothing.
     """
-    import threading
-
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_system_exit)
 
@@ -167,8 +166,7 @@ def _start_once(
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-    except BaseException:  # Ctrl-C or SIGTERM while it loads, too: nobody else holds it yet
+        raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
+    except BaseException:  # not ready, exited, or Ctrl-C / SIGTERM while it loads: nobody else holds it yet
         server.stop()
         raise
-    server.stop()
-    raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
