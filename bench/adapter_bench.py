@@ -26,7 +26,7 @@ import httpx
 from bench.report import argument_parser, pair_heading, pair_key, publish
 from bench.serving_bench import request
 from prompts import CHAT_PAIRS, pair_prompts
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import start_server
 
 SHIPPED = ("austen", "stdlib-docs")
@@ -119,7 +119,7 @@ def main() -> None:
     lines = [
         pair_heading("Adapters: upload-to-servable and multi-adapter throughput", a.pair),
         "",
-        f"Command: `{cmd}` (2-core CPU; default server: NF4 target, speculation k={pair.num_speculative_tokens},"
+        f"Command: `{cmd}` (2-core CPU; default server: NF4 target, speculation {pair.speculation_text()},"
         f" max_loras 4, rank-{rank} adapters on {modules} projection modules; {what}).",
         "",
         f"| rank-{rank} adapter, fresh name | median | max |",

@@ -55,7 +55,7 @@ from bench.serving_bench import spec_counters
 from bench.step_time_fit import fit_cost
 from prompts import domain_prompts, heldout_prompts
 from server.engine.speculation.cost import TERMS
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import start_server
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 

@@ -36,7 +36,8 @@ from loadtests import report, runner
 from loadtests.workload import Job, zipf_weights
 from prompts import domain_prompts
 from server.engine.build import vllm_argv
-from server.settings import PAIRS, Settings
+from server.pairs import PAIRS
+from server.settings import Settings
 from testing.process import ServerProcess, start_server
 
 LOGS = Path("/tmp/qserve-bench-logs/draft-adapter-traffic")

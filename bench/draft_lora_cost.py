@@ -24,7 +24,7 @@ import httpx
 
 from bench.report import argument_parser, publish
 from prompts import chat_prompts
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import start_server
 
 LOGS = Path("/tmp/qserve-bench-logs")

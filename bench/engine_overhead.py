@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.adaptive_spec import DIAGNOSTICS, Workload, run_cell, start
 from bench.report import argument_parser, pair_key, publish
-from server.settings import PAIRS
+from server.pairs import PAIRS
 
 NEVER = "spec engine never drafts"
 CONTROL = ("no speculation A", "no speculation B")

@@ -25,7 +25,7 @@ import httpx
 from bench.report import argument_parser, pair_heading, pair_key, publish
 from bench.serving_bench import LOGS, request, run_load, spec_counters
 from prompts import CHAT_PAIRS, pair_prompts
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import start_server
 
 ALL = "cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits"
@@ -101,7 +101,7 @@ def main() -> None:
         pair_heading("What each speculation guard costs (tokens/s, acceptance in brackets)", a.pair),
         "",
         f"`{cmd}` ({a.requests} {what} {a.max_tokens} tokens, concurrency {a.concurrency}, NF4 target,",
-        f"k={pair.num_speculative_tokens}, no LoRA). `-` = refused with 400 (vLLM's own refusal), `dead` = the"
+        f"{pair.speculation_text()}, no LoRA). `-` = refused with 400 (vLLM's own refusal), `dead` = the"
         " request killed the engine.",
         "",
         "| workload | " + " | ".join(SERVERS) + " |",

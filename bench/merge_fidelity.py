@@ -36,8 +36,8 @@ from server.merge.weights.fidelity import greedy_agreement, mean_kl
 from server.merge.weights.lora import load_lora, merge_lora
 from server.merge.weights.nf4 import base_weights, requantize
 from server.merge.weights.probe import continuation_logits, greedy, model_with
+from server.pairs import PAIRS
 from server.precision import NF4_BLOCK_SIZE, Precision
-from server.settings import PAIRS
 
 ADAPTERS = ("austen", "stdlib-docs")
 

@@ -27,7 +27,7 @@ import httpx
 
 from bench.report import argument_parser, pair_key, publish
 from prompts import CHAT_PAIRS, pair_prompts
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import start_server
 
 LOGS = Path("/tmp/qserve-bench-logs")

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from bench.report import argument_parser, publish
 from prompts import chat_prompts
 from server.merge.weights.nf4 import nf4_roundtrip
+from server.pairs import PAIRS
 from server.precision import NF4_BLOCK_SIZE
-from server.settings import PAIRS
 
 BLOCK_SIZES = (64, 32)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from server.settings import PAIRS, Settings
+from server.pairs import PAIRS
+from server.settings import Settings
 
 
 def record(path: Path, key: str, table_lines: list[str]) -> str:
@@ -26,7 +27,7 @@ def record(path: Path, key: str, table_lines: list[str]) -> str:
 
 
 def add_pair_argument(ap: argparse.ArgumentParser) -> None:
-    """``--pair NAME`` (server/settings.py ``PAIRS``), default the server's own default pair: the pair a tool
+    """``--pair NAME`` (server/pairs.py ``PAIRS``), default the server's own default pair: the pair a tool
     serves and whose kind of prompts it sends."""
     ap.add_argument(
         "--pair",

@@ -32,7 +32,7 @@ import httpx
 from bench.report import argument_parser, publish
 from bench.weight_memory import weight_bytes
 from prompts import CHAT_PAIRS, pair_prompts
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import start_server
 
 LOGS = Path("/tmp/qserve-bench-logs")

@@ -26,7 +26,8 @@ from bench.report import add_pair_argument, pair_heading, pair_key, publish
 from loadtests import report, runner
 from loadtests.workload import build_jobs, pair_mix, traffic_text
 from server.engine.build import vllm_argv
-from server.settings import PAIRS, Settings
+from server.pairs import PAIRS
+from server.settings import Settings
 from testing.process import ServerProcess, start_server
 
 ARMS = ("ours", "vllm", "ours-nospec")
@@ -114,7 +115,7 @@ def tables(reports: list[dict], levels: list[int], cmd: str, repeats: int, pair:
         pair_heading("Load: our server vs vLLM's own OpenAI server; speculation on vs off", pair),
         "",
         f"Command: `{cmd}`. Three servers ran at once with the same engine settings (`server.engine.build.vllm_argv`:"
-        f" NF4 target and draft, k={PAIRS[pair].num_speculative_tokens}, LoRA, max_num_seqs 32); vLLM's server"
+        f" NF4 target and draft, {PAIRS[pair].speculation_text()}, LoRA, max_num_seqs 32); vLLM's server"
         " loads our vLLM plugin too, so the engines are identical. Streamed requests to the base model,"
         f" {traffic_text(pair)}, 48-64 output tokens (ignore_eos), greedy, fixed concurrency. Each level ran"
         f" {repeats}x per server, the three interleaved in rotated order, because the 2 cores are shared with"

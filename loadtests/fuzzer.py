@@ -20,7 +20,7 @@ from schemathesis.core.errors import SerializationError
 from schemathesis.core.transport import Response
 
 from prompts import CHAT_PAIRS, adapter_prompts
-from server.settings import PAIRS
+from server.pairs import PAIRS
 
 MAX_TOKENS = 16  # tokens a steered completion may generate
 GENERATION = ("/v1/completions", "/v1/chat/completions")

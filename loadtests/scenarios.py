@@ -21,7 +21,7 @@ import httpx
 from loadtests.runner import Churn, Load
 from loadtests.workload import SHIPPED, Job, build_jobs, pair_mix
 from prompts import CHAT_PAIRS, adapter_prompts
-from server.settings import PAIRS
+from server.pairs import PAIRS
 
 NAMES = ("smoke", "base", "concurrency", "adapters", "churn")
 

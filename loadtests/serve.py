@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.report import add_pair_argument
 from loadtests.runner import check_local
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import ServerProcess, start_server
 
 
@@ -27,7 +27,7 @@ class Target:
 @contextlib.contextmanager
 def served(base_url: str | None, log_path: Path, args: tuple[str, ...] = (), pair: str = "demo") -> Iterator[Target]:
     """Yield ``base_url`` as a target, or, when it is None, start ``python -m server ARGS`` serving the model
-    pair ``pair`` (server/settings.py ``PAIRS``) with a fresh adapter store and merged-model folder (logs in
+    pair ``pair`` (server/pairs.py ``PAIRS``) with a fresh adapter store and merged-model folder (logs in
     ``log_path``) and stop it on exit.
 
     Raises:

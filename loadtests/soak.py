@@ -30,7 +30,7 @@ from bench.report import pair_key, publish
 from loadtests import runner, scenarios, soak_report
 from loadtests.serve import add_target_arguments, model_of, served
 from loadtests.workload import Mix, build_jobs, pair_mix
-from server.settings import PAIRS
+from server.pairs import PAIRS
 
 
 @dataclass(frozen=True)

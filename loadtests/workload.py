@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import prompts
 
-SHIPPED = ("austen", "stdlib-docs")  # the adapters every pair ships (server/settings.py ModelPair.seed_adapters)
+SHIPPED = ("austen", "stdlib-docs")  # the adapters every pair ships (server/pairs.py ModelPair.seed_adapters)
 
 
 @dataclass(frozen=True)

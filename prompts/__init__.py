@@ -18,7 +18,7 @@ HELDOUT_DIR = PROMPTS_DIR / "heldout"
 DOMAINS = {"chat": "chat.txt", "python-docs": "python_docs.txt", "style": "style.txt"}
 # The shipped adapters' own prompt sets (any other model, the base included, gets chat prompts).
 ADAPTER_DOMAINS = {"stdlib-docs": "python-docs", "austen": "style"}
-CHAT_PAIRS = ("smollm2",)  # pairs (server/settings.py PAIRS) with an instruct target: sent chat requests
+CHAT_PAIRS = ("smollm2",)  # pairs (server/pairs.py PAIRS) with an instruct target: sent chat requests
 
 
 def heldout_text(corpus: str) -> str:

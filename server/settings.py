@@ -10,52 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.engine.speculation.cost import CostModel
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ModelPair(NamedTuple):
-    """A target, its served name, its draft and the adapters trained for them (seeded at start)."""
-
-    target: Path
-    served_model_name: str
-    draft: Path
-    seed_adapters: Path
-    num_speculative_tokens: int  # the k this pair is fastest at (BENCHMARKS.md, "Serving")
-    # The adaptive policy's step-time model, ms (t0, t1, d0, d1, l0, l1, e0, e1[, v1]; speculation/cost.CostModel).
-    speculation_cost_ms: tuple[float, ...]
-
-
-# The pair a server runs by default (``--pair``); each of its parts can still be set on its own.
-PAIRS = {
-    # SmolLM2-135M-Instruct, assembled by scripts/install.sh (training/real_model.py), with its distilled draft.
-    "smollm2": ModelPair(
-        REPO_ROOT / "models" / "smollm2-135m-instruct",
-        "smollm2-135m-instruct",
-        REPO_ROOT / "models" / "smollm2-135m-draft",
-        REPO_ROOT / "adapters",
-        1,  # acceptance 0.33: k=1 1.08x of no speculation at concurrency 1, k=4 0.85x
-        # Fitted on the 2-core CI machine by `python -m bench.adaptive_spec --pair smollm2 --levels 1,2,8,16
-        # --repeats 1 --traffics base,near --configs 'no speculation,fixed k=1,fixed k=2,fixed k=4'` (2026-12-04).
-        (60.448, 4.038, 12.206, 1.27, 12.573, 6.944, 1.388, 2.223, 0.0),
-    ),
-    # The 12M demo pair trained on five books: the fast fixture of the mechanics tests.
-    "demo": ModelPair(
-        REPO_ROOT / "models" / "target",
-        "demo-target",
-        REPO_ROOT / "models" / "draft",
-        REPO_ROOT / "models" / "demo-adapters",
-        4,
-        (30.0, 0.4, 10.0, 0.1),  # fitted to the demo pair's load tests (cost.CostModel's doc)
-    ),
-}
-DEMO_TARGET, DEMO_DRAFT = PAIRS["demo"].target, PAIRS["demo"].draft
+from server.pairs import PAIRS, REPO_ROOT
 
 
 def _check_model_dir(path: Path, what: str, flag: str) -> Path:
@@ -103,9 +64,9 @@ class Settings(BaseSettings):
 
     pair: Literal["smollm2", "demo"] = Field(
         "smollm2",
-        description="model pair whose target, served name, draft, seeded adapters and k are the defaults of "
-        "--model, --served-model-name, --draft-model, --seed-adapters-dir and --num-speculative-tokens "
-        "(server/settings.py PAIRS)",
+        description="model pair whose target, served name, draft, adapters, speculation policy, k and step-time "
+        "model are the defaults of --model, --served-model-name, --draft-model, --seed-adapters-dir, "
+        "--speculation-policy, --num-speculative-tokens and --speculation-cost-ms (server/pairs.py PAIRS)",
     )
     model: Path = Field(description="target model folder (Hugging Face format); default: the pair's")
     served_model_name: str = Field(description="model id clients send in 'model'; default: the pair's")
@@ -114,14 +75,12 @@ class Settings(BaseSettings):
     )
     speculation: bool = Field(True, description="draft-target speculative decoding on/off")
     num_speculative_tokens: int = Field(
-        ge=1,
-        le=16,
-        description="draft tokens proposed per step (k); with the adaptive policy the most; default: the pair's",
+        ge=1, le=16, description="draft tokens per step (k); the adaptive policy's largest k; default: the pair's"
     )
     speculation_policy: Literal["fixed", "adaptive"] = Field(
-        "fixed",
         description="fixed: every request drafts num_speculative_tokens each step; adaptive: each request's k "
-        "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size",
+        "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size; "
+        "default: the pair's (smollm2: adaptive, demo: fixed)",
     )
     speculation_cost_ms: str = Field(
         description="the adaptive policy's step-time model in ms, 't0,t1,d0,d1[,l0,l1,e0,e1[,v1]]': a target "
@@ -130,10 +89,9 @@ class Settings(BaseSettings):
         "each draft pass (measure yours: python -m bench.adaptive_spec); default: the pair's"
     )
     speculation_cost_online: bool = Field(
-        False,
         description="refit the step-time model from the engine's own decode-step times while serving, starting "
         "from --speculation-cost-ms; the policy decides with the latest fit, exported as "
-        "qserve_speculation_step_model_ms",
+        "qserve_speculation_step_model_ms; default: on with the adaptive policy, off with fixed",
     )
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: 4-bit NF4 via bitsandbytes (QLoRA); none: serve the checkpoint dtype"
@@ -209,13 +167,16 @@ class Settings(BaseSettings):
         pair = PAIRS.get(name)
         if pair is None:
             return data  # the field's own validation names the allowed pairs
+        adaptive = data.get("speculation_policy", pair.speculation_policy) == "adaptive"
         defaults = {
             "model": pair.target,
             "served_model_name": pair.served_model_name,
             "draft_model": pair.draft,
             "seed_adapters_dir": pair.seed_adapters,
-            "num_speculative_tokens": pair.num_speculative_tokens,
+            "speculation_policy": pair.speculation_policy,
+            "num_speculative_tokens": pair.max_speculative_tokens if adaptive else pair.num_speculative_tokens,
             "speculation_cost_ms": ",".join(f"{x:g}" for x in pair.speculation_cost_ms),
+            "speculation_cost_online": adaptive,
         }
         return {**defaults, **data}
 

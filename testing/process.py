@@ -96,7 +96,7 @@ def start_server(
 ) -> ServerProcess:
     """Start ``python -m server ARGS`` (or vLLM's own OpenAI server with ``vllm_own``) and wait for readiness.
 
-    ``pair`` is the server's ``QSERVE_PAIR`` (server/settings.py ``PAIRS``): the 12M demo pair unless a
+    ``pair`` is the server's ``QSERVE_PAIR`` (server/pairs.py ``PAIRS``): the 12M demo pair unless a
     caller asks for ``smollm2``, because the mechanics tests and benchmarks were built on its speed.
 
     ``repo``: the checkout to run it from (default this one; the same Python environment either way), as

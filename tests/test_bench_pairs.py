@@ -11,7 +11,7 @@ import pytest
 import prompts
 from bench import adapter_bench, serving_bench
 from bench.report import argument_parser, pair_heading, pair_key, record
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import REPO_ROOT
 
 

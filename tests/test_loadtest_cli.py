@@ -15,7 +15,7 @@ from loadtests.__main__ import parser
 from loadtests.fuzzer import Fuzzer
 from loadtests.runner import Progress
 from loadtests.serve import model_of
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import REPO_ROOT
 
 SUBCOMMANDS = ("run", "sweep", "compare", "fuzz", "soak")

@@ -8,7 +8,7 @@ from collections import Counter
 import prompts
 from loadtests import scenarios, soak
 from loadtests.workload import Mix, build_jobs, pair_mix, zipf_weights
-from server.settings import PAIRS
+from server.pairs import PAIRS
 
 WORDS = [[f"w{i}" for i in range(500)], [f"v{i}" for i in range(500)]]
 

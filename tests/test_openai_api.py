@@ -143,6 +143,7 @@ def test_health_ready_and_nf4_really_in_use(base_url):
     assert ready["quantization"] == "bitsandbytes"  # read back from the running engine
     assert ready["speculative"]["method"] == "draft_model"
     assert ready["speculative"]["num_speculative_tokens"] == 4
+    assert (ready["speculative"]["policy"], ready["speculative"]["cost_online"]) == ("fixed", False)  # demo's default
     assert ready["speculative"]["draft_model"].endswith("models/draft")
     assert ready["lora"] is True
 

@@ -1,7 +1,9 @@
 """The real pair end to end: SmolLM2-135M-Instruct served NF4 with its distilled draft and shipped adapters.
 
-One server with the default settings of ``python -m server`` (``--pair smollm2``), one without
-speculation, both driven by the official ``openai`` client on 127.0.0.1.
+One server with the settings of ``python -m server`` (``--pair smollm2``) and the fixed policy named, so
+every request drafts and the draft's acceptance can be read; one without speculation; and one with the
+adaptive policy (which may draft nothing where drafting does not pay), for its greedy answers. All are
+driven by the official ``openai`` client on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from server.settings import PAIRS
+from server.pairs import PAIRS
 from testing.process import start_server
 from tests.conftest import LOG_DIR
 from tests.near_tie import chat_tokens, parting
@@ -32,7 +34,14 @@ def _start(name: str, *args: str):
 
 @pytest.fixture(scope="module")
 def real():
-    proc = _start("real-pair")
+    proc = _start("real-pair", "--speculation-policy", "fixed")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def plain():
+    proc = _start("real-pair-nospec", "--no-speculation")
     yield proc
     proc.stop()
 
@@ -114,18 +123,31 @@ def _chat_tokens(client, question: str, model: str = MODEL, max_tokens: int = 48
     return r.choices[0].logprobs.content
 
 
-def test_speculation_changes_no_greedy_token(client):
+def _same_greedy_tokens(spec_client, plain) -> None:
+    """Assert ``spec_client``'s greedy chat answers (base and one shipped adapter) are those of ``plain``."""
     cases = [(MODEL, q) for q in QUESTIONS] + [(n, QUESTIONS[0]) for n in _shipped_adapters()[:1]]
-    spec = [_chat_tokens(client, q, model=m) for m, q in cases]
-    plain = _start("real-pair-nospec", "--no-speculation")
+    c = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    for model, question in cases:
+        got = _chat_tokens(spec_client, question, model=model)
+        # this model's logits are larger than the demo pair's, and so is their rounding
+        why = parting(chat_tokens(got), chat_tokens(_chat_tokens(c, question, model=model)), scale_with_noise=True)
+        assert why is None, (model, question, why)
+
+
+def test_speculation_changes_no_greedy_token(client, plain):
+    _same_greedy_tokens(client, plain)
+
+
+def test_the_adaptive_policy_drafts_at_most_4_with_its_model_refitted_online_and_changes_no_greedy_token(plain):
+    adaptive = _start("real-pair-adaptive", "--speculation-policy", "adaptive")
     try:
-        c = openai.OpenAI(base_url=plain.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        for (model, question), got in zip(cases, spec, strict=True):
-            # this model's logits are larger than the demo pair's, and so is their rounding
-            why = parting(chat_tokens(got), chat_tokens(_chat_tokens(c, question, model=model)), scale_with_noise=True)
-            assert why is None, (model, question, why)
+        ready = httpx.get(adaptive.base_url + "/ready", timeout=10).json()
+        spec = ready["speculative"]
+        assert (spec["policy"], spec["num_speculative_tokens"], spec["cost_online"]) == ("adaptive", 4, True), ready
+        c = openai.OpenAI(base_url=adaptive.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        _same_greedy_tokens(c, plain)
     finally:
-        plain.stop()
+        adaptive.stop()
 
 
 def _acceptance(real, model: str, questions: list[str]) -> float:

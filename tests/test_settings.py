@@ -6,13 +6,15 @@ import pytest
 from pydantic import ValidationError
 
 from server.engine.build import vllm_argv, vllm_namespace
-from server.settings import DEMO_DRAFT, DEMO_TARGET, PAIRS, Settings
+from server.pairs import DEMO_DRAFT, DEMO_TARGET, PAIRS
+from server.settings import Settings
 
 
 def test_the_test_environment_runs_the_demo_pair_nf4_with_speculation():
     s = Settings()  # tests/conftest.py sets QSERVE_PAIR=demo
     assert s.model == DEMO_TARGET and s.draft_model == DEMO_DRAFT and s.served_model_name == "demo-target"
     assert s.quantization == "nf4" and s.speculation and s.num_speculative_tokens == 4
+    assert s.speculation_policy == "fixed" and not s.speculation_cost_online  # the demo pair's default
 
 
 def test_the_default_pair_is_smollm2_and_each_part_can_still_be_set(monkeypatch):
@@ -26,7 +28,21 @@ def test_the_default_pair_is_smollm2_and_each_part_can_still_be_set(monkeypatch)
         real.served_model_name,
         real.seed_adapters,
     )
-    assert s.num_speculative_tokens == real.num_speculative_tokens == 1
+    # fixed at the pair's fastest k; asked for adaptive, k at most 4 with its step-time model refitted online
+    assert (s.speculation_policy, s.num_speculative_tokens, s.speculation_cost_online) == ("fixed", 1, False)
+    assert real.num_speculative_tokens == 1 and real.speculation_text() == "k=1"
+    adaptive = Settings(_cli_parse_args=["--speculation-policy", "adaptive"])
+    assert (adaptive.num_speculative_tokens, adaptive.speculation_cost_online) == (real.max_speculative_tokens, True)
+    assert real.max_speculative_tokens == 4
+    monkeypatch.setenv("QSERVE_SPECULATION_POLICY", "adaptive")
+    assert Settings().num_speculative_tokens == 4
+    mine = Settings(_cli_parse_args=["--num-speculative-tokens", "2", "--no-speculation-cost-online"])
+    assert (mine.speculation_policy, mine.num_speculative_tokens, mine.speculation_cost_online) == (
+        "adaptive",
+        2,
+        False,
+    )
+    monkeypatch.delenv("QSERVE_SPECULATION_POLICY")
     s = Settings(served_model_name="mine", seed_adapters_dir=None)
     assert s.model == real.target and s.served_model_name == "mine" and s.seed_adapters_dir is None
 
@@ -115,10 +131,12 @@ def test_keys_file_must_exist(tmp_path):
 def test_the_speculation_policy_reaches_the_engine_core_as_additional_config():
     assert Settings().speculation_policy == "fixed"
     args = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive"]))
-    expected = {"policy": "adaptive", "cost_ms": [30.0, 0.4, 10.0, 0.1], "cost_online": False}
+    expected = {"policy": "adaptive", "cost_ms": [30.0, 0.4, 10.0, 0.1], "cost_online": True}  # online: its default
     assert args.additional_config == {"qserve_speculation": expected}
-    online = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive", "--speculation-cost-online"]))
-    assert online.additional_config["qserve_speculation"]["cost_online"] is True
+    off = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive", "--no-speculation-cost-online"]))
+    assert off.additional_config["qserve_speculation"]["cost_online"] is False
+    online = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-online"]))  # the fixed policy's gauges
+    assert online.additional_config["qserve_speculation"] == {**expected, "policy": "fixed"}
     # the step-time model: the pair's by default, or a user's own measurement
     assert Settings(pair="smollm2").speculation_cost == PAIRS["smollm2"].speculation_cost_ms
     mine = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5"]))

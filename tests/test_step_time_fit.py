@@ -56,7 +56,7 @@ def test_without_a_no_speculation_row_there_is_nothing_to_fit():
 
 def test_the_benchmark_workload_varies_output_lengths_around_the_mean():
     from bench.adaptive_spec import LENGTH_FACTORS, Workload
-    from server.settings import PAIRS
+    from server.pairs import PAIRS
 
     cases = Workload("smollm2").requests("zipf", 10, 32)
     lengths = [n for _, _, n in cases]

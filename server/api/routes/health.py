@@ -24,7 +24,7 @@ async def health():
 @router.get("/ready")
 async def ready(state: StateDep):
     """Readiness: 200 once the engine is loaded and answering (with the engine's own quantization,
-    dtype and speculative config), 503 before that or after it died."""
+    dtype and speculative config, its speculation policy included), 503 before that or after it died."""
     engine = state.engine
     if engine is None or not state.ready:
         return error_response(503, "engine is loading")
@@ -34,6 +34,7 @@ async def ready(state: StateDep):
         return error_response(503, f"engine is not healthy: {type(exc).__name__}")
     config = engine.vllm_config
     spec = config.speculative_config
+    policy = (config.additional_config or {}).get("qserve_speculation", {})  # what vllm_patches/adaptive_k.py reads
     return JSONResponse(
         {
             "status": "ready",
@@ -48,6 +49,8 @@ async def ready(state: StateDep):
                 "method": spec.method,
                 "draft_model": spec.draft_model_config.model if spec.draft_model_config else None,
                 "num_speculative_tokens": spec.num_speculative_tokens,
+                "policy": policy.get("policy", "fixed"),
+                "cost_online": bool(policy.get("cost_online")),
             },
             "lora": config.lora_config is not None,
         }

@@ -27,9 +27,11 @@ Limit: the fit learns from the steps the policy chooses. A server whose every st
 cannot tell ``t0`` from ``d0`` (both multiply a constant), so the ridge splits them, and what skipping the
 draft would save is then the prior's guess (tests/test_speculation_cost_online.py starts from a prior
 ``1000,1,1,1`` under which drafting is all but free, so its requests draft; it fit ``t0`` 26 ms, ``d0`` 0).
-Steps with other K come from batch changes, probes and skips; forcing them would cost steps, so whether
-this beats a calibrated model is a benchmark's question (why ``--speculation-cost-online`` is off by
-default).
+Steps with other K come from batch changes, probes and skips; forcing them would cost steps (a step that
+skips the draft leaves its requests' draft KV with a gap). It is on by default with the adaptive policy
+(``server/settings.py``): the pair's constants were measured on one host, and a fit that follows the host's
+own steps needs no calibration run on another; BENCHMARKS.md, "Adaptive speculation ... (smollm2 pair)"
+measures the policy with it.
 
 A prior without ``v1`` (``t1`` per verified draft) is read with ``v1 = t1``; its ``l1`` per verified adapter
 draft then moves into ``e1``, which with ``v1`` set holds what verifying an adapter's drafts adds (cost.py).
