@@ -10,7 +10,7 @@ from cell to cell, so the host's drift over the run lands on every row alike (an
 polling after a second; the servers' traffic never overlaps). The adaptive server starts last, with
 the step-time model fitted to calibration cells of the other servers (``bench.step_time_fit`` on base and
 near traffic at ``CALIBRATION_LEVELS``; ``--no-fit-cost``: the pair's), as a user measures their own
-machine. Memory: three smollm2 servers used 10.3 GiB here (``free -m``: 10582 MiB), so all six need about 21 GiB; name
+machine, and refits it online from its own steps (the adaptive policy's default). Memory: three smollm2 servers used 10.3 GiB here (``free -m``: 10582 MiB), so all six need about 21 GiB; name
 fewer ``--configs`` on a smaller host. Each gets ``nodraft``, stdlib-docs's target adapter uploaded without its draft adapter (so
 the plain draft drafts it). Per server, per repeat, per traffic and concurrency level it streams
 ``max(12, 4 x level)`` greedy requests (``ignore_eos``) with ``level`` in flight, and reports output tokens
@@ -31,7 +31,7 @@ too short to compare at 0.97x: the same servers' base c=1 and c=32 cells spread 
 repeats, and a 4-request c=1 cell measured the adaptive server at 0.90x of no speculation where 10-request
 cells gave 0.99-1.04x (BENCHMARKS.md). After the adaptive server's traffic its
 per-adapter k and acceptance estimate and its count of steps without the draft are printed too.
-``--configs`` may also name ``VARIANTS`` (the adaptive policy with ``--speculation-cost-online``),
+``--configs`` may also name ``VARIANTS`` (the adaptive policy with ``--no-speculation-cost-online``),
 ``DIAGNOSTICS`` and ``CONTROLS`` (no speculation measured twice per cell: the A/A row, the run's own noise
 at the 0.97x line); a run with a diagnostic row, or over fewer levels or traffics, is recorded under its own
 marker (``record_key``), never over the full run's table.
@@ -69,10 +69,11 @@ CONFIGS = {
     **{f"fixed k={k}": ["--num-speculative-tokens", str(k)] for k in (1, 2, 3, 4)},
     "adaptive (k<=4)": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4"],
 }
-# Policies outside the issue's comparison, run only when named in --configs: the adaptive policy with its
-# step-time model refitted online from the engine's own step times, starting from the same model.
+# Policies outside the issue's comparison, run only when named in --configs: the adaptive policy deciding
+# with its step-time model as configured (the pair's, or fitted to this run's calibration cells), never
+# refitted online. The adaptive row itself refits online, the policy's default.
 VARIANTS = {
-    "adaptive online-cost (k<=4)": [*CONFIGS["adaptive (k<=4)"], "--speculation-cost-online"],
+    "adaptive calibrated (k<=4)": [*CONFIGS["adaptive (k<=4)"], "--no-speculation-cost-online"],
 }
 # Not a policy: the speculation-enabled engine with a step-time model under which drafting never pays,
 # so every step skips the draft model. Against "no speculation" it isolates what the engine's
