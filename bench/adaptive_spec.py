@@ -80,7 +80,7 @@ VARIANTS = {
 # speculative path costs when nobody drafts. Run only when named in --configs.
 DIAGNOSTICS = {
     "spec engine never drafts": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4",
-                                  "--speculation-cost-ms", "100,3,1000000,0"],
+                                  "--speculation-cost-ms", "100,3,1000000,0", "--no-speculation-cost-online"],
 }  # fmt: skip
 # Not a policy: the A/A control. The name re-measures the server of the config it maps to, in every cell, at
 # the middle of the rotation, so its ratio to that config is what two measurements of one server differ by

@@ -26,8 +26,15 @@ K_GAUGE, A_GAUGE = "qserve_speculation_k", "qserve_speculation_acceptance_estima
 
 @pytest.fixture(scope="module")
 def adaptive():
-    # a cheap draft (d0 2 ms against t0 30): drafting pays even in a batch of 16, so its requests get different k
-    args = ("--speculation-policy", "adaptive", "--speculation-cost-ms", "30,0.4,2,0.05")
+    # a cheap draft (d0 2 ms against t0 30): drafting pays even in a batch of 16, so its requests get different k;
+    # the model stays as given (not refitted online from this host's steps, the adaptive policy's default)
+    args = (
+        "--speculation-policy",
+        "adaptive",
+        "--speculation-cost-ms",
+        "30,0.4,2,0.05",
+        "--no-speculation-cost-online",
+    )
     proc = launch("adaptive-spec", *args, store=Path(tempfile.mkdtemp(prefix="qs-ad-")))
     upload(proc.base_url, "nodraft", SHIPPED / "stdlib-docs")
     yield proc
@@ -86,7 +93,8 @@ def skipping():
     # estimate depends on how the 8 requests happened to arrive (0.48 when early steps ran alone at k=4, 0.68
     # when all 8 started together at k=1). B=1: k=1 costs 10 + 2 + 0.1 + 1.5 = 13.6 ms against 11, paying when
     # (1 + a) / 13.6 > 1 / 11; B=8: no draft 8 / 18 ms beats k=1's 16 / 38.1 ms even at a = 1 (k=4 pays at 0.98).
-    proc = launch("adaptive-skip", "--speculation-policy", "adaptive", "--speculation-cost-ms", "10,1,0.1,0.5")
+    proc = launch("adaptive-skip", "--speculation-policy", "adaptive", "--speculation-cost-ms", "10,1,0.1,0.5",
+                  "--no-speculation-cost-online")  # fmt: skip
     yield proc
     proc.stop()
 
