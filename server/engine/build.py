@@ -13,6 +13,7 @@ from argparse import Namespace
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from server.engine.speculation import CONFIG_KEY
 from server.settings import Settings
 
 
@@ -59,7 +60,7 @@ def vllm_argv(settings: Settings) -> list[str]:
             spec["quantization"] = "bitsandbytes"
         argv += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary"]
         # Read in the engine core by vllm_patches.adaptive_k (vLLM's channel for plugin config).
-        argv += ["--additional-config", json.dumps({"qserve_speculation": {
+        argv += ["--additional-config", json.dumps({CONFIG_KEY: {
             "policy": settings.speculation_policy, "cost_ms": list(settings.speculation_cost),
             "cost_online": settings.speculation_cost_online}})]  # fmt: skip
     if settings.enable_lora:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server.api.deps import StateDep
+from server.engine.speculation import CONFIG_KEY
 from server.errors import error_response
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ async def ready(state: StateDep):
         return error_response(503, f"engine is not healthy: {type(exc).__name__}")
     config = engine.vllm_config
     spec = config.speculative_config
-    policy = (config.additional_config or {}).get("qserve_speculation", {})  # what vllm_patches/adaptive_k.py reads
+    policy = (config.additional_config or {}).get(CONFIG_KEY, {})  # what vllm_patches/adaptive_k.py reads
     return JSONResponse(
         {
             "status": "ready",

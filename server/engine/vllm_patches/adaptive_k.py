@@ -62,13 +62,12 @@ from __future__ import annotations
 import functools
 import time
 
+from server.engine.speculation import CONFIG_KEY
 from server.engine.speculation.cost import CostModel
 from server.engine.speculation.policy import AdaptivePolicy
 from server.engine.speculation.step_timing import OnlineCostFit
 from server.engine.vllm_patches.scheduler_policy import ADAPTIVE, FIXED, SchedulerPolicy, log
 from server.engine.vllm_patches.step_clock import StepClock
-
-CONFIG_KEY = "qserve_speculation"
 
 
 def _state(scheduler) -> SchedulerPolicy | None:
