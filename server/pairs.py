@@ -7,13 +7,15 @@ them can still be set on its own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ModelPair(NamedTuple):
-    """A target, its served name, its draft and the adapters trained for them (seeded at start)."""
+    """A target, its served name, its draft, the adapters trained for them (seeded at start) and the pair's
+    speculation defaults: the fixed policy's k, the adaptive policy's largest k and step-time model, which
+    policy a server runs unless told."""
 
     target: Path
     served_model_name: str
@@ -22,7 +24,9 @@ class ModelPair(NamedTuple):
     num_speculative_tokens: int  # the fixed policy's k: the k this pair is fastest at (BENCHMARKS.md, "Serving")
     # The adaptive policy's step-time model, ms (t0, t1, d0, d1, l0, l1, e0, e1[, v1]; speculation/cost.CostModel).
     speculation_cost_ms: tuple[float, ...]
-    speculation_policy: str  # the default --speculation-policy: adaptive where a benchmark shows it wins
+    speculation_policy: Literal[
+        "fixed", "adaptive"
+    ]  # the default --speculation-policy: adaptive where a benchmark shows it wins
     max_speculative_tokens: int  # the adaptive policy's largest k (its --num-speculative-tokens)
 
     def speculation_text(self) -> str:

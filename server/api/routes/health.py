@@ -35,7 +35,7 @@ async def ready(state: StateDep):
         return error_response(503, f"engine is not healthy: {type(exc).__name__}")
     config = engine.vllm_config
     spec = config.speculative_config
-    policy = (config.additional_config or {}).get(CONFIG_KEY, {})  # what vllm_patches/adaptive_k.py reads
+    handed = (config.additional_config or {}).get(CONFIG_KEY, {})  # what vllm_patches/adaptive_k.py reads
     return JSONResponse(
         {
             "status": "ready",
@@ -50,8 +50,8 @@ async def ready(state: StateDep):
                 "method": spec.method,
                 "draft_model": spec.draft_model_config.model if spec.draft_model_config else None,
                 "num_speculative_tokens": spec.num_speculative_tokens,
-                "policy": policy.get("policy", "fixed"),
-                "cost_online": bool(policy.get("cost_online")),
+                "policy": handed.get("policy", "fixed"),
+                "cost_online": bool(handed.get("cost_online")),
             },
             "lora": config.lora_config is not None,
         }
