@@ -14,9 +14,12 @@ BLOCK = 128
 NEVER = CostModel(t0=1.0, t1=0.0, d0=1000.0, d1=0.0)  # a draft pass costs 1000 target steps: never draft
 
 
-def request(rid: str, prompt: int, computed: int, seed: int | None = None):
+def request(rid: str, prompt: int, computed: int, seed: int | None = None, max_tokens: int = 1000):
+    """A vLLM ``Request`` as the scheduler leaves it after scheduling a step (``computed`` advanced by it)."""
     return SimpleNamespace(request_id=rid, num_prompt_tokens=prompt, num_computed_tokens=computed,
-                           sampling_params=SimpleNamespace(seed=seed), lora_request=None)  # fmt: skip
+                           num_output_tokens=max(computed - 1 - prompt, 0), num_output_placeholders=0,
+                           max_tokens=max_tokens, sampling_params=SimpleNamespace(seed=seed),
+                           lora_request=None)  # fmt: skip
 
 
 class Pool:
@@ -126,3 +129,30 @@ def test_the_fixed_policy_without_overrides_leaves_vllm_alone():
     out = step({"b": 1})
     state.plan(s, out)
     assert state.k_for == {} and out.num_spec_tokens_to_schedule == 4
+
+
+def test_a_request_near_its_max_tokens_drafts_only_what_can_become_output():
+    free = CostModel(d0=0.0, d1=0.0)  # drafting is free: without the cap every request drafts k_max
+    state = SchedulerPolicy(AdaptivePolicy(k_max=4, cost=free, prior_mean=0.9, probe_every=10**6), adaptive=True)
+    # decoding with 10 output tokens made, this step's token and the next step's own token to come:
+    # room for 2 drafts with max_tokens 14, none with 12; the third has no end in sight
+    s = scheduler(request("two", 20, 31, max_tokens=14), request("none", 20, 31, max_tokens=12),
+                  request("far", 20, 31))  # fmt: skip
+    out = step({"two": 1, "none": 1, "far": 1})
+    state.plan(s, out)
+    assert state.k_for == {"two": 2, "none": 0, "far": 4} and out.num_spec_tokens_to_schedule == 4
+    assert not hasattr(out, "qserve_skip_draft") and state.stale == {}
+
+
+def test_a_step_whose_requests_are_all_at_their_end_skips_the_draft():
+    free = CostModel(d0=0.0, d1=0.0)
+    state = SchedulerPolicy(AdaptivePolicy(k_max=4, cost=free, prior_mean=0.9, probe_every=1), adaptive=True)
+    s = scheduler(request("last", 20, 31, max_tokens=12))  # probe_every=1: not even a probe may draft
+    out = step({"last": 1})
+    state.plan(s, out)
+    assert out.num_spec_tokens_to_schedule == 0 and out.qserve_skip_draft is True
+    assert state.stale == {"last": 30 // BLOCK} and state.report()["probes"] == 0
+    fixed = SchedulerPolicy(AdaptivePolicy(k_max=4), adaptive=False)  # the fixed policy drafts as vLLM does
+    out = step({"last": 1})
+    fixed.plan(s, out)
+    assert out.num_spec_tokens_to_schedule == 4 and fixed.k_for == {}

@@ -245,3 +245,24 @@ def test_the_fixed_policy_drafts_the_maximum_except_for_overridden_adapters():
 def test_a_fixed_k_outside_the_range_is_refused():
     with pytest.raises(ValueError, match="fixed k in 0..k_max"):
         choose_k([Group(0.5, 1, fixed=5)], 4, CostModel())
+
+
+def test_a_limit_caps_the_chosen_k_and_an_override_but_not_a_pinned_request():
+    free = CostModel(d0=0.0, d1=0.0, t1=0.0)  # drafting is free: without limits every request drafts k_max
+    assert choose_k([Group(0.9, 1), Group(0.9, 1, limit=2)], 4, free)[0] == [4, 2]
+    policy = AdaptivePolicy(k_max=4, cost=free, prior_mean=0.9, overrides={"pinned-k": 3})
+    rows = [("(base)", False), ("(base)", False), ("pinned-k", False), ("(base)", True)]
+    assert policy.plan(rows, limits=[4, 1, 2, 1]) == [4, 1, 2, 4]
+    assert policy.report()["adapters"]["(base)"]["k"] == 4  # the adapter's largest k of the step
+    with pytest.raises(ValueError, match="limit"):
+        policy.plan(rows, limits=[4, 0, 2, 1])
+    with pytest.raises(ValueError, match="limit"):
+        policy.plan(rows, limits=[4])
+
+
+def test_a_probe_respects_the_limit_and_counts_once_per_adapter():
+    policy = AdaptivePolicy(k_max=4, probe_every=1, probe_k=3)
+    for _ in range(40):
+        policy.observe("far", 1, 0)
+    assert policy.plan([("far", False), ("far", False)], skip_at_zero=True, limits=[4, 1]) == [3, 1]
+    assert policy.probes == 1

@@ -49,13 +49,15 @@ class Group:
     ``fixed``: the k they must draft, not chosen (seeded sampled requests keep the maximum k: their
     realized output depends on how many drafts each step verifies, so it stays that of the fixed policy;
     an adapter with an operator's override keeps that). ``lora``: they have an adapter (its LoRA terms of
-    :class:`CostModel` apply).
+    :class:`CostModel` apply). ``limit``: the most drafts they can use (their remaining output tokens leave
+    no use for more), None for no limit below ``k_max``.
     """
 
     a: float
     count: int
     fixed: int | None = None
     lora: bool = False
+    limit: int | None = None
 
 
 def _best_k(a: float, limit: int, price: float) -> int:
@@ -93,13 +95,19 @@ def choose_k(
         Empty ``groups``: ([], 0.0).
 
     Raises:
-        ValueError: ``k_max`` < 0, a count < 1, an ``a`` outside [0, 1] or a ``fixed`` outside 0..k_max.
+        ValueError: ``k_max`` < 0, a count < 1, an ``a`` outside [0, 1], a ``fixed`` outside 0..k_max or a
+        ``limit`` < 0.
     """
     if k_max < 0 or any(
-        g.count < 1 or not 0.0 <= g.a <= 1.0 or (g.fixed is not None and not 0 <= g.fixed <= k_max) for g in groups
+        g.count < 1
+        or not 0.0 <= g.a <= 1.0
+        or (g.fixed is not None and not 0 <= g.fixed <= k_max)
+        or (g.limit is not None and g.limit < 0)
+        for g in groups
     ):
         raise ValueError(
-            f"need k_max >= 0, counts >= 1, a in [0, 1] and fixed k in 0..k_max; got k_max={k_max}, groups={groups}"
+            "need k_max >= 0, counts >= 1, a in [0, 1], fixed k in 0..k_max and limits >= 0; "
+            f"got k_max={k_max}, groups={groups}"
         )
     if not groups:
         return [], 0.0
@@ -111,7 +119,9 @@ def choose_k(
         lam = _rate(groups, ks, passes, cost, skip_at_zero)
         for _ in range(32):  # Dinkelbach on this K: the rate rises strictly until optimal (a few rounds)
             nxt = [
-                _best_k(g.a, passes, lam * p) if g.fixed is None else g.fixed
+                _best_k(g.a, passes if g.limit is None else min(passes, g.limit), lam * p)
+                if g.fixed is None
+                else g.fixed
                 for g, p in zip(groups, price, strict=True)
             ]
             r = _rate(groups, nxt, passes, cost)
@@ -158,22 +168,33 @@ class AdaptivePolicy:
         return est
 
     def plan(
-        self, requests: Sequence[tuple[str, bool]], stale: Sequence[str] = (), skip_at_zero: bool = False
+        self,
+        requests: Sequence[tuple[str, bool]],
+        stale: Sequence[str] = (),
+        skip_at_zero: bool = False,
+        limits: Sequence[int] | None = None,
     ) -> list[int]:
         """Drafts for each of a step's requests, given as (adapter key, pinned); same order as ``requests``.
 
         Pinned requests (seeded) draft ``k_max``; an adapter in :attr:`overrides` drafts its override; the
-        rest are chosen by :func:`choose_k`. ``stale``: the adapter keys of further requests of the step that
-        draft nothing whatever (their draft KV has a gap); they count in the batch's cost. ``skip_at_zero``:
-        the step may skip the draft model; :attr:`skip_draft` then says whether it should (every k 0, and no
-        request's optimistic acceptance would draft: module doc). Stale requests and overridden adapters are
-        never probed; probes go to requests whose draft KV is whole.
+        rest are chosen by :func:`choose_k`. ``limits``: per request, the most drafts it can use (>= 1; a
+        request near the end of its output has no use for drafts past it, and one that can use none belongs
+        in ``stale``), None for ``k_max`` each; it caps overrides too, never a pinned request. ``stale``: the
+        adapter keys of further requests of the step that draft nothing whatever (their draft KV has a gap);
+        they count in the batch's cost. ``skip_at_zero``: the step may skip the draft model; :attr:`skip_draft`
+        then says whether it should (every k 0, and no request's optimistic acceptance would draft: module
+        doc). Stale requests and overridden adapters are never probed; probes go to requests whose draft KV
+        is whole. Raises ValueError for ``limits`` of another length than ``requests``, or one below 1.
         """
-        keys = Counter(requests)  # (adapter key, pinned) -> requests, in first-seen order
+        caps = [self.k_max] * len(requests) if limits is None else [min(lim, self.k_max) for lim in limits]
+        if len(caps) != len(requests) or min(caps, default=1) < 1:
+            raise ValueError(f"need one limit >= 1 per request; got {limits} for {len(requests)} requests")
+        rows = [(key, pinned, self.k_max if pinned else cap) for (key, pinned), cap in zip(requests, caps, strict=True)]
+        keys = Counter(rows)  # (adapter key, pinned, limit) -> requests, in first-seen order
         order = list(keys)
 
         def groups_at(a_of) -> list[Group]:
-            return [Group(a_of(k), n, self._fixed(k, pinned), k != BASE_KEY) for (k, pinned), n in keys.items()]
+            return [Group(a_of(row[0]), n, self._fixed(*row), row[0] != BASE_KEY, row[2]) for row, n in keys.items()]
 
         stale_lora = sum(key != BASE_KEY for key in stale)
         stale_groups = [
@@ -187,22 +208,22 @@ class AdaptivePolicy:
             if any(choose_k(hopeful, self.k_max, self.cost, skip_at_zero=True)[0]):
                 self.skip_draft = False  # not sure enough to lock these requests out: keep the draft's KV whole
                 ks, _ = choose_k(groups, self.k_max, self.cost, skip_at_zero=False)
-        by_key = dict(zip(order, ks[: len(order)], strict=True))
-        for (key, pinned), k in list(by_key.items()):
-            if self._fixed(key, pinned) is not None:
-                continue
-            if k > 0:
+        by_row = dict(zip(order, ks[: len(order)], strict=True))
+        chosen = [row for row in order if self._fixed(*row) is None]
+        for key in dict.fromkeys(row[0] for row in chosen):
+            mine = [row for row in chosen if row[0] == key]
+            if any(by_row[row] for row in mine):  # a k = 0 group of a key whose other groups draft is capped
                 self.idle_steps[key] = 0
                 continue
             idle = self.idle_steps.get(key, 0) + 1
             if idle >= self.probe_every:
-                by_key[(key, pinned)] = min(self.probe_k, self.k_max)
+                by_row.update((row, min(self.probe_k, row[2])) for row in mine)
                 self.probes += 1
                 idle = 0
             self.idle_steps[key] = idle
-        self._account(by_key, keys)
-        self.skip_draft = self.skip_draft and not any(by_key.values())  # a probe needs the draft
-        return [by_key[r] for r in requests]
+        self._account(by_row, keys)
+        self.skip_draft = self.skip_draft and not any(by_row.values())  # a probe needs the draft
+        return [by_row[row] for row in rows]
 
     def plan_fixed(self, requests: Sequence[tuple[str, bool]], skip_at_zero: bool = False) -> list[int]:
         """The fixed policy's drafts with the overrides applied: ``k_max`` for every request but those of an
@@ -213,18 +234,26 @@ class AdaptivePolicy:
         self.skip_draft = skip_at_zero and not any(by_key.values())
         return [by_key[r] for r in requests]
 
-    def _fixed(self, key: str, pinned: bool) -> int | None:
-        """The k requests of adapter ``key`` must draft (pinned: ``k_max``; else its override), None to choose."""
-        return self.k_max if pinned else self.overrides.get(key)
+    def _fixed(self, key: str, pinned: bool, limit: int | None = None) -> int | None:
+        """The k requests of adapter ``key`` must draft (pinned: ``k_max``; else its override, at most ``limit``),
+        None to choose."""
+        if pinned:
+            return self.k_max
+        k = self.overrides.get(key)
+        return k if k is None or limit is None else min(k, limit)
 
-    def _account(self, by_key: dict[tuple[str, bool], int], counts: dict[tuple[str, bool], int]) -> None:
-        """Record a step's k per (adapter, pinned) group: last k, mean k, mixed steps (pinned rows aside)."""
-        for (key, pinned), k in by_key.items():
+    def _account(self, by_group: dict[tuple, int], counts: dict[tuple, int]) -> None:
+        """Record a step's k per group (keys (adapter, pinned, ...)): per adapter the largest k of the step as
+        its last k, each group's requests into its mean k; mixed steps (pinned rows aside)."""
+        last: dict[str, int] = {}
+        for group, k in by_group.items():
+            key, pinned = group[:2]
             if not pinned:
-                self.last_k[key] = k
+                last[key] = max(k, last.get(key, 0))
                 mean = self.mean_k.get(key, float(k))
-                self.mean_k[key] = mean + (k - mean) * (1 - (1 - 1 / self.k_window) ** counts[(key, pinned)])
-        if len(set(by_key.values())) > 1:
+                self.mean_k[key] = mean + (k - mean) * (1 - (1 - 1 / self.k_window) ** counts[group])
+        self.last_k.update(last)
+        if len(set(by_group.values())) > 1:
             self.mixed_steps += 1
 
     def observe(self, key: str, drafted: int, accepted: int) -> None:

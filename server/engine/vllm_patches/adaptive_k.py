@@ -11,7 +11,10 @@ What the patch does, in the engine-core process (``server/engine/speculation/pol
 
 - ``Scheduler.schedule`` (``vllm/v1/core/sched/scheduler.py`` ~591): after vLLM schedules the step, the
   policy picks ``k_i`` for each scheduled request from its adapter's acceptance estimate and the batch
-  size, and the step's ``num_spec_tokens_to_schedule`` (how many draft passes the runner makes, read by
+  size, at most the drafts that can still become output (``scheduler_policy.usable_drafts``: vLLM drafts
+  and verifies k tokens past a request's ``max_tokens`` and drops them; a request in its last two steps
+  drafts none, and a step where every request is there skips the draft model), and the step's
+  ``num_spec_tokens_to_schedule`` (how many draft passes the runner makes, read by
   ``GPUModelRunner.propose_draft_token_ids`` ~4763, the knob Dynamic SD turns) is capped at ``max k_i``;
 - ``Scheduler.update_draft_token_ids`` (~2550): each request's proposed drafts are cut to its ``k_i``
   before the scheduler stores them; the next step schedules ``1 + k_i`` tokens for it. Rows with fewer

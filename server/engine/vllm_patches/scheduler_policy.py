@@ -23,6 +23,19 @@ def adapter_key(request) -> str:
     return BASE_KEY if lora is None else lora.lora_name
 
 
+def usable_drafts(request) -> int:
+    """How many drafts proposed in the step just scheduled for ``request`` can become output tokens (>= 0).
+
+    The step yields at least one token and the next step, which verifies these drafts, one token of its own,
+    so of ``max_tokens - output`` tokens left at most ``max_tokens - output - 2`` can come from drafts; vLLM
+    drafts and verifies ``k`` regardless and drops the excess. With async scheduling the tokens already
+    scheduled (``num_output_placeholders``, this step's among them) count as made, drafts included: a cap
+    that starts a step early, never one too late.
+    """
+    made = request.num_output_tokens + max(request.num_output_placeholders, 1)
+    return max(request.max_tokens - made - 1, 0)
+
+
 class SchedulerPolicy:
     """The policy bound to one scheduler: this step's k per request, and the fall-back when it fails."""
 
@@ -44,21 +57,24 @@ class SchedulerPolicy:
         if not self.adaptive and not self.policy.overrides:
             return  # vLLM's own fixed k
         try:
-            ids, rows, fresh, stale, starts = list(output.num_scheduled_tokens), [], [], [], {}
+            ids, rows, limits, fresh, stale, starts = list(output.num_scheduled_tokens), [], [], [], [], {}
             may_skip = True
             for req_id, n in output.num_scheduled_tokens.items():
                 request = scheduler.requests[req_id]
                 starts[req_id] = start = request.num_computed_tokens - n  # scheduling already advanced it
                 if start < request.num_prompt_tokens and request.num_prompt_tokens >= scheduler.block_size:
                     may_skip = False  # a long prompt's blocks may be shared while it runs
-                if req_id in self.stale:
-                    stale.append(adapter_key(request))
-                    continue
                 params = request.sampling_params
+                pinned = params is not None and params.seed is not None
+                usable = usable_drafts(request)
+                if req_id in self.stale or (self.adaptive and not pinned and usable == 0):
+                    stale.append(adapter_key(request))  # drafts nothing this step (a skip makes it stale)
+                    continue
                 fresh.append(req_id)
-                rows.append((adapter_key(request), params is not None and params.seed is not None))
+                rows.append((adapter_key(request), pinned))
+                limits.append(max(usable, 1))
             if self.adaptive:
-                ks = self.policy.plan(rows, stale=stale, skip_at_zero=may_skip)
+                ks = self.policy.plan(rows, stale=stale, skip_at_zero=may_skip, limits=limits)
             else:
                 ks = self.policy.plan_fixed(rows, skip_at_zero=may_skip)
         except Exception as e:  # noqa: BLE001 (a policy error must not kill the engine step)
@@ -73,8 +89,8 @@ class SchedulerPolicy:
         if top == 0 and self.policy.skip_draft:
             output.qserve_skip_draft = True  # read by the runner (patched _input_fits_in_drafter)
             self.skipped_steps += 1
-            for req_id in fresh:
-                self.stale[req_id] = starts[req_id] // scheduler.block_size
+            for req_id in ids:
+                self.stale.setdefault(req_id, starts[req_id] // scheduler.block_size)
 
     @property
     def no_drafts(self) -> bool:
