@@ -25,6 +25,7 @@ from bench.report import argument_parser, pair_key, publish
 from server.pairs import PAIRS
 
 NEVER = "spec engine never drafts"
+DEFAULT_CELLS = "base:4,zipf:8"
 CONTROL = ("no speculation A", "no speculation B")
 
 
@@ -61,7 +62,7 @@ def table(command: str, pair: str, cells: list[tuple[str, int]], runs: dict) -> 
 def main() -> None:
     ap = argument_parser(__doc__)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
-    ap.add_argument("--cells", default="base:4,zipf:8", help="traffic:concurrency pairs, comma-separated")
+    ap.add_argument("--cells", default=DEFAULT_CELLS, help="traffic:concurrency pairs, comma-separated")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--mean-tokens", type=int, default=32, help="mean output tokens per request")
     ap.add_argument("--before", type=Path, help="another checkout to serve the never-drafting engine from too")
@@ -92,7 +93,10 @@ def main() -> None:
         f"python -m bench.engine_overhead --pair {args.pair} --cells {args.cells} --rounds {args.rounds} "
         f"--mean-tokens {args.mean_tokens}" + (f" --before {args.before}" if args.before else "")
     )
-    publish(table(command, args.pair, cells, runs), args.write, pair_key("engine_overhead", args.pair))
+    key = pair_key("engine_overhead", args.pair)  # other cells get their own table, never replacing the default's
+    if args.cells != DEFAULT_CELLS:
+        key += "_" + "_".join(f"{t}{lv}" for t, lv in cells)
+    publish(table(command, args.pair, cells, runs), args.write, key)
 
 
 if __name__ == "__main__":
