@@ -71,9 +71,11 @@ CONFIGS = {
 }
 # Policies outside the issue's comparison, run only when named in --configs: the adaptive policy deciding
 # with its step-time model as configured (the pair's, or fitted to this run's calibration cells), never
-# refitted online. The adaptive row itself refits online, the policy's default.
+# refitted online (the adaptive row itself refits online, the policy's default); and the policy with at most
+# one draft, whose engine is built as fixed k=1's is (against that row it tells what a k_max of 4 costs).
 VARIANTS = {
     "adaptive calibrated (k<=4)": [*CONFIGS["adaptive (k<=4)"], "--no-speculation-cost-online"],
+    "adaptive (k<=1)": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "1"],
 }
 # Not a policy: the speculation-enabled engine with a step-time model under which drafting never pays,
 # so every step skips the draft model. Against "no speculation" it isolates what the engine's

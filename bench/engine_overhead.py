@@ -1,7 +1,7 @@
 """What the speculation-enabled engine costs when nobody drafts: tokens/s against no speculation, with an A/A control.
 
 Usage: python -m bench.engine_overhead [--pair smollm2] [--cells base:4,zipf:8] [--rounds 8] [--before PATH]
-       [--write BENCHMARKS.md]
+       [--also 'adaptive (k<=4),fixed k=1'] [--write BENCHMARKS.md]
 
 Where the adaptive policy drafts nothing (base traffic from concurrency 4 on, BENCHMARKS.md), the adaptive
 server can only match no speculation if a step without drafts costs what a plain step costs. This serves
@@ -9,7 +9,8 @@ two ``--no-speculation`` servers (A and B: the control, two servers of one confi
 engine under a step-time model in which drafting never pays (``bench.adaptive_spec``'s diagnostic
 ``spec engine never drafts``: every step skips the draft model), and with ``--before PATH`` the same
 engine served from another checkout (a ``git worktree`` of an earlier commit, its ``models/`` linked to
-this one's), to measure a change to that path. Each round runs every cell on every server, the first
+this one's), to measure a change to that path; ``--also`` adds rows of ``bench.adaptive_spec`` by name (a
+policy against the never-drafting engine and the control, in more rounds than that bench repeats). Each round runs every cell on every server, the first
 server rotating from round to round; a server's ratio in a round is its tokens/s over the mean of A's
 and B's in that round, and the table gives the median and the spread over rounds. B's own ratio is what
 two identical servers differ by: a difference smaller than its spread is not resolved.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from bench.adaptive_spec import DIAGNOSTICS, Workload, run_cell, start
+from bench.adaptive_spec import CONFIGS, DIAGNOSTICS, VARIANTS, Workload, run_cell, start
 from bench.report import argument_parser, pair_key, publish
 from server.pairs import PAIRS
 
@@ -66,13 +67,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--mean-tokens", type=int, default=32, help="mean output tokens per request")
     ap.add_argument("--before", type=Path, help="another checkout to serve the never-drafting engine from too")
+    ap.add_argument("--also", default="", help=f"bench.adaptive_spec rows to serve too, comma-separated, of "
+                    f"{[*CONFIGS, *VARIANTS]}")  # fmt: skip
     args = ap.parse_args()
+    also = [name for name in args.also.split(",") if name]
+    if unknown := [name for name in also if name not in CONFIGS | VARIANTS]:
+        ap.error(f"--also: unknown rows {unknown}; known: {[*CONFIGS, *VARIANTS]}")
     cells = [(t, int(lv)) for t, lv in (c.split(":") for c in args.cells.split(","))]
     work = Workload(args.pair)
     configs = {CONTROL[0]: (["--no-speculation"], None), CONTROL[1]: (["--no-speculation"], None),
                NEVER: (DIAGNOSTICS[NEVER], None)}  # fmt: skip
     if args.before:
         configs[f"{NEVER}, {args.before.name}"] = (DIAGNOSTICS[NEVER], args.before.resolve())
+    configs |= {name: ((CONFIGS | VARIANTS)[name], None) for name in also}
     servers: dict = {}
     runs: dict = {cell: {name: [] for name in configs} for cell in cells}
     try:
@@ -91,9 +98,12 @@ def main() -> None:
             proc.stop()
     command = (
         f"python -m bench.engine_overhead --pair {args.pair} --cells {args.cells} --rounds {args.rounds} "
-        f"--mean-tokens {args.mean_tokens}" + (f" --before {args.before}" if args.before else "")
+        f"--mean-tokens {args.mean_tokens}"
+        + (f" --before {args.before}" if args.before else "")
+        + (f" --also '{args.also}'" if also else "")
     )
-    key = pair_key("engine_overhead", args.pair)  # other cells get their own table, never replacing the default's
+    # other cells, or other rows, get their own table, never replacing the default run's
+    key = pair_key("engine_overhead", args.pair) + ("_policies" if also else "")
     if args.cells != DEFAULT_CELLS:
         key += "_" + "_".join(f"{t}{lv}" for t, lv in cells)
     publish(table(command, args.pair, cells, runs), args.write, key)

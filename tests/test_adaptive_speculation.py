@@ -154,3 +154,16 @@ def test_an_admin_override_fixes_an_adapters_k_until_it_is_cleared(adaptive, pla
     assert r.status_code == 200 and r.json()["speculation_k_override"] is None
     r = httpx.put(plain + "/v1/adapters/nodraft/speculation", json={"k": 1}, timeout=30)
     assert r.status_code == 409 and "speculation is off" in r.json()["error"]["message"]
+
+
+def test_a_request_drafts_nothing_that_cannot_become_output(adaptive, plain, prompts):
+    # Drafting pays at batch 1 under this server's model, so what stops the drafts below is the cap alone
+    # (scheduler_policy.usable_drafts): after the prefill of a 2-token request its last token comes from the
+    # next step's own sampling, and of a 3-token request's at most one can come from a draft.
+    for max_tokens, most in ((2, 0), (3, 1)):
+        got = complete(adaptive.base_url, MODEL, prompts[0], max_tokens)
+        spec = got["metrics"]["speculative_decoding"]
+        assert spec["num_draft_tokens"] <= most, (max_tokens, spec)
+        assert not parting(got, complete(plain, MODEL, prompts[0], max_tokens))
+    spec = complete(adaptive.base_url, MODEL, prompts[0], 12)["metrics"]["speculative_decoding"]
+    assert spec["num_draft_tokens"] > 1, spec  # with room to use them, the same request drafts
