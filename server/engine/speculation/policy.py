@@ -212,7 +212,7 @@ class AdaptivePolicy:
         chosen = [row for row in order if self._fixed(*row) is None]
         for key in dict.fromkeys(row[0] for row in chosen):
             mine = [row for row in chosen if row[0] == key]
-            if any(by_row[row] for row in mine):  # a k = 0 group of a key whose other groups draft is capped
+            if any(by_row[row] for row in mine):  # the adapter drafts this step: not idle
                 self.idle_steps[key] = 0
                 continue
             idle = self.idle_steps.get(key, 0) + 1

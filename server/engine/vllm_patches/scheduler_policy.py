@@ -72,7 +72,7 @@ class SchedulerPolicy:
                     continue
                 fresh.append(req_id)
                 rows.append((adapter_key(request), pinned))
-                limits.append(max(usable, 1))
+                limits.append(max(usable, 1))  # a pinned row's is ignored: it drafts k_max
             if self.adaptive:
                 ks = self.policy.plan(rows, stale=stale, skip_at_zero=may_skip, limits=limits)
             else:
