@@ -44,7 +44,9 @@ def table(command: str, pair: str, cells: list[tuple[str, int]], runs: dict) -> 
     ``runs`` maps (traffic, level) to the ``ratios`` input of that cell."""
     names = list(next(iter(runs.values())))
     ratio = {cell: ratios(runs[cell]) for cell in cells}
-    lines = [f"## Speculation-enabled engine that never drafts vs no speculation ({pair} pair)", "",
+    also = [n for n in names if n not in CONTROL and not n.startswith(NEVER)]  # --also rows
+    lines = [f"## Speculation-enabled engine that never drafts{''.join(f', {n}' for n in also)} vs no speculation "
+             f"({pair} pair)", "",
              f"Command: `{command}` (2-core CPU; streamed greedy requests as in `bench.adaptive_spec`; ratio: "
              "tokens/s over the mean of the two no-speculation servers in the same round, median (min-max) "
              "over rounds).", "",

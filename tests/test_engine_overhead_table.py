@@ -21,3 +21,12 @@ def test_the_table_gives_median_tokens_and_ratio_with_its_range_per_cell():
     lines = table("cmd", "smollm2", [("base", 4)], runs)
     assert lines[4] == "| server | base c=4 tok/s | ratio |"
     assert f"| {NEVER} | 55.0 | 1.000 (0.90-1.10) |" in lines
+
+
+def test_the_title_names_the_rows_added_with_also():
+    runs = {("base", 1): {CONTROL[0]: [10.0], CONTROL[1]: [10.0], NEVER: [10.0], "adaptive (k<=4)": [11.0]}}
+    lines = table("cmd", "smollm2", [("base", 1)], runs)
+    assert (
+        lines[0] == "## Speculation-enabled engine that never drafts, adaptive (k<=4) vs no speculation (smollm2 pair)"
+    )
+    assert "| adaptive (k<=4) | 11.0 | 1.100 (1.10-1.10) |" in lines
