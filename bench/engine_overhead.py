@@ -10,7 +10,8 @@ engine under a step-time model in which drafting never pays (``bench.adaptive_sp
 ``spec engine never drafts``: every step skips the draft model), and with ``--before PATH`` the same
 engine served from another checkout (a ``git worktree`` of an earlier commit, its ``models/`` linked to
 this one's), to measure a change to that path; ``--also`` adds rows of ``bench.adaptive_spec`` by name (a
-policy against the never-drafting engine and the control, in more rounds than that bench repeats). Each round runs every cell on every server, the first
+policy against the never-drafting engine and the control, in more rounds than that bench repeats; a row named
+twice gets a second server, ``NAME (2)``). Each round runs every cell on every server, the first
 server rotating from round to round; a server's ratio in a round is its tokens/s over the mean of A's
 and B's in that round, and the table gives the median and the spread over rounds. B's own ratio is what
 two identical servers differ by: a difference smaller than its spread is not resolved.
@@ -81,7 +82,8 @@ def main() -> None:
                NEVER: (DIAGNOSTICS[NEVER], None)}  # fmt: skip
     if args.before:
         configs[f"{NEVER}, {args.before.name}"] = (DIAGNOSTICS[NEVER], args.before.resolve())
-    configs |= {name: ((CONFIGS | VARIANTS)[name], None) for name in also}
+    for name in also:  # a row named twice is served twice: two processes of one config, as A and B are
+        configs[name if name not in configs else f"{name} (2)"] = ((CONFIGS | VARIANTS)[name], None)
     servers: dict = {}
     runs: dict = {cell: {name: [] for name in configs} for cell in cells}
     try:
