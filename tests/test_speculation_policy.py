@@ -155,6 +155,21 @@ def test_a_held_adapter_is_probed_and_recovers():
     assert policy.report()["adapters"]["far"]["acceptance"] > 0.9
 
 
+def test_a_probe_waits_for_a_step_where_drafting_could_pay():
+    # Default cost: one fresh request among 31 that cannot draft (stale). Plain step 30 + 0.4 x 32 = 42.8 ms for
+    # 32 tokens; even at acceptance 1 its best, k=1, is 42.8 + 0.4 + 10 + 0.1 x 65 = 59.7 ms for 33: no estimate
+    # could make it draft there, so a probe would buy a draft pass over the whole batch for nothing.
+    policy = AdaptivePolicy(k_max=4, probe_every=4)
+    for _ in range(40):
+        policy.observe("far", 1, 0)
+    crowded = [policy.plan([("far", False)], stale=["far"] * 31, skip_at_zero=True) for _ in range(12)]
+    assert crowded == [[0]] * 12 and policy.probes == 0 and policy.skip_draft is True
+    # alone, acceptance 1 would pay (k=4: 72.9 ms for 5 tokens against 30.4 for 1): the overdue probe comes now
+    assert policy.plan([("far", False)], skip_at_zero=True) == [1]
+    assert policy.probes == 1 and policy.skip_draft is False
+    assert [policy.plan([("far", False)], skip_at_zero=True) for _ in range(4)] == [[0], [0], [0], [1]]
+
+
 def test_the_report_gives_a_mean_k_and_counts_mixed_steps():
     policy = AdaptivePolicy(k_max=4, probe_every=1000)
     for _ in range(40):

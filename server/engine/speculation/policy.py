@@ -17,7 +17,10 @@ marginal yield ``a_i^j`` exceeds ``lam s_i``; then ``lam`` <- the resulting rate
 Acceptance per adapter (:class:`~server.engine.speculation.acceptance.AcceptanceEstimate`): a Beta
 posterior over each adapter's per-draft acceptance, discounted so it follows drift; a new adapter starts
 from the prior. An adapter held at ``k = 0`` yields no data, so :class:`AdaptivePolicy` gives it
-``probe_k`` drafts every ``probe_every`` steps it is seen at 0. An operator may fix one adapter's k
+``probe_k`` drafts every ``probe_every`` steps it is seen at 0, at a step where drafting could pay for it:
+where even acceptance 1 would leave it at 0 (a large batch of requests that cannot draft), no estimate
+could change a decision, and the probe would only buy a draft pass over the whole batch; it then probes at
+the first step where it could. An operator may fix one adapter's k
 (:attr:`AdaptivePolicy.overrides`, set over the API by ``server/adapters/speculation_overrides.py``).
 
 Skipping the draft model is irreversible for the requests of that step (they never draft again), so
@@ -184,7 +187,8 @@ class AdaptivePolicy:
         they count in the batch's cost. ``skip_at_zero``: the step may skip the draft model; :attr:`skip_draft`
         then says whether it should (every k 0, and no request's optimistic acceptance would draft: module
         doc). Stale requests and overridden adapters are never probed; probes go to requests whose draft KV
-        is whole. Raises ValueError for ``limits`` of another length than ``requests``, or one below 1.
+        is whole, at a step where drafting could pay for their adapter (module doc). Raises ValueError for
+        ``limits`` of another length than ``requests``, or one below 1.
         """
         caps = [self.k_max] * len(requests) if limits is None else [min(lim, self.k_max) for lim in limits]
         if len(caps) != len(requests) or min(caps, default=1) < 1:
@@ -216,7 +220,8 @@ class AdaptivePolicy:
                 self.idle_steps[key] = 0
                 continue
             idle = self.idle_steps.get(key, 0) + 1
-            if idle >= self.probe_every:
+            skips = self.skip_draft and not any(by_row.values())  # else the draft pass is paid anyway
+            if idle >= self.probe_every and self._could_pay(key, groups_at, stale_groups, order, skips):
                 by_row.update((row, min(self.probe_k, row[2])) for row in mine)
                 self.probes += 1
                 idle = 0
@@ -233,6 +238,17 @@ class AdaptivePolicy:
         self._account(by_key, counts)
         self.skip_draft = skip_at_zero and not any(by_key.values())
         return [by_key[r] for r in requests]
+
+    def _could_pay(self, key: str, groups_at, stale_groups: list[Group], order: list, skips: bool) -> bool:
+        """Whether adapter ``key``'s chosen rows of this step would draft if its acceptance were 1 (the others'
+        at their means), the draft's pass priced only if the step would otherwise skip it (``skips``): where
+        not, a probe cannot inform any decision at this batch (module doc)."""
+        perfect = groups_at(lambda k: 1.0 if k == key else self.estimate(k).mean) + stale_groups
+        ks, _ = choose_k(perfect, self.k_max, self.cost, skip_at_zero=skips)
+        mine = [
+            k for row, k in zip(order, ks[: len(order)], strict=True) if row[0] == key and self._fixed(*row) is None
+        ]
+        return any(mine)
 
     def _fixed(self, key: str, pinned: bool, limit: int | None = None) -> int | None:
         """The k requests of adapter ``key`` must draft (pinned: ``k_max``; else its override, at most ``limit``),
