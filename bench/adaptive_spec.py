@@ -48,7 +48,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.adaptive_spec_table import GAUGES, table
+from bench.adaptive_spec_table import GAUGES, cell_line, table
 from bench.merge_serving import upload_without_draft
 from bench.report import argument_parser, publish
 from bench.serving_bench import spec_counters
@@ -200,8 +200,7 @@ def measure(servers: dict, work: Workload, traffic: str, level: int, mean_tokens
         cases = work.requests(traffic, max(12, 4 * level), mean_tokens)
         tps, ttft, per_step = run_cell(servers[name].base_url, work, cases, level)
         cells.setdefault((name, traffic, level), []).append((tps, ttft, per_step))
-        print(f"{name:24s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft:7.0f} ms  "
-              f"{per_step:.3f} tokens/request-step", flush=True)  # fmt: skip
+        print(cell_line(name, traffic, level, tps, ttft, per_step), flush=True)
 
 
 def with_controls(servers: dict, controls: list[str]) -> dict:

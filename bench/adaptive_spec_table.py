@@ -13,6 +13,7 @@ repeats.
 
 from __future__ import annotations
 
+import re
 import statistics
 
 from server.engine.speculation.cost import TERMS
@@ -21,18 +22,44 @@ CRITERION = 0.97  # the issue's line: adaptive tokens/s at least this fraction o
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")
 
 
-def paired_ratio(cells: dict, name: str, others: list[str], traffic: str, level: int) -> float | None:
-    """Median over repeats ``r`` of ``name``'s tokens/s / that of the config of ``others`` with the highest
-    median over the repeats other than ``r``, both from repeat ``r``; None with fewer than 2 repeats."""
+LINE = re.compile(r"^(?P<name>.+?)\s+(?P<traffic>\w+)\s+c=(?P<level>\d+)\s+(?P<tps>[\d.]+) tok/s\s+TTFT\s+"
+                  r"(?P<ttft>[\d.]+) ms\s+(?P<per_step>[\d.]+) tokens/request-step$")  # fmt: skip
+
+
+def cell_line(name: str, traffic: str, level: int, tps: float, ttft_ms: float, per_step: float) -> str:
+    """The line ``bench.adaptive_spec`` prints per config and cell measured (read back by :func:`read_cells`)."""
+    return f"{name:24s} {traffic:5s} c={level:<3d} {tps:7.1f} tok/s  TTFT {ttft_ms:7.0f} ms  {per_step:.3f} tokens/request-step"
+
+
+def read_cells(text: str) -> dict[tuple[str, str, int], list[tuple[float, float, float]]]:
+    """The ``cells`` of a run from its output ``text``: every :func:`cell_line` in it, in repeat order (other
+    lines, such as the tables, are skipped)."""
+    cells: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
+    for line in text.splitlines():
+        if m := LINE.match(line.strip()):
+            key = (m["name"], m["traffic"], int(m["level"]))
+            cells.setdefault(key, []).append((float(m["tps"]), float(m["ttft"]), float(m["per_step"])))
+    return cells
+
+
+def repeat_ratios(cells: dict, name: str, others: list[str], traffic: str, level: int) -> list[float]:
+    """Per repeat ``r``: ``name``'s tokens/s over that of the config of ``others`` with the highest median over
+    the repeats other than ``r``, both from repeat ``r`` (module doc); [] with fewer than 2 repeats."""
     runs = {n: [v[0] for v in cells[(n, traffic, level)]] for n in [*others, name]}
     repeats = min(len(v) for v in runs.values())
     if repeats < 2 or not others:
-        return None
+        return []
     ratios = []
     for r in range(repeats):
         best = max(others, key=lambda f: statistics.median(x for i, x in enumerate(runs[f][:repeats]) if i != r))
         ratios.append(runs[name][r] / runs[best][r])
-    return statistics.median(ratios)
+    return ratios
+
+
+def paired_ratio(cells: dict, name: str, others: list[str], traffic: str, level: int) -> float | None:
+    """The median of :func:`repeat_ratios`; None with fewer than 2 repeats."""
+    ratios = repeat_ratios(cells, name, others, traffic, level)
+    return statistics.median(ratios) if ratios else None
 
 
 def table(command: str, pair: str, levels, traffics, configs, cells, gauges, fitted, diagnostics=(), controls=None
