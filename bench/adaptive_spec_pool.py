@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from bench.adaptive_spec import CONTROLS
+from bench.adaptive_spec import CONTROLS, DIAGNOSTICS
 from bench.adaptive_spec_table import CRITERION, read_cells, repeat_ratios
 from bench.report import argument_parser, publish
 
@@ -32,11 +32,12 @@ def pool(runs: list[dict]) -> dict[tuple[str, int], list[tuple[float, float | No
     """Per (traffic, level): for every repeat of every run in ``runs`` (each a ``read_cells`` result) that
     measured it, (adaptive / best other, adaptive / mean of the two no-speculation measurements, adaptive /
     fixed k=1, control / no speculation); the second and last None in a run without the control. The best
-    other is chosen among the run's configs that are neither adaptive nor the control."""
+    other is chosen among the run's policies that are not adaptive (not the control, not a diagnostic row), as
+    ``adaptive_spec_table.table`` does."""
     out: dict[tuple[str, int], list] = {}
     for cells in runs:
         configs = dict.fromkeys(name for name, _, _ in cells)
-        others = [n for n in configs if "adaptive" not in n and n not in CONTROLS]
+        others = [n for n in configs if "adaptive" not in n and n not in CONTROLS and n not in DIAGNOSTICS]
         for traffic, level in dict.fromkeys((t, lv) for name, t, lv in cells if name == ADAPTIVE):
             best = repeat_ratios(cells, ADAPTIVE, others, traffic, level)
             tps = {n: [v[0] for v in cells[(n, traffic, level)]] for n in configs if (n, traffic, level) in cells}
