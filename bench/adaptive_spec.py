@@ -66,7 +66,7 @@ ZIPF_CYCLE = ("stdlib-docs", "(base)", "stdlib-docs", "austen", "(base)", "stdli
               "stdlib-docs", "austen")  # fmt: skip
 CONFIGS = {
     "no speculation": ["--no-speculation"],
-    **{f"fixed k={k}": ["--num-speculative-tokens", str(k)] for k in (1, 2, 3, 4)},
+    **{f"fixed k={k}": ["--speculation-policy", "fixed", "--num-speculative-tokens", str(k)] for k in (1, 2, 3, 4)},
     "adaptive (k<=4)": ["--speculation-policy", "adaptive", "--num-speculative-tokens", "4"],
 }
 # Policies outside the issue's comparison, run only when named in --configs: the adaptive policy deciding
