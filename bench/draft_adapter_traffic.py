@@ -4,7 +4,8 @@ Usage: python -m bench.draft_adapter_traffic [--adapters 16] [--levels 1,4,16] [
        [--output-tokens 48] [--write BENCHMARKS.md]
 
 Three servers of the smollm2 pair run at once on 127.0.0.1 with the same engine settings
-(``server.engine.build.vllm_argv``: NF4 target and draft, the pair's k, LoRA with ``--max-loras 16``):
+(``server.engine.build.vllm_argv``: NF4 target and draft, the fixed policy at the pair's k, LoRA with
+``--max-loras 16``):
 
 - ``ours``: our server with ``--adapters`` adapters uploaded, copies of the shipped ``stdlib-docs`` and
   ``austen`` (alternating), each with its draft adapter, applied to the draft per request (draft_lora);
@@ -76,7 +77,9 @@ def upload(base_url: str, name: str, source: str) -> None:
 
 def start(adapters: dict[str, str]) -> dict[str, ServerProcess]:
     """Our server (adapters uploaded with their draft adapters) and vLLM's (the same, no draft adapters)."""
-    settings = Settings(_cli_parse_args=["--pair", "smollm2", "--max-loras", "16"])
+    # Both at the pair's fixed k, so every request drafts and acceptance is read alike on both servers.
+    flags = ["--speculation-policy", "fixed", "--max-loras", "16"]
+    settings = Settings(_cli_parse_args=["--pair", "smollm2", *flags])
     plain = Path(tempfile.mkdtemp(prefix="qserve-dat-plain-"))
     for name, source in adapters.items():  # target adapter only: what vLLM's server can serve
         (plain / name).mkdir()
@@ -86,7 +89,7 @@ def start(adapters: dict[str, str]) -> dict[str, ServerProcess]:
     try:
         store = tempfile.mkdtemp(prefix="qserve-dat-store-")
         env = {"QSERVE_ADAPTER_STORE_DIR": store, "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
-        procs["ours"] = start_server(["--max-loras", "16"], LOGS / "ours.log", env=env, pair="smollm2")
+        procs["ours"] = start_server(flags, LOGS / "ours.log", env=env, pair="smollm2")
         for name, source in adapters.items():
             upload(procs["ours"].base_url, name, source)
         lora = [f"{n}={plain / n}" for n in adapters]

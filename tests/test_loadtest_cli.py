@@ -102,7 +102,7 @@ def test_compare_tables_name_the_pair_its_k_and_its_traffic():
     lines = compare_vllm.tables(reports, [1], "cmd", 1, "smollm2")
     assert lines[0].startswith("## Load: our server vs vLLM's own OpenAI server; speculation on vs off")
     assert lines[0].endswith(" (smollm2 pair: smollm2-135m-instruct)")
-    assert "k=1," in lines[2] and "chat requests" in lines[2]
+    assert "adaptive k<=4," in lines[2] and "chat requests" in lines[2]
     demo = compare_vllm.tables(reports, [1], "cmd", 1, "demo")
     assert "(demo pair: demo-target)" in demo[0] and "k=4," in demo[2] and "half chat half completions" in demo[2]
 

@@ -2,8 +2,8 @@
 
 One server with the settings of ``python -m server`` (``--pair smollm2``) and the fixed policy named, so
 every request drafts and the draft's acceptance can be read; one without speculation; and one with the
-adaptive policy (which may draft nothing where drafting does not pay), for its greedy answers. All are
-driven by the official ``openai`` client on 127.0.0.1.
+adaptive policy, the pair's default (which may draft nothing where drafting does not pay), for its
+greedy answers. All are driven by the official ``openai`` client on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def test_speculation_changes_no_greedy_token(client, plain):
     _same_greedy_tokens(client, plain)
 
 
-def test_the_adaptive_policy_drafts_at_most_4_with_its_model_refitted_online_and_changes_no_greedy_token(plain):
-    adaptive = _start("real-pair-adaptive", "--speculation-policy", "adaptive")
+def test_the_default_policy_is_adaptive_drafts_at_most_4_refits_online_and_changes_no_greedy_token(plain):
+    adaptive = _start("real-pair-adaptive")
     try:
         ready = httpx.get(adaptive.base_url + "/ready", timeout=10).json()
         spec = ready["speculative"]

@@ -28,20 +28,16 @@ def test_the_default_pair_is_smollm2_and_each_part_can_still_be_set(monkeypatch)
         real.served_model_name,
         real.seed_adapters,
     )
-    # fixed at the pair's fastest k; asked for adaptive, k at most 4 with its step-time model refitted online
-    assert (s.speculation_policy, s.num_speculative_tokens, s.speculation_cost_online) == ("fixed", 1, False)
-    assert real.num_speculative_tokens == 1 and real.speculation_text() == "k=1"
-    adaptive = Settings(_cli_parse_args=["--speculation-policy", "adaptive"])
-    assert (adaptive.num_speculative_tokens, adaptive.speculation_cost_online) == (real.max_speculative_tokens, True)
-    assert real.max_speculative_tokens == 4
-    monkeypatch.setenv("QSERVE_SPECULATION_POLICY", "adaptive")
-    assert Settings().num_speculative_tokens == 4
-    mine = Settings(_cli_parse_args=["--num-speculative-tokens", "2", "--no-speculation-cost-online"])
-    assert (mine.speculation_policy, mine.num_speculative_tokens, mine.speculation_cost_online) == (
-        "adaptive",
-        2,
-        False,
-    )
+    # adaptive, k at most 4, its step-time model refitted online; asked for fixed, the pair's fastest k
+    assert (s.speculation_policy, s.num_speculative_tokens, s.speculation_cost_online) == ("adaptive", 4, True)
+    assert real.max_speculative_tokens == 4 and real.speculation_text() == "adaptive k<=4"
+    fixed = Settings(_cli_parse_args=["--speculation-policy", "fixed"])
+    assert (fixed.num_speculative_tokens, fixed.speculation_cost_online) == (real.num_speculative_tokens, False)
+    assert real.num_speculative_tokens == 1
+    monkeypatch.setenv("QSERVE_SPECULATION_POLICY", "fixed")
+    assert Settings().num_speculative_tokens == 1
+    mine = Settings(_cli_parse_args=["--num-speculative-tokens", "2", "--speculation-cost-online"])
+    assert (mine.speculation_policy, mine.num_speculative_tokens, mine.speculation_cost_online) == ("fixed", 2, True)
     monkeypatch.delenv("QSERVE_SPECULATION_POLICY")
     s = Settings(served_model_name="mine", seed_adapters_dir=None)
     assert s.model == real.target and s.served_model_name == "mine" and s.seed_adapters_dir is None
