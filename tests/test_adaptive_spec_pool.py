@@ -64,3 +64,14 @@ def test_the_kept_runs_pool_to_the_table_benchmarks_records():
     recorded = (ROOT / "BENCHMARKS.md").read_text()
     for line in table("", pooled)[4:]:
         assert line in recorded
+
+
+def test_every_kept_run_pools_to_the_table_the_default_policy_rests_on():
+    runs = sorted((ROOT / "bench" / "runs").glob("adaptive_spec_2026-12-05_*.log"))
+    assert len(runs) == 6  # BENCHMARKS.md, "Every repeat since the drafts cap, pooled"
+    pooled = pool([read_cells(p.read_text()) for p in runs])
+    assert len(pooled) == 18 and len(pooled[("base", 1)]) == 10 and len(pooled[("near", 1)]) == 6
+    assert len(pooled[("zipf", 32)]) == 10
+    recorded = (ROOT / "BENCHMARKS.md").read_text()
+    for line in table("", pooled)[4:]:
+        assert line in recorded
