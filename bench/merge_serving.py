@@ -106,14 +106,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="qserve-merge-bench-"))
     env = {"QSERVE_ADAPTER_STORE_DIR": str(work / "store"), "QSERVE_MERGED_MODELS_DIR": str(work / "merged")}
-    args = [
-        "--max-merged-models",
-        str(len(a.options)),
-        "--speculation-policy",
-        "fixed",
-        "--num-speculative-tokens",
-        str(a.k),
-    ]
+    fixed_k = ["--speculation-policy", "fixed", "--num-speculative-tokens", str(a.k)]
+    args = ["--max-merged-models", str(len(a.options)), *fixed_k]
     proc = start_server(args, LOGS / f"merge-serving-{a.pair}.log", env=env, pair=a.pair)
     rows, fidelity = [], []  # (label, result, equal continuations, memory); (adapter, job)
     try:

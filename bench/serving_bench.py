@@ -137,15 +137,8 @@ def main() -> None:
     pair, k = PAIRS[a.pair], a.k
     prompts = pair_prompts(a.pair, None, a.requests)
     model = pair.served_model_name
-    spec = measure(
-        "spec-on",
-        ["--speculation-policy", "fixed", "--num-speculative-tokens", str(k)],
-        model,
-        prompts,
-        a.max_tokens,
-        (1, 8),
-        a.pair,
-    )
+    fixed_k = ["--speculation-policy", "fixed", "--num-speculative-tokens", str(k)]
+    spec = measure("spec-on", fixed_k, model, prompts, a.max_tokens, (1, 8), a.pair)
     plain = measure("spec-off", ["--no-speculation"], model, prompts, a.max_tokens, (1, 8), a.pair)
     # The draft served alone (same NF4 quantization) gives the cost ratio c.
     draft_args = ["--model", str(pair.draft), "--served-model-name", "draft", "--no-speculation", "--no-enable-lora"]
