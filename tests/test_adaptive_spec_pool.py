@@ -56,14 +56,18 @@ def test_a_run_of_one_repeat_adds_nothing():
     assert pool([single]) == {}
 
 
+def _assert_recorded(pooled: dict) -> None:
+    recorded = (ROOT / "BENCHMARKS.md").read_text()
+    for line in table("", pooled)[4:]:
+        assert line in recorded
+
+
 def test_the_kept_runs_pool_to_the_table_benchmarks_records():
     names = ("0859_full_grid", "1251_zipf", "1529_base")  # the three runs of one code BENCHMARKS.md pools
     runs = [ROOT / "bench" / "runs" / f"adaptive_spec_2026-12-05_{name}.log" for name in names]
     pooled = pool([read_cells(p.read_text()) for p in runs])
     assert len(pooled) == 18 and len(pooled[("base", 1)]) == 6 and len(pooled[("near", 1)]) == 2
-    recorded = (ROOT / "BENCHMARKS.md").read_text()
-    for line in table("", pooled)[4:]:
-        assert line in recorded
+    _assert_recorded(pooled)
 
 
 def test_every_kept_run_pools_to_the_table_the_default_policy_rests_on():
@@ -72,6 +76,4 @@ def test_every_kept_run_pools_to_the_table_the_default_policy_rests_on():
     pooled = pool([read_cells(p.read_text()) for p in runs])
     assert len(pooled) == 18 and len(pooled[("base", 1)]) == 10 and len(pooled[("near", 1)]) == 6
     assert len(pooled[("zipf", 32)]) == 10
-    recorded = (ROOT / "BENCHMARKS.md").read_text()
-    for line in table("", pooled)[4:]:
-        assert line in recorded
+    _assert_recorded(pooled)
