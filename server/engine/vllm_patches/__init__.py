@@ -26,6 +26,9 @@ docs/upstream/.
   its adapter's acceptance and the batch size (server/engine/speculation/policy.py).
 - ``nf4_block_size``: in-flight NF4 used bitsandbytes' default blocks of 64 weights,
   whatever the model; it now uses ``server.precision.NF4_BLOCK_SIZE``.
+- ``row_invariant_gemm``: a request's logprobs depended on the batch it ran in (alone, batched,
+  speculative verify, mixed LoRA batch): one-row matmuls took another kernel; greedy output
+  now is the same in any batch.
 - ``draft_lora``: an adapter's paired draft adapter (``draft/`` in its
   version folder) was never applied: the draft model ran unadapted for
   every request; it now has its own LoRA manager and per-step mapping.
@@ -35,8 +38,8 @@ To run an engine without them (to reproduce a fault), start it with
 bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
-``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,nf4_block_size,seeded_drafts,
-spec_logits``
+``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,nf4_block_size,row_invariant_gemm,
+seeded_drafts,spec_logits``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -54,6 +57,7 @@ from server.engine.vllm_patches import (
     cpu_lora_index,
     draft_lora,
     nf4_block_size,
+    row_invariant_gemm,
     seeded_drafts,
     spec_logits,
 )
@@ -65,6 +69,7 @@ APPLY = {
     "nf4_block_size": nf4_block_size.patch,
     "cpu_kernels": cpu_kernels.patch,
     "cpu_lora_index": cpu_lora_index.patch,
+    "row_invariant_gemm": row_invariant_gemm.patch,
     "seeded_drafts": seeded_drafts.patch,
     "abort_metrics": abort_metrics.patch,
     "chat_top_logprobs": chat_top_logprobs.patch,
