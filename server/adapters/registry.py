@@ -149,12 +149,20 @@ class AdapterRegistry:
         rec = self.get(name)
         return None if rec.draft is None else self.store.path(rec.name, rec.version) / DRAFT_DIR
 
-    async def upload(self, name: str, files: list[Upload], draft_files: list[Upload] | None = None) -> AdapterRecord:
+    async def upload(
+        self,
+        name: str,
+        files: list[Upload],
+        draft_files: list[Upload] | None = None,
+        allow_base_mismatch: bool = False,
+    ) -> AdapterRecord:
         """Validate, store and serve ``files`` as the next version of adapter ``name``.
 
         ``files`` is either the two PEFT files or one .tar.gz/.tgz/.zip holding them (which may also
         hold a ``draft/`` folder with the draft adapter). ``draft_files``: the paired draft adapter's
         two files or one archive, or None. The draft is committed in the same rename as the adapter.
+        ``allow_base_mismatch``: store an adapter whose tensors cover only part of what its config
+        targets in the base (made for another model, ``validate.check_covers_base``).
 
         Raises:
             DraftInvalid: (400, param ``draft_files``) a bad draft adapter, or one sent to a server
@@ -176,7 +184,7 @@ class AdapterRegistry:
         async with self._lock:
             staging = self.store.new_staging_dir()
             try:
-                staged = await asyncio.to_thread(stage, staging, files, draft_files, self._rules())
+                staged = await asyncio.to_thread(stage, staging, files, draft_files, self._rules(), allow_base_mismatch)
                 rec = await asyncio.to_thread(self._commit, staging, name, staged)
             except BaseException:
                 self.store.discard(staging)

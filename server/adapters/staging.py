@@ -72,12 +72,19 @@ class Rules:
     max_bytes: int
 
 
-def stage(folder: Path, files: list[Upload], draft_files: list[Upload] | None, rules: Rules) -> Staged:
+def stage(
+    folder: Path,
+    files: list[Upload],
+    draft_files: list[Upload] | None,
+    rules: Rules,
+    allow_base_mismatch: bool = False,
+) -> Staged:
     """Write ``files`` (and ``draft_files``) into the empty ``folder`` and validate both adapters.
 
     ``files`` is the two PEFT files, or one .tar.gz/.tgz/.zip holding them (optionally with a
     ``draft/`` folder holding the draft adapter's two files). ``draft_files`` is the draft
-    adapter's two files or one archive holding them.
+    adapter's two files or one archive holding them. ``allow_base_mismatch``: accept adapters whose
+    tensors cover only part of what their config targets (``validate.check_covers_base``).
 
     Raises:
         DraftInvalid: (400, param ``draft_files``) the draft adapter is malformed, does not fit the
@@ -94,14 +101,16 @@ def stage(folder: Path, files: list[Upload], draft_files: list[Upload] | None, r
         )
     if (packed or draft_files) and rules.draft is None:
         raise DraftInvalid(NO_DRAFT_MODEL)
-    adapter = _validate(folder, names, rules.base, rules.max_rank, "base model")
+    adapter = _validate(folder, names, rules.base, rules.max_rank, "base model", allow_base_mismatch)
     if not (packed or draft_files):
         return Staged(adapter, None)
     try:
         if draft_files:
             (folder / DRAFT_DIR).mkdir()
             draft_names = _unpack(folder / DRAFT_DIR, draft_files, rules.max_bytes, ())
-        draft = _validate(folder / DRAFT_DIR, draft_names, rules.draft, rules.max_rank, "draft model")
+        draft = _validate(
+            folder / DRAFT_DIR, draft_names, rules.draft, rules.max_rank, "draft model", allow_base_mismatch
+        )
     except AdapterInvalid as exc:
         where = " (the draft/ folder of the files archive)" if packed else ""
         raise DraftInvalid(f"draft adapter{where}: {exc.message}") from None
@@ -132,13 +141,15 @@ def _unpack(folder: Path, files: list[Upload], max_bytes: int, subfolders: tuple
     return names
 
 
-def _validate(folder: Path, names: list[str], shape: BaseShape, max_rank: int, model: str) -> AdapterInfo:
+def _validate(
+    folder: Path, names: list[str], shape: BaseShape, max_rank: int, model: str, allow_base_mismatch: bool
+) -> AdapterInfo:
     """Check the adapter unpacked in ``folder`` (``names``: its files) against ``shape``; drop extra files."""
     check_files(names)
     for extra in set(names) - {CONFIG_FILE, WEIGHTS_FILE}:
         (folder / extra).unlink(missing_ok=True)  # README etc. are not kept
     raw = (folder / CONFIG_FILE).read_bytes()
-    info = check_weights(folder / WEIGHTS_FILE, parse_config(raw, max_rank, model), shape, model)
+    info = check_weights(folder / WEIGHTS_FILE, parse_config(raw, max_rank, model), shape, model, allow_base_mismatch)
     cfg = json.loads(raw)
     if "lora_alpha" not in cfg:
         (folder / CONFIG_FILE).write_text(json.dumps(with_peft_defaults(cfg), indent=2))

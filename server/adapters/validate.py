@@ -181,17 +181,22 @@ def check_targets(lora: LoraConfig, base: BaseShape, model: str = "base model") 
     return selected
 
 
-def check_weights(path: Path, lora: LoraConfig, base: BaseShape, model: str = "base model") -> AdapterInfo:
+def check_weights(
+    path: Path, lora: LoraConfig, base: BaseShape, model: str = "base model", allow_base_mismatch: bool = False
+) -> AdapterInfo:
     """Check every tensor of the safetensors file at ``path`` against ``lora`` and ``base``.
 
     ``model`` names the model ``base`` describes in messages (``"draft model"`` for a draft adapter).
+    ``allow_base_mismatch``: serve an adapter whose tensors cover only part of what its config
+    targets in ``base`` (:func:`check_covers_base`) on the modules it has.
 
     Reads only the safetensors header (shapes, dtypes), never executes anything.
 
     Raises:
         AdapterInvalid: target modules that do not fit (:func:`check_targets`), an unreadable file,
             an unknown tensor name, a layer out of range, a tensor of a module the config does not
-            target, a shape that does not fit the base, or an A without its B.
+            target, a shape that does not fit the base, an A without its B, or (unless
+            ``allow_base_mismatch``) tensors for only part of what the config targets in ``base``.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -238,6 +243,8 @@ def check_weights(path: Path, lora: LoraConfig, base: BaseShape, model: str = "b
     unpaired = sorted(f"layer {lay} {mod}" for (lay, mod), ab in seen.items() if ab != {"A", "B"})
     if unpaired:
         raise AdapterInvalid(f"lora_A and lora_B must come in pairs; unpaired: {', '.join(unpaired[:5])}")
+    if not allow_base_mismatch:
+        check_covers_base(set(seen), lora, base, model)
     return AdapterInfo(
         rank=r,
         alpha=lora.lora_alpha,
@@ -245,4 +252,32 @@ def check_weights(path: Path, lora: LoraConfig, base: BaseShape, model: str = "b
         layers=tuple(sorted({lay for lay, _ in seen})),
         num_tensors=len(keys),
         base_model_name_or_path=lora.base_model_name_or_path,
+    )
+
+
+def check_covers_base(seen: set[tuple[int, str]], lora: LoraConfig, base: BaseShape, model: str = "base model") -> None:
+    """Refuse an adapter made for another base: its config targets modules of ``base`` it has no tensors for.
+
+    ``seen``: the ``(layer, projection)`` pairs the weights hold. PEFT saves a tensor pair for every
+    module its config selects in the model it was trained on, so an adapter trained on the 4-layer
+    draft, uploaded for the 30-layer target, holds layers 0-3 only while its config selects all 30:
+    its shapes fit, but it is another model's adapter. Shapes alone cannot tell such bases apart.
+
+    Raises:
+        AdapterInvalid: naming the layers held, the layers the config selects in ``base``, the
+            adapter's ``base_model_name_or_path``, and the ``allow_base_mismatch`` override.
+    """
+    wanted = {(i, n) for i in range(base.num_layers) for n in PROJECTIONS if lora.targets(module_path(i, n))}
+    missing = wanted - seen
+    if not missing:
+        return
+    held = sorted({layer for layer, _ in seen})
+    layers = f"layers {held[0]}-{held[-1]}" if held == list(range(held[0], held[-1] + 1)) else f"layers {held}"
+    raise AdapterInvalid(
+        f"{WEIGHTS_FILE} adapts {layers} only, but its target_modules {lora.target_modules!r} select "
+        f"{len(wanted)} modules in the {base.num_layers} layers of the {model} and {len(missing)} of them have no "
+        f"LoRA weights (e.g. {module_path(*min(missing))}): the adapter looks trained for another model "
+        f"(base_model_name_or_path {lora.base_model_name_or_path!r}); upload an adapter trained on this "
+        "model, or send the form field allow_base_mismatch=true to serve it on the modules it has",
+        param="files",
     )

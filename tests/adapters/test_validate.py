@@ -184,3 +184,26 @@ def test_a_config_without_lora_alpha_is_stored_with_peft_default(tmp_path):
     assert (
         staged.adapter.alpha == 8.0 and stored["lora_alpha"] == 8 and stored["target_modules"] == cfg["target_modules"]
     )
+
+
+def test_an_adapter_trained_for_a_shallower_model_of_the_same_width_is_refused(tmp_path):
+    """Layers 0-2 only, while its config (no layers_to_transform) selects q/v in all 6 layers of the base: an
+    adapter of a 3-layer model of the same width (as the draft is of the target), whose shapes all fit."""
+    config = adapter_config(8) | {"base_model_name_or_path": "models/smollm2-135m-draft"}
+    folder = write_adapter(tmp_path / "a", config=config, tensors=adapter_tensors(8, layers=range(3)))
+    cfg = parse_config((folder / "adapter_config.json").read_bytes(), max_rank=16)
+    with pytest.raises(AdapterInvalid) as info:
+        check_weights(folder / "adapter_model.safetensors", cfg, SHAPE)
+    assert info.value.param == "files"
+    for needle in ("adapts layers 0-2 only", "in the 6 layers of the base model", "6 of them have no LoRA weights",
+                   "'models/smollm2-135m-draft'", "allow_base_mismatch=true"):  # fmt: skip
+        assert needle in info.value.message, info.value.message
+    served = check_weights(folder / "adapter_model.safetensors", cfg, SHAPE, allow_base_mismatch=True)
+    assert served.layers == (0, 1, 2)
+
+
+def test_an_adapter_limited_by_layers_to_transform_covers_its_base(tmp_path):
+    config = adapter_config(8) | {"layers_to_transform": [0, 2]}
+    folder = write_adapter(tmp_path / "a", config=config, tensors=adapter_tensors(8, layers=[0, 2]))
+    cfg = parse_config((folder / "adapter_config.json").read_bytes(), max_rank=16)
+    assert check_weights(folder / "adapter_model.safetensors", cfg, SHAPE).layers == (0, 2)

@@ -40,6 +40,13 @@ async def upload_adapter(
             "adapter_config.json and adapter_model.safetensors, or one .tar.gz/.zip with both"
         ),
     ] = None,
+    allow_base_mismatch: Annotated[
+        bool,
+        Form(
+            description="serve an adapter whose weights cover only part of what its target_modules select in "
+            "the base (it looks trained for another model); default false: such an upload is refused"
+        ),
+    ] = False,
 ):
     """Upload a PEFT LoRA adapter, optionally with its draft adapter; the same name again creates a new version."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -59,7 +66,7 @@ async def upload_adapter(
     registry.catalog.check_adapter_name(name)  # before reading the files: a name clash needs no upload
     uploads = [await _read(f, registry.max_upload_bytes, "files") for f in files]
     drafts = [await _read(f, registry.max_upload_bytes, "draft_files") for f in draft_files or []]
-    record = await registry.upload(name, uploads, drafts or None)
+    record = await registry.upload(name, uploads, drafts or None, allow_base_mismatch)
     return registry.card(record.name)
 
 

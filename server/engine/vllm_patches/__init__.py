@@ -18,6 +18,10 @@ docs/upstream/.
   ``vllm:request_success_total{finished_reason="abort"}``.
 - ``chat_top_logprobs``: chat ``top_logprobs`` could start with the sampled
   token though it was not among the N most likely (unsorted, one real entry lost).
+- ``utf8_tail``: an output that stopped inside a multi-byte character lost its last bytes; they
+  now come out as U+FFFD, streamed and not.
+- ``end_token_output``: an output that ended on the end token kept that token and its logprob
+  entry (and counted it in ``completion_tokens``) though its text is not returned.
 - ``spec_logits``: ``min_p`` and ``logit_bias`` were refused (400) with
   speculation on; the rejection sampler now applies them to the target's
   distribution at every draft position, as the plain sampler does.
@@ -38,8 +42,8 @@ To run an engine without them (to reproduce a fault), start it with
 bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
-``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,nf4_block_size,row_invariant_gemm,
-seeded_drafts,spec_logits``
+``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,end_token_output,nf4_block_size,
+row_invariant_gemm,seeded_drafts,spec_logits,utf8_tail``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -56,10 +60,12 @@ from server.engine.vllm_patches import (
     cpu_kernels,
     cpu_lora_index,
     draft_lora,
+    end_token_output,
     nf4_block_size,
     row_invariant_gemm,
     seeded_drafts,
     spec_logits,
+    utf8_tail,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,8 @@ APPLY = {
     "seeded_drafts": seeded_drafts.patch,
     "abort_metrics": abort_metrics.patch,
     "chat_top_logprobs": chat_top_logprobs.patch,
+    "utf8_tail": utf8_tail.patch,
+    "end_token_output": end_token_output.patch,
     "spec_logits": spec_logits.patch,
     "draft_lora": draft_lora.patch,
     "adaptive_k": adaptive_k.patch,
