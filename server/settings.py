@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     speculation_policy: Literal["fixed", "adaptive"] = Field(
         description="fixed: every request drafts num_speculative_tokens each step; adaptive: each request's k "
         "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size; "
-        "default: the pair's (fixed for both shipped pairs)",
+        "default: the pair's (adaptive for smollm2, fixed for demo)",
     )
     speculation_cost_ms: str = Field(
         description="the adaptive policy's step-time model in ms, 't0,t1,d0,d1[,l0,l1,e0,e1[,v1]]': a target "

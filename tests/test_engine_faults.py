@@ -1,4 +1,4 @@
-"""Engine faults fixed by server/engine/vllm_patches.py: no request kills the engine; sampled speculation is right."""
+"""Engine faults fixed by server/engine/vllm_patches/ (cpu_kernels): no request kills the engine; sampled speculation is right."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_sampled_speculation_accepts_like_speculative_sampling(url, prompts):
     """At temperature 1 the draft's tokens are accepted at about E[1 - TV(p, q)] compounded over k.
 
     Teacher-forced E[1 - TV] of the demo pair is 0.82, i.e. about 0.6 of k=4 draft tokens
-    (models/draft/README.md). Without server/engine/vllm_patches.py the CPU engine accepted 0.004,
+    (models/draft/README.md). Without server/engine/vllm_patches/cpu_kernels.py the CPU engine accepted 0.004,
     and with vLLM's default greedy drafting 0.05. The bound 0.3 separates those cleanly.
     """
     drafted = accepted = 0

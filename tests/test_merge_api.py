@@ -35,6 +35,9 @@ MERGED = Path(f"{STORE}-merged")
 PROMPTS = ["It was a truth universally acknowledged that", "The os.path module implements", "Once upon a time"]
 
 
+pytestmark = pytest.mark.engine
+
+
 @pytest.fixture(scope="module")
 def srv():
     proc = launch("merging", store=STORE)

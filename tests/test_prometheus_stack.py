@@ -98,6 +98,7 @@ def traffic(base_url, prometheus, prompts):
     return served
 
 
+@pytest.mark.engine
 def test_prometheus_reads_back_per_adapter_acceptance_and_ttft(prometheus, traffic):
     served = traffic
     accepted = by_label(served, "qserve_spec_decode_accepted_tokens_total")
@@ -125,6 +126,7 @@ def test_prometheus_reads_back_per_adapter_acceptance_and_ttft(prometheus, traff
     assert all(0 <= windowed[a] <= 1 for a in ADAPTERS), windowed
 
 
+@pytest.mark.engine
 def test_every_grafana_panel_query_returns_data(prometheus, traffic):
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["panels"]

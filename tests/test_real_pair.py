@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from server.engine.vllm_patches import PATCHES, WRITTEN_FOR
 from server.pairs import PAIRS
 from testing.process import start_server
 from tests.conftest import LOG_DIR
@@ -66,6 +67,7 @@ def test_ready_reports_nf4_with_the_distilled_draft(real):
     assert ready["quantization"] == "bitsandbytes"
     assert ready["speculative"]["method"] == "draft_model"
     assert Path(ready["speculative"]["draft_model"]) == PAIR.draft
+    assert ready["vllm_patches"] == {"vllm_version": WRITTEN_FOR, "applied": sorted(PATCHES)}
 
 
 def test_models_lists_the_real_model_and_its_shipped_adapters(client):

