@@ -13,7 +13,10 @@ of the four servers. Decision rule: ``row_invariant_gemm`` stays on by default i
 cell is at most 0.02 nats with no parted answer, and its median tokens/s is at least 0.97 of the
 same server's without it at both concurrencies.
 
-Usage: python -m bench.greedy_exactness [--prompts 4] [--requests 8] [--repeats 2] [--write BENCHMARKS.md]
+With ``--speed-only`` the batch-shape half is skipped (tokens/s only, same servers and rule). Each
+server's tokens/s is printed per repeat as well as the median.
+
+Usage: python -m bench.greedy_exactness [--prompts 4] [--requests 8] [--repeats 2] [--speed-only] [--write BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -87,17 +90,18 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--speed-only", action="store_true", help="tokens/s only: skip the batch-shape answers")
     a = ap.parse_args()
     prompts = chat_prompts(a.prompts)
     load = chat_prompts(a.requests)
     results: dict[str, dict] = {}
     speed: dict[tuple[str, int], list[float]] = {}
     for repeat in range(a.repeats):
-        for name, (args, patches) in SERVERS.items():
+        for i, (name, (args, patches)) in enumerate(SERVERS.items()):
             env = {"QSERVE_VLLM_PATCHES": patches} if patches is not None else {}
-            server = start_server(args, LOGS / f"exactness-{repeat}-{len(results)}.log", env=env, pair="smollm2")
+            server = start_server(args, LOGS / f"exactness-{repeat}-{i}.log", env=env, pair="smollm2")
             try:
-                if repeat == 0:
+                if repeat == 0 and not a.speed_only:
                     results[name] = answers(server.base_url, prompts)
                 for c in (1, 4):
                     speed.setdefault((name, c), []).append(
@@ -105,15 +109,17 @@ def main() -> None:
                     )
             finally:
                 server.stop()
-    ref = results["no speculation"]["alone"]
-    lines = ["| server | " + " | ".join(f"{s}: max nats (parted)" for s in SHAPES) + " | tok/s c=1 | tok/s c=4 |",
-             "|---|" + "---|" * (len(SHAPES) + 2)]  # fmt: skip
+    shapes = () if a.speed_only else SHAPES
+    lines = ["| server | " + " | ".join(f"{s}: max nats (parted)" for s in shapes) + " | tok/s c=1 | tok/s c=4 |",
+             "|---|" + "---|" * (len(shapes) + 2)]  # fmt: skip
     for name in SERVERS:
         cells = []
-        for shape in SHAPES:
+        for shape in shapes:
+            ref = results["no speculation"]["alone"]
             gaps = [gap(got, r) for got, r in zip(results[name][shape], ref, strict=True)]
             cells.append(f"{max(g for g, _ in gaps):.3f} ({sum(p for _, p in gaps)}/{len(gaps)})")
-        rates = [f"{statistics.median(speed[(name, c)]):.1f}" for c in (1, 4)]
+        rates = [f"{statistics.median(speed[(name, c)]):.1f} ({', '.join(f'{x:.1f}' for x in speed[(name, c)])})"
+                 for c in (1, 4)]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells + rates) + " |")
     publish(lines, a.write, "greedy_exactness_smollm2")
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bench.adaptive_spec_pool import pool, table
 from bench.adaptive_spec_table import cell_line, read_cells
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_text(rows: dict[str, list[float]], traffic: str = "zipf", level: int = 32) -> str:
@@ -54,26 +50,3 @@ def test_two_runs_pool_their_repeats_with_the_best_other_chosen_within_each_run(
 def test_a_run_of_one_repeat_adds_nothing():
     single = read_cells(run_text({"no speculation": [50.0], "fixed k=1": [40.0], "adaptive (k<=4)": [49.0]}))
     assert pool([single]) == {}
-
-
-def _assert_recorded(pooled: dict) -> None:
-    recorded = (ROOT / "BENCHMARKS.md").read_text()
-    for line in table("", pooled)[4:]:
-        assert line in recorded
-
-
-def test_the_kept_runs_pool_to_the_table_benchmarks_records():
-    names = ("0859_full_grid", "1251_zipf", "1529_base")  # the three runs of one code BENCHMARKS.md pools
-    runs = [ROOT / "bench" / "runs" / f"adaptive_spec_2026-12-05_{name}.log" for name in names]
-    pooled = pool([read_cells(p.read_text()) for p in runs])
-    assert len(pooled) == 18 and len(pooled[("base", 1)]) == 6 and len(pooled[("near", 1)]) == 2
-    _assert_recorded(pooled)
-
-
-def test_every_kept_run_pools_to_the_table_the_default_policy_rests_on():
-    runs = sorted((ROOT / "bench" / "runs").glob("adaptive_spec_2026-12-05_*.log"))
-    assert len(runs) == 6  # BENCHMARKS.md, "Every repeat since the drafts cap, pooled"
-    pooled = pool([read_cells(p.read_text()) for p in runs])
-    assert len(pooled) == 18 and len(pooled[("base", 1)]) == 10 and len(pooled[("near", 1)]) == 6
-    assert len(pooled[("zipf", 32)]) == 10
-    _assert_recorded(pooled)
