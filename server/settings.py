@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         description="draft model folder for draft-target speculative decoding; default: the pair's"
     )
     speculation: bool = Field(True, description="draft-target speculative decoding on/off")
+    batch_invariant: bool = Field(
+        False,
+        description="greedy output independent of the batch: a request alone, batched, beside adapters and "
+        "under speculation gets the same tokens and logprobs (one-row matmuls take the many-row kernel, "
+        "vllm_patches/row_invariant_gemm.py); off by default: 0.95-0.99x tokens/s in its run "
+        "(BENCHMARKS.md, 'Exactness')",
+    )
     num_speculative_tokens: int = Field(
         ge=1, le=16, description="draft tokens per step (k); the adaptive policy's largest k; default: the pair's"
     )

@@ -3,7 +3,8 @@
 One server with the settings of ``python -m server`` (``--pair smollm2``) and the fixed policy named, so
 every request drafts and the draft's acceptance can be read; one without speculation; and one with the
 adaptive policy, the pair's default (which may draft nothing where drafting does not pay), for its
-greedy answers. All are driven by the official ``openai`` client on 127.0.0.1.
+greedy answers. All three run ``--batch-invariant``, whose contract the greedy-equality tests hold
+(README, "Speculation guarantees"). All are driven by the official ``openai`` client on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ def _start(name: str, *args: str):
 
 @pytest.fixture(scope="module")
 def real():
-    proc = _start("real-pair", "--speculation-policy", "fixed")
+    proc = _start("real-pair", "--speculation-policy", "fixed", "--batch-invariant")
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="module")
 def plain():
-    proc = _start("real-pair-nospec", "--no-speculation")
+    proc = _start("real-pair-nospec", "--no-speculation", "--batch-invariant")
     yield proc
     proc.stop()
 
@@ -179,7 +180,7 @@ def test_speculation_changes_no_greedy_token(client, plain):
 
 
 def test_the_default_policy_is_adaptive_drafts_at_most_4_refits_online_and_changes_no_greedy_token(plain):
-    adaptive = _start("real-pair-adaptive")
+    adaptive = _start("real-pair-adaptive", "--batch-invariant")
     try:
         ready = httpx.get(adaptive.base_url + "/ready", timeout=10).json()
         spec = ready["speculative"]

@@ -15,7 +15,15 @@ def test_another_vllm_version_refuses_to_start_naming_the_patches_and_both_versi
         vllm_patches.apply()
     message = str(info.value)
     assert "vLLM 0.33.0 is installed" in message and f"written for vLLM {vllm_patches.WRITTEN_FOR}" in message
-    assert all(name in message for name in vllm_patches.PATCHES)
+    assert all(name in message for name in vllm_patches.wanted())
+
+
+def test_row_invariant_gemm_is_applied_only_with_batch_invariant(monkeypatch):
+    monkeypatch.delenv("QSERVE_VLLM_PATCHES", raising=False)
+    monkeypatch.setenv("QSERVE_BATCH_INVARIANT", "0")
+    assert vllm_patches.wanted() == [p for p in vllm_patches.PATCHES if p != "row_invariant_gemm"]
+    monkeypatch.setenv("QSERVE_BATCH_INVARIANT", "1")
+    assert vllm_patches.wanted() == list(vllm_patches.PATCHES)
 
 
 def test_no_patch_wanted_runs_any_version(monkeypatch):

@@ -110,6 +110,8 @@ def preload_tcmalloc(environ: dict = os.environ) -> str | None:
 def set_engine_environment(settings: Settings) -> None:
     """Set the process environment vLLM reads at engine start (before any engine exists)."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
+    # Read by vllm_patches.wanted() in every vLLM process (the plugin runs before our Settings exist there).
+    os.environ["QSERVE_BATCH_INVARIANT"] = "1" if settings.batch_invariant else "0"
     preload_tcmalloc()
     # Runtime LoRA loading is how uploaded adapters are served without a restart.
     os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
@@ -133,6 +135,7 @@ async def open_engine(args: Namespace) -> AsyncIterator[object]:
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
     async with build_async_engine_client_from_engine_args(engine_args) as client:
+        vllm_patches.apply()  # in this process too: the plugin may have run here before the environment was set
         vllm_patches.require_applied()
         yield client
 

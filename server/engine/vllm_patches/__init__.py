@@ -33,9 +33,9 @@ fixes; reproductions for upstream are in docs/upstream/.
   its adapter's acceptance and the batch size (server/engine/speculation/policy.py).
 - ``nf4_block_size``: in-flight NF4 used bitsandbytes' default blocks of 64 weights,
   whatever the model; it now uses ``server.precision.NF4_BLOCK_SIZE``.
-- ``row_invariant_gemm``: a request's logprobs depended on the batch it ran in (alone, batched,
-  speculative verify, mixed LoRA batch): one-row matmuls took another kernel; greedy output
-  now is the same in any batch.
+- ``row_invariant_gemm`` (with ``--batch-invariant``): a request's logprobs depend on the batch it
+  runs in (alone, batched, speculative verify, mixed LoRA batch): one-row matmuls take another
+  kernel; with it greedy output is the same in any batch.
 - ``draft_lora``: an adapter's paired draft adapter (``draft/`` in its
   version folder) was never applied: the draft model ran unadapted for
   every request; it now has its own LoRA manager and per-step mapping.
@@ -94,13 +94,18 @@ PATCHES = tuple(sorted(APPLY))
 _applied: list[str] = []  # the patches apply() installed in this process, in order (for /ready)
 
 
+OPT_IN = {"row_invariant_gemm": "QSERVE_BATCH_INVARIANT"}  # patches applied by default only when their variable is 1
+
+
 def wanted() -> list[str]:
-    """The patches this process is to apply: ``QSERVE_VLLM_PATCHES`` (comma-separated; empty: none), default all.
+    """The patches this process is to apply: ``QSERVE_VLLM_PATCHES`` (comma-separated; empty: none), by default
+    all but the ``OPT_IN`` ones whose variable is not ``1`` (``--batch-invariant`` sets it, server/engine/build.py).
 
     Raises:
         ValueError: it names a patch that does not exist (listing the allowed names).
     """
-    names = [n for n in os.environ.get("QSERVE_VLLM_PATCHES", ",".join(PATCHES)).split(",") if n]
+    default = [p for p in PATCHES if p not in OPT_IN or os.environ.get(OPT_IN[p]) == "1"]
+    names = [n for n in os.environ.get("QSERVE_VLLM_PATCHES", ",".join(default)).split(",") if n]
     unknown = set(names) - set(PATCHES)
     if unknown:
         raise ValueError(f"QSERVE_VLLM_PATCHES names unknown patches {sorted(unknown)}; allowed: {', '.join(PATCHES)}")

@@ -13,8 +13,10 @@ NF4 dequantization) gave identical rows whatever the batch (``bench/greedy_exact
 
 Fix: a linear over one row is computed over that row twice (a 2-row matmul) and keeps the first,
 so each row goes through the same kernel whatever the batch. Applied to the target's and the
-draft's projections (bitsandbytes NF4 and unquantized) and to the logits head; it costs one more
-row in a matrix-vector product whose weight read dominates (``BENCHMARKS.md``, "Exactness").
+draft's projections (bitsandbytes NF4 and unquantized) and to the logits head. Opt-in
+(``--batch-invariant``): in its benchmark the servers with it ran at 0.95-0.99x the tokens/s of
+those without (medians of three repeats under ~5% noise; ``BENCHMARKS.md``, "Exactness"), short of
+the 0.97 at every cell set before the run for making it the default.
 vLLM's own ``VLLM_BATCH_INVARIANT`` mode covers CUDA kernels only.
 """
 
