@@ -1,15 +1,15 @@
 """Does a request's greedy output depend on its batch or on speculation? And what does row_invariant_gemm cost?
 
 Grid (written before the run): four real-pair servers, NF4 target, LoRA on, one after another:
-no speculation and fixed k=4 speculation, each with every start-up patch and without
-``row_invariant_gemm`` (``QSERVE_VLLM_PATCHES``). On each, ``--prompts`` chat prompts, greedy, 48
+no speculation and fixed k=4 speculation, each with ``--batch-invariant`` (start-up patch
+``row_invariant_gemm``) and without. On each, ``--prompts`` chat prompts, greedy, 48
 tokens, top-5 logprobs, in three batch shapes: alone; in a batch of five (the prompt and four
 others, sent at once); mixed (the prompt on the base beside two shipped-adapter requests and one
-more base request). The reference is the no-speculation server with every patch, prompt alone. A
+more base request). The reference is the no-speculation server with it, prompt alone. A
 cell is the largest difference of the same token's logprob (chosen or top-5) on the shared
 prefix, nats, over the prompts, and how many greedy answers part from the reference's tokens.
 Then tokens/s of chat traffic (``--requests`` prompts, concurrency 1 and 4), ``--repeats`` rounds
-of the four servers. Decision rule: ``row_invariant_gemm`` stays on by default if with it every
+of the four servers. Decision rule: ``row_invariant_gemm`` is on by default only if with it every
 cell is at most 0.02 nats with no parted answer, and its median tokens/s is at least 0.97 of the
 same server's without it at both concurrencies.
 
@@ -29,22 +29,18 @@ import httpx
 from bench.report import argument_parser, publish
 from bench.serving_bench import LOGS, run_load
 from prompts import chat_prompts
-from server.engine.vllm_patches import PATCHES
 from server.pairs import PAIRS
 from testing.process import start_server
 
 PAIR = PAIRS["smollm2"]
 MODEL = PAIR.served_model_name
 ADAPTERS = ("austen", "stdlib-docs")
-WITHOUT = ",".join(p for p in PATCHES if p != "row_invariant_gemm")
-SERVERS = {
-    "no speculation": (["--no-speculation"], None),
-    "no speculation, without row_invariant_gemm": (["--no-speculation"], WITHOUT),
-    "fixed k=4": (["--speculation-policy", "fixed", "--num-speculative-tokens", "4"], None),
-    "fixed k=4, without row_invariant_gemm": (
-        ["--speculation-policy", "fixed", "--num-speculative-tokens", "4"],
-        WITHOUT,
-    ),
+FIXED_K4 = ["--speculation-policy", "fixed", "--num-speculative-tokens", "4"]
+SERVERS = {  # the patch is opt-in (--batch-invariant); both arms name their setting
+    "no speculation": ["--no-speculation", "--batch-invariant"],
+    "no speculation, without row_invariant_gemm": ["--no-speculation", "--no-batch-invariant"],
+    "fixed k=4": [*FIXED_K4, "--batch-invariant"],
+    "fixed k=4, without row_invariant_gemm": [*FIXED_K4, "--no-batch-invariant"],
 }
 SHAPES = ("alone", "batch of 5", "mixed")
 
@@ -97,9 +93,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     speed: dict[tuple[str, int], list[float]] = {}
     for repeat in range(a.repeats):
-        for i, (name, (args, patches)) in enumerate(SERVERS.items()):
-            env = {"QSERVE_VLLM_PATCHES": patches} if patches is not None else {}
-            server = start_server(args, LOGS / f"exactness-{repeat}-{i}.log", env=env, pair="smollm2")
+        for i, (name, args) in enumerate(SERVERS.items()):
+            server = start_server(args, LOGS / f"exactness-{repeat}-{i}.log", pair="smollm2")
             try:
                 if repeat == 0 and not a.speed_only:
                     results[name] = answers(server.base_url, prompts)
