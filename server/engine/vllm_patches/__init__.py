@@ -53,7 +53,6 @@ Settings exist there).
 
 from __future__ import annotations
 
-import logging
 import os
 
 from server.engine.vllm_patches import (
@@ -71,7 +70,6 @@ from server.engine.vllm_patches import (
     utf8_tail,
 )
 
-log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.32.0"
 # Each patch by name, in the order they are applied (the CPU kernels first: later patches run on them).
 APPLY = {
