@@ -45,8 +45,6 @@ def test_a_patch_that_cannot_install_itself_is_named(monkeypatch):
     with pytest.raises(RuntimeError, match="start-up patch 'end_token_output' could not be applied to vLLM 0.32.0: "
                        "AttributeError: type object 'RequestState' has no attribute"):  # fmt: skip
         vllm_patches.apply()
-    with pytest.raises(RuntimeError, match="start-up patches end_token_output were not applied to vLLM 0.32.0"):
-        vllm_patches.require_applied()
 
 
 def test_unknown_patch_names_are_refused_with_the_allowed_list(monkeypatch):

@@ -123,8 +123,8 @@ async def open_engine(args: Namespace) -> AsyncIterator[object]:
 
     Yields the engine client (``vllm.engine.protocol.EngineClient``).
     Raises whatever vLLM raises when the engine cannot start (bad model,
-    not enough memory), and RuntimeError when our start-up patches were not
-    applied (``vllm_patches.require_applied``); the caller reports it and exits non-zero.
+    not enough memory), and RuntimeError when our start-up patches cannot be applied
+    (``vllm_patches.apply``); the caller reports it and exits non-zero.
     """
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.entry import (
@@ -135,8 +135,9 @@ async def open_engine(args: Namespace) -> AsyncIterator[object]:
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
     async with build_async_engine_client_from_engine_args(engine_args) as client:
-        vllm_patches.apply()  # in this process too: the plugin may have run here before the environment was set
-        vllm_patches.require_applied()
+        # In this process too, raising if any cannot apply: vLLM's loader may have run the plugin here before
+        # set_engine_environment, or skipped it on an import error (which then raises here).
+        vllm_patches.apply()
         yield client
 
 

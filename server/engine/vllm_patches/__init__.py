@@ -6,8 +6,8 @@ engine-core and worker process it spawns. Every patch was written for vLLM
 ``WRITTEN_FOR``: on any other version, or when one cannot install itself, the
 process refuses to start with an error naming the patch and the version (a
 server that silently lost a fix would break what README promises). The server
-checks that its own process applied them (:func:`require_applied`) and reports
-them on ``/ready`` (:func:`report`). Each module documents the root cause it
+applies them in its own process once its engine is up (server/engine/build.py)
+and reports them on ``/ready`` (:func:`report`). Each module documents the root cause it
 fixes; reproductions for upstream are in docs/upstream/.
 
 - ``cpu_kernels``: the CPU rejection-sampler kernels (garbage temperature /
@@ -144,22 +144,3 @@ def report() -> dict:
     import vllm
 
     return {"vllm_version": vllm.__version__, "applied": sorted(_applied)}
-
-
-def require_applied() -> None:
-    """Refuse to go on in a process where vLLM's plugin loader did not apply every wanted patch.
-
-    vLLM logs and skips a plugin whose import fails ("Failed to load plugin qserve_patches"); the
-    server calls this once its engine is up, so such a failure cannot pass unnoticed.
-
-    Raises:
-        RuntimeError: naming the patches missing and the vLLM version.
-    """
-    import vllm
-
-    missing = [n for n in wanted() if n not in _applied]
-    if missing:
-        raise RuntimeError(
-            f"start-up patches {', '.join(missing)} were not applied to vLLM {vllm.__version__} in this process "
-            "(vLLM's plugin loader logs why: look for 'Failed to load plugin qserve_patches')"
-        )

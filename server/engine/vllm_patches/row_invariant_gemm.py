@@ -9,7 +9,7 @@ step in a batch, in a speculative verify (k + 1 rows) or in a mixed LoRA batch t
 by one bf16 ulp here and there; bf16 activations carry such a flip through 30 layers and every
 later step, and the real pair's logprobs on the same prefix drifted 0.1-0.25 nats apart (greedy
 texts then part). Every other op of the model (RMSNorm, rotary, SiLU, the CPU attention kernel,
-NF4 dequantization) gave identical rows whatever the batch (``bench/greedy_exactness.py``).
+NF4 dequantization) gave identical rows whatever the batch (``BENCHMARKS.md``, "Exactness").
 
 Fix: a linear over one row is computed over that row twice (a 2-row matmul) and keeps the first,
 so each row goes through the same kernel whatever the batch. Applied to the target's and the
