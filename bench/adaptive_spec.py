@@ -54,8 +54,8 @@ from bench.report import argument_parser, publish
 from bench.serving_bench import spec_counters
 from bench.step_time_fit import fit_cost
 from prompts import domain_prompts, heldout_prompts
-from server.engine.speculation.cost import TERMS
 from server.pairs import PAIRS
+from server.speculation.cost import TERMS
 from testing.process import start_server
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 

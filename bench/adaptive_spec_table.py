@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import statistics
 
-from server.engine.speculation.cost import TERMS
+from server.speculation.cost import TERMS
 
 CRITERION = 0.97  # the line: adaptive tokens/s at least this fraction of the best other config's
 GAUGES = ("qserve_speculation_k", "qserve_speculation_acceptance_estimate", "qserve_speculation_steps_without_draft")

@@ -9,7 +9,7 @@ as its adapters. Per concurrency level and repeat, the same greedy completions (
 ``--max-tokens`` each) go to the draft plain and to each draft adapter, interleaved; the inter-token
 latency (``usage`` tokens over wall time per request, minus nothing: a decode step of the draft alone)
 is the draft's step time. The draft's passes inside speculation run the same LoRA layers on the same
-token counts (vllm_patches.draft_lora), so the difference is what a draft adapter adds to each draft pass.
+token counts (speculation.hooks.draft_lora), so the difference is what a draft adapter adds to each draft pass.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The adaptive policy's step-time model (server/engine/speculation/cost.CostModel, ms) fitted to a run of
+"""The adaptive policy's step-time model (server/speculation/cost.CostModel, ms) fitted to a run of
 bench.adaptive_spec: a user measures their own machine, and the adaptive server is started with the result
 (``--speculation-cost-ms``).
 
@@ -13,8 +13,8 @@ import statistics
 import numpy
 from scipy.optimize import nnls
 
-from server.engine.speculation.cost import TERMS
-from server.engine.speculation.step_timing import step_terms
+from server.speculation.cost import TERMS
+from server.speculation.step_timing import step_terms
 
 
 def fit_cost(cells: dict) -> tuple[float, ...] | None:

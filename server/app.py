@@ -29,7 +29,6 @@ from server.api.routes import adapters, dashboard, health, merges, openai
 from server.catalog import ModelCatalog
 from server.engine.build import open_engine, set_engine_environment, vllm_namespace
 from server.engine.observed import ObservedEngine
-from server.engine.speculation.cost import CostModel
 from server.engine.watchdog import watch_engine
 from server.errors import install_error_handlers
 from server.merge.service import MergeService
@@ -128,7 +127,7 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
         str(settings.draft_tokens_per_step),
     ).set(1)
     if settings.draft_tokens_per_step:
-        cost = CostModel(*settings.speculation_cost)
+        cost = settings.speculation_config.cost
         for requests, lora in (("base", False), ("adapter", True)):
             state.metrics.break_even.labels(settings.served_model_name, requests).set(
                 cost.break_even_acceptance(settings.draft_tokens_per_step, lora=lora)

@@ -93,21 +93,21 @@ class ServerMetrics:
             f"{PREFIX}_draft_adapter_requests",
             "Finished adapter requests by whether the engine drafted them with the adapter's paired draft adapter "
             "(applied=true) or with the plain draft (false: none stored, or it failed to load); the engine's state "
-            "of that adapter version's draft adapter when the request ended (vllm_patches.draft_lora).",
+            "of that adapter version's draft adapter when the request ended (speculation.hooks.draft_lora).",
             [*ma, "applied"],
             registry=r,
         )
         self.speculation_k = Gauge(
             f"{PREFIX}_speculation_k",
             "Draft tokens per step the engine's speculation policy gives the adapter's requests: the mean over "
-            "their last ~32 request-steps (vllm_patches.adaptive_k; the fixed policy: num_speculative_tokens).",
+            "their last ~32 request-steps (speculation.hooks.adaptive_k; the fixed policy: num_speculative_tokens).",
             ma,
             registry=r,
         )
         self.speculation_acceptance = Gauge(
             f"{PREFIX}_speculation_acceptance_estimate",
             "The engine's running estimate of the adapter's per-token draft acceptance (discounted Beta "
-            "posterior over its verify steps, server/engine/speculation/policy.py).",
+            "posterior over its verify steps, server/speculation/policy.py).",
             ma,
             registry=r,
         )
@@ -124,7 +124,7 @@ class ServerMetrics:
             f"{PREFIX}_speculation_step_model_ms",
             "The adaptive policy's step-time model in force, ms per unit of each term (t0 per step, t1 per request, "
             "v1 per verified draft, d0 + d1 x per draft pass of x tokens, l0/l1/e0/e1 what adapter requests add; "
-            "server/engine/speculation/cost.py): the configured --speculation-cost-ms, refitted from the engine's "
+            "server/speculation/cost.py): the configured --speculation-cost-ms, refitted from the engine's "
             "step times with --speculation-cost-online.",
             ["model", "term"],
             registry=r,
@@ -132,7 +132,7 @@ class ServerMetrics:
         self.speculation_skipped_steps = Gauge(
             f"{PREFIX}_speculation_steps_without_draft",
             "Engine steps since start in which the adaptive policy gave no request a draft token and the draft "
-            "model did not run at all (vllm_patches.adaptive_k); a count, read from the engine at each scrape.",
+            "model did not run at all (speculation.hooks.adaptive_k); a count, read from the engine at each scrape.",
             ["model"],
             registry=r,
         )
@@ -211,7 +211,7 @@ class ServerMetrics:
             self.merge_jobs.labels(status)
 
     def set_speculation(self, model: str, report: dict) -> None:
-        """Export the engine's speculation report (``vllm_patches.adaptive_k``): per adapter key, ``mean_k`` and
+        """Export the engine's speculation report (``speculation.hooks.adaptive_k``): per adapter key, ``mean_k`` and
         ``acceptance`` (the key ``(base)`` is the base model); the step-time model in force (``cost_ms``) and the
         break-even acceptance it gives (``break_even``: ``base`` / ``adapter``)."""
         for key, entry in report.get("adapters", {}).items():

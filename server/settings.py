@@ -15,8 +15,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.engine.speculation.cost import CostModel
 from server.pairs import PAIRS, REPO_ROOT
+from server.speculation.config import Policy, SpeculationConfig
+from server.speculation.cost import CostModel
 
 
 def _check_model_dir(path: Path, what: str, flag: str) -> Path:
@@ -84,7 +85,7 @@ class Settings(BaseSettings):
     num_speculative_tokens: int = Field(
         ge=1, le=16, description="draft tokens per step (k); the adaptive policy's largest k; default: the pair's"
     )
-    speculation_policy: Literal["fixed", "adaptive"] = Field(
+    speculation_policy: Policy = Field(
         description="fixed: every request drafts num_speculative_tokens each step; adaptive: each request's k "
         "(0..num_speculative_tokens) is chosen per step from its adapter's acceptance and the batch size; "
         "default: the pair's (adaptive for smollm2, fixed for demo)",
@@ -252,6 +253,7 @@ class Settings(BaseSettings):
         return self.num_speculative_tokens if self.speculation else 0
 
     @property
-    def speculation_cost(self) -> tuple[float, ...]:
-        """``speculation_cost_ms`` as numbers (t0, t1, d0, d1[, l0, l1, e0, e1[, v1]]), milliseconds."""
-        return tuple(float(p) for p in self.speculation_cost_ms.split(","))
+    def speculation_config(self) -> SpeculationConfig:
+        """The policy, its step-time model (``speculation_cost_ms``) and online refit, as the engine gets them."""
+        cost = CostModel(*(float(p) for p in self.speculation_cost_ms.split(",")))
+        return SpeculationConfig(self.speculation_policy, cost, self.speculation_cost_online)

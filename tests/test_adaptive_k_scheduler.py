@@ -1,4 +1,4 @@
-"""vllm_patches.adaptive_k's scheduler side without an engine: which steps skip the draft, which requests
+"""speculation.hooks.adaptive_k's scheduler side without an engine: which steps skip the draft, which requests
 turn stale, and what a finished stale request evicts from the prefix cache (fakes of vLLM's scheduler
 objects; the real engine is in tests/test_adaptive_speculation.py)."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from server.engine.speculation.cost import CostModel
-from server.engine.speculation.policy import AdaptivePolicy
-from server.engine.vllm_patches.scheduler_policy import SchedulerPolicy
+from server.speculation.cost import CostModel
+from server.speculation.hooks.scheduler_policy import SchedulerPolicy
+from server.speculation.policy import AdaptivePolicy
 
 BLOCK = 128
 NEVER = CostModel(t0=1.0, t1=0.0, d0=1000.0, d1=0.0)  # a draft pass costs 1000 target steps: never draft
@@ -92,7 +92,7 @@ def test_a_seeded_request_keeps_the_maximum_k_so_the_step_never_skips():
 def test_the_engine_fetches_no_drafts_from_the_worker_after_a_step_where_every_k_is_0():
     from vllm.v1.engine.core import EngineCore
 
-    from server.engine.vllm_patches import adaptive_k
+    from server.speculation.hooks import adaptive_k
 
     adaptive_k.patch()
     fetched, stored = [], []

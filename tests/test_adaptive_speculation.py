@@ -1,4 +1,4 @@
-"""Adaptive speculation (``--speculation-policy adaptive``, vllm_patches.adaptive_k) through real servers.
+"""Adaptive speculation (``--speculation-policy adaptive``, speculation.hooks.adaptive_k) through real servers.
 
 Greedy output of a concurrent mixed batch equals a ``--no-speculation`` server's solo output (up to the
 bf16 near-tie rule of tests/test_draft_lora.py), with requests of one step drafting different k; and

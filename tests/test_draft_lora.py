@@ -1,4 +1,4 @@
-"""Paired draft adapters applied per request (server/engine/vllm_patches/draft_lora.py), through real servers.
+"""Paired draft adapters applied per request (server/speculation/hooks/draft_lora.py), through real servers.
 
 Three servers on the demo pair: speculation with the patch, ``--no-speculation`` (the reference output),
 and speculation without the ``draft_lora`` patch (the draft unadapted, as vLLM 0.32 runs it). The shipped

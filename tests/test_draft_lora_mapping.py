@@ -1,4 +1,4 @@
-"""The draft LoRA mapping of each draft pass (server/engine/vllm_patches/draft_lora_mapping.py) against a hand-written
+"""The draft LoRA mapping of each draft pass (server/speculation/hooks/draft_lora_mapping.py) against a hand-written
 reference: the first pass has q_i + 1 tokens per request, each decode pass one, base rows are 0."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.engine.vllm_patches.draft_lora_mapping import StepPlan, decode_index, first_pass_index, zero_index
+from server.speculation.hooks.draft_lora_mapping import StepPlan, decode_index, first_pass_index, zero_index
 
 
 def reference_first_pass(rows: list[int], query_lens: list[int]) -> list[int]:

@@ -12,9 +12,9 @@ import pytest
 
 from bench.serving_bench import spec_counters
 from server.engine.observed import spec_summary
-from server.engine.speculation.cost import CostModel
-from server.engine.speculation.speedup import break_even_acceptance, expected_tokens, speedup
 from server.metrics import BASE_LABEL, OTHER_LABEL, AdapterLabels
+from server.speculation.cost import CostModel
+from server.speculation.speedup import break_even_acceptance, expected_tokens, speedup
 from testing.process import REPO_ROOT
 from tests.conftest import ADAPTERS, MODEL
 from tests.promtext import by_label, scrape, total

@@ -42,7 +42,7 @@ class _Lora:
 
 
 class _DraftReportingEngine(_Engine):
-    """Also answers ``collective_rpc("qserve_draft_adapters")`` as vllm_patches.draft_lora's workers do."""
+    """Also answers ``collective_rpc("qserve_draft_adapters")`` as speculation.hooks.draft_lora's workers do."""
 
     def __init__(self, outputs, reports) -> None:
         super().__init__(outputs)

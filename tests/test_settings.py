@@ -8,6 +8,8 @@ from pydantic import ValidationError
 from server.engine.build import vllm_argv, vllm_namespace
 from server.pairs import DEMO_DRAFT, DEMO_TARGET, PAIRS
 from server.settings import Settings
+from server.speculation.config import SpeculationConfig
+from server.speculation.cost import CostModel
 
 
 def test_the_test_environment_runs_the_demo_pair_nf4_with_speculation():
@@ -125,22 +127,26 @@ def test_keys_file_must_exist(tmp_path):
 
 
 def test_the_speculation_policy_reaches_the_engine_core_as_additional_config():
+    def handed(args) -> SpeculationConfig:  # what the engine core's scheduler reads back
+        return SpeculationConfig.from_additional_config(args.additional_config)
+
     assert Settings().speculation_policy == "fixed"
     args = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive"]))
-    expected = {"policy": "adaptive", "cost_ms": [30.0, 0.4, 10.0, 0.1], "cost_online": True}  # online: its default
-    assert args.additional_config == {"qserve_speculation": expected}
+    expected = SpeculationConfig("adaptive", CostModel(30.0, 0.4, 10.0, 0.1), cost_online=True)  # online: its default
+    assert handed(args) == expected
+    assert set(args.additional_config) == {"qserve_speculation"}
     off = vllm_namespace(Settings(_cli_parse_args=["--speculation-policy", "adaptive", "--no-speculation-cost-online"]))
-    assert off.additional_config["qserve_speculation"]["cost_online"] is False
+    assert handed(off).cost_online is False
     online = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-online"]))  # the fixed policy's gauges
-    assert online.additional_config["qserve_speculation"] == {**expected, "policy": "fixed"}
+    assert handed(online) == SpeculationConfig("fixed", expected.cost, cost_online=True)
     # the step-time model: the pair's by default, or a user's own measurement
-    assert Settings(pair="smollm2").speculation_cost == PAIRS["smollm2"].speculation_cost_ms
+    assert Settings(pair="smollm2").speculation_config.cost == CostModel(*PAIRS["smollm2"].speculation_cost_ms)
     mine = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5"]))
-    assert mine.additional_config["qserve_speculation"]["cost_ms"] == [50.0, 2.0, 8.0, 0.5]
+    assert handed(mine).cost == CostModel(50.0, 2.0, 8.0, 0.5)
     lora = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5,40,20,5,2"]))
-    assert lora.additional_config["qserve_speculation"]["cost_ms"] == [50.0, 2.0, 8.0, 0.5, 40.0, 20.0, 5.0, 2.0]
+    assert handed(lora).cost == CostModel(50.0, 2.0, 8.0, 0.5, 40.0, 20.0, 5.0, 2.0)
     verify = vllm_namespace(Settings(_cli_parse_args=["--speculation-cost-ms", "50,2,8,0.5,0,0,0,0,1.5"]))
-    assert verify.additional_config["qserve_speculation"]["cost_ms"][8] == 1.5  # v1, the 9th: CostModel's order
+    assert handed(verify).cost.v1 == 1.5  # v1, the 9th: CostModel's order
     for bad in ("1,2", "a,b,c,d", "1,2,3,-4", "1,2,3,4,5", "1,2,3,4,5,6,7,-8", "0,0,3,4", "1,2,3,4,5,6,7,8,-9"):
         with pytest.raises(ValidationError, match="four, eight or nine numbers >= 0"):
             Settings(speculation_cost_ms=bad)

@@ -1,5 +1,5 @@
 """``--speculation-cost-online``: the engine refits the adaptive policy's step-time model from its own decode
-steps (server/engine/vllm_patches/step_clock.py) and /metrics shows the model in force and its break-even
+steps (server/speculation/hooks/step_clock.py) and /metrics shows the model in force and its break-even
 acceptance, through a real server (the fit itself, with fakes: tests/test_step_timing.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import concurrent.futures as cf
 
 import pytest
 
-from server.engine.speculation.cost import CostModel
+from server.speculation.cost import CostModel
 from tests.conftest import MODEL, launch
 from tests.promtext import scrape, total
 from tests.test_draft_lora import complete, parting

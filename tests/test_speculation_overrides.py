@@ -1,4 +1,4 @@
-"""server/adapters/speculation_overrides.py with a fake engine core: what is stored, what the engine gets, and
+"""server/speculation/overrides.py with a fake engine core: what is stored, what the engine gets, and
 that a refused or failed change leaves both as they were (the real engine: tests/test_adaptive_speculation.py)."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.adapters.speculation_overrides import FILE, UTILITY, SpeculationOverrides
 from server.api.auth import Scope, required_scope
 from server.errors import BadRequest, Conflict
 from server.settings import Settings
+from server.speculation.calls import SET_OVERRIDES as UTILITY
+from server.speculation.overrides import FILE, SpeculationOverrides
 
 
 class Core:

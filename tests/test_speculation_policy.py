@@ -1,4 +1,4 @@
-"""The adaptive speculation policy (server/engine/speculation/policy.py) against hand-computed cases."""
+"""The adaptive speculation policy (server/speculation/policy.py) against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from server.engine.speculation.acceptance import AcceptanceEstimate
-from server.engine.speculation.cost import CostModel
-from server.engine.speculation.policy import AdaptivePolicy, Group, choose_k
-from server.engine.speculation.speedup import expected_tokens, speedup
+from server.speculation.acceptance import AcceptanceEstimate
+from server.speculation.cost import CostModel
+from server.speculation.policy import AdaptivePolicy, Group, choose_k
+from server.speculation.speedup import expected_tokens, speedup
 
 # t1 = d1 = 0: a step costs 1 + K c for K >= 1 drafts (1 + c at K = 0): Leviathan et al.'s own cost model.
 LEVIATHAN = CostModel(t0=1.0, t1=0.0, d0=0.372, d1=0.0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bench.step_time_fit import fit_cost
-from server.engine.speculation.cost import CostModel
-from server.engine.speculation.speedup import expected_tokens
+from server.speculation.cost import CostModel
+from server.speculation.speedup import expected_tokens
 
 LEVELS = (1, 2, 4, 8, 16)
 

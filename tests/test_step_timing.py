@@ -1,5 +1,5 @@
-"""The online step-time fit (server/engine/speculation/step_timing.py) and the engine-side clock that feeds it
-(server/engine/vllm_patches/step_clock.py, with fakes of vLLM's scheduler objects; the real engine is in
+"""The online step-time fit (server/speculation/step_timing.py) and the engine-side clock that feeds it
+(server/speculation/hooks/step_clock.py, with fakes of vLLM's scheduler objects; the real engine is in
 tests/test_adaptive_speculation.py)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from server.engine.speculation.cost import TERMS, CostModel
-from server.engine.speculation.policy import AdaptivePolicy
-from server.engine.speculation.step_timing import OnlineCostFit, as_terms, step_terms
-from server.engine.vllm_patches.scheduler_policy import SchedulerPolicy
-from server.engine.vllm_patches.step_clock import StepClock
+from server.speculation.cost import TERMS, CostModel
+from server.speculation.hooks.scheduler_policy import SchedulerPolicy
+from server.speculation.hooks.step_clock import StepClock
+from server.speculation.policy import AdaptivePolicy
+from server.speculation.step_timing import OnlineCostFit, as_terms, step_terms
 
 HOST = CostModel(45.0, 7.0, 14.0, 1.7, 48.0, 2.8, 1.0, 2.1, 0.5)  # "the machine": every term non-zero
 PRIOR = CostModel(30.0, 0.4, 10.0, 0.1)  # the demo pair's defaults: wrong for HOST on every term

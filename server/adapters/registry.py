@@ -22,7 +22,6 @@ import logging
 from http import HTTPStatus
 from pathlib import Path
 
-from server.adapters.speculation_overrides import SpeculationOverrides
 from server.adapters.staging import NO_DRAFT_MODEL, DraftInvalid, Rules, Staged, Upload, stage
 from server.adapters.store import AdapterRecord, AdapterStore
 from server.adapters.validate import AdapterInvalid, BaseShape
@@ -30,6 +29,7 @@ from server.catalog import ModelCatalog
 from server.errors import ApiError, NotFound
 from server.metrics import ServerMetrics
 from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
+from server.speculation.overrides import SpeculationOverrides
 
 log = logging.getLogger(__name__)
 

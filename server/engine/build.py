@@ -13,7 +13,6 @@ from argparse import Namespace
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from server.engine.speculation import CONFIG_KEY
 from server.settings import Settings
 
 
@@ -59,10 +58,7 @@ def vllm_argv(settings: Settings) -> list[str]:
             # an NF4 target with a draft ("does not support BNB quantization for").
             spec["quantization"] = "bitsandbytes"
         argv += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary"]
-        # Read in the engine core by vllm_patches.adaptive_k (vLLM's channel for plugin config).
-        argv += ["--additional-config", json.dumps({CONFIG_KEY: {
-            "policy": settings.speculation_policy, "cost_ms": list(settings.speculation_cost),
-            "cost_online": settings.speculation_cost_online}})]  # fmt: skip
+        argv += ["--additional-config", json.dumps(settings.speculation_config.to_additional_config())]
     if settings.enable_lora:
         argv += [
             "--enable-lora",

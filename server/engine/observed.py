@@ -15,13 +15,13 @@ that vLLM's OpenAI serving layer calls, watches every ``RequestOutput`` of
   counters, so sums over adapters equal ``vllm:spec_decode_*``.
 - draft adapters: for each finished adapter request, whether the engine drafted it
   with the adapter version's paired draft adapter, asked from the engine's
-  workers (``qserve_draft_adapters``, added by ``vllm_patches.draft_lora``)
+  workers (``qserve_draft_adapters``, added by ``speculation.hooks.draft_lora``)
   with one ``collective_rpc`` after the request ends, off the request's path.
   It is the worker's state of that version's draft adapter at that moment
   (loaded and applied, none stored, or failed to load); an engine without the
   patch, or without a draft model, answers nothing and nothing is counted.
 - speculation: the engine's per-adapter k and acceptance estimate (``qserve_speculation``, an
-  engine-core utility added by ``vllm_patches.adaptive_k``), asked by
+  engine-core utility added by ``speculation.hooks.adaptive_k``), asked by
   :meth:`ObservedEngine.refresh_speculation` when ``/metrics`` is scraped (the only reader of the gauges).
 - latency: TTFT is vLLM's own ``first_token_latency`` (arrival to first token
   in the API process); ITL is the request's mean gap between generated tokens
@@ -38,10 +38,10 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from server.metrics import ServerMetrics
+from server.speculation.calls import read_report
 
 log = logging.getLogger(__name__)
-DRAFT_REPORT = "qserve_draft_adapters"  # the worker method vllm_patches.draft_lora adds
-SPECULATION_REPORT = "qserve_speculation"  # the engine-core utility vllm_patches.adaptive_k adds
+DRAFT_REPORT = "qserve_draft_adapters"  # the worker method speculation.hooks.draft_lora adds
 
 
 def spec_summary(histogram: list[int], num_draft_tokens: int) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class ObservedEngine:
         An engine without the patch or without speculation (or one shutting down) sets nothing.
         """
         try:
-            report = await self._engine.engine_core.call_utility_async(SPECULATION_REPORT)
+            report = await read_report(self._engine)
         except Exception as e:  # noqa: BLE001 (no such utility, or the engine is gone: nothing to export)
             if not self._speculation_failed:
                 self._speculation_failed = True

@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from server.api.deps import StateDep
 from server.engine import vllm_patches
-from server.engine.speculation import CONFIG_KEY
 from server.errors import error_response
+from server.speculation.config import SpeculationConfig
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -37,7 +37,7 @@ async def ready(state: StateDep):
         return error_response(503, f"engine is not healthy: {type(exc).__name__}")
     config = engine.vllm_config
     spec = config.speculative_config
-    handed = (config.additional_config or {}).get(CONFIG_KEY, {})  # what vllm_patches/adaptive_k.py reads
+    handed = SpeculationConfig.from_vllm_config(config)  # what the engine core's scheduler reads
     return JSONResponse(
         {
             "status": "ready",
@@ -52,8 +52,8 @@ async def ready(state: StateDep):
                 "method": spec.method,
                 "draft_model": spec.draft_model_config.model if spec.draft_model_config else None,
                 "num_speculative_tokens": spec.num_speculative_tokens,
-                "policy": handed.get("policy", "fixed"),
-                "cost_online": bool(handed.get("cost_online")),
+                "policy": handed.policy,
+                "cost_online": handed.cost_online,
             },
             "lora": config.lora_config is not None,
             "vllm_patches": vllm_patches.report(),  # in this (the API) process; the engine's load the same list

@@ -30,7 +30,7 @@ fixes; reproductions for upstream are in docs/upstream/.
   distribution at every draft position, as the plain sampler does.
 - ``adaptive_k``: every request drafted the same k at every step; with
   ``--speculation-policy adaptive`` each request's k is chosen per step from
-  its adapter's acceptance and the batch size (server/engine/speculation/policy.py).
+  its adapter's acceptance and the batch size (server/speculation/policy.py).
 - ``nf4_block_size``: in-flight NF4 used bitsandbytes' default blocks of 64 weights,
   whatever the model; it now uses ``server.precision.NF4_BLOCK_SIZE``.
 - ``row_invariant_gemm`` (with ``--batch-invariant``): a request's logprobs depend on the batch it
@@ -57,11 +57,9 @@ import os
 
 from server.engine.vllm_patches import (
     abort_metrics,
-    adaptive_k,
     chat_top_logprobs,
     cpu_kernels,
     cpu_lora_index,
-    draft_lora,
     end_token_output,
     nf4_block_size,
     row_invariant_gemm,
@@ -69,6 +67,7 @@ from server.engine.vllm_patches import (
     spec_logits,
     utf8_tail,
 )
+from server.speculation.hooks import adaptive_k, draft_lora
 
 WRITTEN_FOR = "0.32.0"
 # Each patch by name, in the order they are applied (the CPU kernels first: later patches run on them).

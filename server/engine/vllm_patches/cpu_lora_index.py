@@ -40,6 +40,7 @@ def without_lora_rows(fn):
         return fn(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
 
     op._qserve_patched = True
+    op._qserve_reads = ("inputs", "lora_indices_tensor")  # by position: pinned in tests/test_vllm_patch_pins.py
     return op
 
 

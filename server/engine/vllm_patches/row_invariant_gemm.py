@@ -23,21 +23,32 @@ vLLM's own ``VLLM_BATCH_INVARIANT`` mode covers CUDA kernels only.
 from __future__ import annotations
 
 import functools
+import inspect
 
-import torch
 
-
-def two_rows(fn):
-    """Wrap ``fn(self, layer, x, *args, **kwargs)`` so that a 2-D ``x`` of one row ([1, K]) runs as [2, K].
+def two_rows(fn, x_name: str):
+    """Wrap method ``fn`` so that its 2-D argument ``x_name`` of one row ([1, K]) runs as [2, K].
 
     Returns ``fn``'s result for the first row ([1, N]); other inputs pass through unchanged.
+    Raises RuntimeError when ``fn`` has no parameter ``x_name`` (vLLM renamed it: the patch cannot apply).
     """
+    names = list(inspect.signature(fn).parameters)
+    if x_name not in names:
+        raise RuntimeError(f"{fn.__qualname__} has no parameter {x_name!r} (its parameters: {names})")
+    position = names.index(x_name) - 1  # in args, which exclude self
 
     @functools.wraps(fn)
-    def wrapped(self, layer, x: torch.Tensor, *args, **kwargs):
-        if x.dim() == 2 and x.shape[0] == 1:
-            return fn(self, layer, x.expand(2, -1).contiguous(), *args, **kwargs)[:1]
-        return fn(self, layer, x, *args, **kwargs)
+    def wrapped(self, *args, **kwargs):
+        by_name = x_name in kwargs
+        x = kwargs[x_name] if by_name else args[position]
+        if x.dim() != 2 or x.shape[0] != 1:
+            return fn(self, *args, **kwargs)
+        x = x.expand(2, -1).contiguous()
+        if by_name:
+            kwargs = {**kwargs, x_name: x}
+        else:
+            args = (*args[:position], x, *args[position + 1 :])
+        return fn(self, *args, **kwargs)[:1]
 
     wrapped._qserve_patched = True
     return wrapped
@@ -49,11 +60,11 @@ def patch() -> None:
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
     from vllm_bnb_plugin.quantization.linear import BitsAndBytesLinearMethod
 
-    for owner, name in (
-        (BitsAndBytesLinearMethod, "apply"),
-        (UnquantizedLinearMethod, "apply"),
-        (LogitsProcessor, "_apply_head"),
+    for owner, name, x_name in (
+        (BitsAndBytesLinearMethod, "apply", "x"),
+        (UnquantizedLinearMethod, "apply", "x"),
+        (LogitsProcessor, "_apply_head", "hidden_states"),
     ):
         original = getattr(owner, name)
         if not getattr(original, "_qserve_patched", False):
-            setattr(owner, name, two_rows(original))
+            setattr(owner, name, two_rows(original, x_name))

@@ -5,7 +5,7 @@ adapter whose drafts are known useless before its traffic arrives, or a latency 
 speculation off for one tenant) fixes it with ``PUT /v1/adapters/{name}/speculation`` (admin scope) and
 gives it back to the policy with ``DELETE``. The override holds under both policies (under ``fixed`` the
 other requests keep the maximum k) and is applied in the scheduler by
-``server/engine/vllm_patches/adaptive_k.py`` (engine-core utility ``qserve_speculation_overrides``).
+``server/speculation/hooks/adaptive_k.py`` (reached by ``calls.set_overrides``).
 
 Stored as ``.speculation_overrides.json`` (``{"name": k}``) in the adapter store's folder, replaced
 atomically (write, fsync, rename), so a crash leaves the old map or the new one; read at start and
@@ -24,10 +24,10 @@ from typing import Any
 
 from server.adapters.store import fsync_dir
 from server.errors import BadRequest, Conflict
+from server.speculation.calls import set_overrides
 
 log = logging.getLogger(__name__)
 FILE = ".speculation_overrides.json"  # dot-named: the store's scan of adapter folders skips it
-UTILITY = "qserve_speculation_overrides"  # the engine-core utility vllm_patches.adaptive_k adds
 
 
 class SpeculationOverrides:
@@ -118,4 +118,4 @@ class SpeculationOverrides:
         """Send the whole map to the engine core (nothing to send with speculation off). Raises the engine's error."""
         if self.k_max <= 0:
             return
-        await self.engine.engine_core.call_utility_async(UTILITY, dict(self.by_name))
+        await set_overrides(self.engine, self.by_name)

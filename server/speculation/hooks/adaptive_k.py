@@ -7,7 +7,7 @@ drafted by a draft that does not know its domain (acceptance ~0.03) pays k draft
 nothing. vLLM has no per-request k; its Dynamic SD (``num_speculative_tokens_per_batch_size``) picks one
 k per step from the batch size alone, blind to acceptance and adapters.
 
-What the patch does, in the engine-core process (``server/engine/speculation/policy.py`` decides):
+What the patch does, in the engine-core process (``server/speculation/policy.py`` decides):
 
 - ``Scheduler.schedule`` (``vllm/v1/core/sched/scheduler.py`` ~591): after vLLM schedules the step, the
   policy picks ``k_i`` for each scheduled request from its adapter's acceptance estimate and the batch
@@ -51,12 +51,11 @@ output keeps the speculative-sampling distribution). Requests with a ``seed`` ke
 their realized output stays what the fixed policy gives (it depends on how many drafts each step
 verifies). A failure in the policy is logged once and that step runs with the fixed k.
 
-Config: ``additional_config["qserve_speculation"]`` (set by ``server/engine/build.py`` from Settings):
-``policy`` (``adaptive`` | ``fixed``; with ``fixed`` acceptance is still estimated, for the metrics),
-``cost_ms`` (``CostModel`` constants, ``--speculation-cost-ms``) and ``cost_online`` (refit them from the
-engine's step times, ``step_clock.py``). The engine-core utility ``qserve_speculation`` reports the
-estimates to the API process (``AsyncLLM.engine_core.call_utility_async``); ``qserve_speculation_overrides``
-sets the operator's per-adapter k (``server/adapters/speculation_overrides.py``), which holds under both
+Config: ``server/speculation/config.py`` ``SpeculationConfig`` (policy ``adaptive`` | ``fixed``: with
+``fixed`` acceptance is still estimated, for the metrics; the step-time model; ``cost_online``: refit it from
+the engine's step times, ``step_clock.py``), read back from vLLM's config by ``from_vllm_config``. Two
+engine-core utilities (names and typed callers in ``server/speculation/calls.py``) report the estimates to
+the API process and set the operator's per-adapter k (``server/speculation/overrides.py``), which holds under both
 policies (under ``fixed`` the other requests keep the maximum k).
 """
 
@@ -65,12 +64,12 @@ from __future__ import annotations
 import functools
 import time
 
-from server.engine.speculation import CONFIG_KEY
-from server.engine.speculation.cost import CostModel
-from server.engine.speculation.policy import AdaptivePolicy
-from server.engine.speculation.step_timing import OnlineCostFit
-from server.engine.vllm_patches.scheduler_policy import ADAPTIVE, FIXED, SchedulerPolicy, log
-from server.engine.vllm_patches.step_clock import StepClock
+from server.speculation.calls import REPORT, SET_OVERRIDES
+from server.speculation.config import SpeculationConfig
+from server.speculation.hooks.scheduler_policy import SchedulerPolicy, log
+from server.speculation.hooks.step_clock import StepClock
+from server.speculation.policy import AdaptivePolicy
+from server.speculation.step_timing import OnlineCostFit
 
 
 def _state(scheduler) -> SchedulerPolicy | None:
@@ -81,14 +80,13 @@ def _state(scheduler) -> SchedulerPolicy | None:
     state = None
     k_max = getattr(scheduler, "num_spec_tokens", 0) or 0
     if k_max > 0:
-        config = (scheduler.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
-        cost = config.get("cost_ms")
-        policy = AdaptivePolicy(k_max=k_max, cost=CostModel(*cost) if cost else CostModel())
-        state = SchedulerPolicy(policy, config.get("policy", FIXED) == ADAPTIVE)
-        if config.get("cost_online"):
+        config = SpeculationConfig.from_vllm_config(scheduler.vllm_config)
+        policy = AdaptivePolicy(k_max=k_max, cost=config.cost)
+        state = SchedulerPolicy(policy, config.adaptive)
+        if config.cost_online:
             state.clock = StepClock(OnlineCostFit(policy.cost), policy)
         log.info("adaptive_k: speculation policy %s, k_max %d, step-time model %s%s (patch from %s)",
-                 ADAPTIVE if state.adaptive else FIXED, k_max, policy.cost,
+                 config.policy, k_max, policy.cost,
                  ", refitted online" if state.clock else "", __file__)  # fmt: skip
     scheduler._qserve_adaptive = state
     return state
@@ -218,5 +216,5 @@ def patch() -> None:
     GPUModelRunner._input_fits_in_drafter = patched_input_fits_in_drafter
     GPUModelRunner._prepare_inputs = patched_prepare_inputs
     EngineCore.post_step = patched_post_step
-    EngineCore.qserve_speculation = qserve_speculation
-    EngineCore.qserve_speculation_overrides = qserve_speculation_overrides
+    setattr(EngineCore, REPORT, qserve_speculation)  # called by name from the API process (calls.py)
+    setattr(EngineCore, SET_OVERRIDES, qserve_speculation_overrides)

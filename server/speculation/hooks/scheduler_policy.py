@@ -2,7 +2,7 @@
 
 What each hook of ``adaptive_k.py`` does to vLLM's scheduler, engine core and runner, the why and the vLLM
 line references are in that module's doc; :class:`SchedulerPolicy` is the state those hooks share, one per
-``Scheduler``, deciding through ``server/engine/speculation/policy.py``.
+``Scheduler``, deciding through ``server/speculation/policy.py``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
-from server.engine.speculation.policy import BASE_KEY, AdaptivePolicy
-from server.engine.vllm_patches.step_clock import StepClock
+from server.speculation.config import ADAPTIVE, FIXED
+from server.speculation.hooks.step_clock import StepClock
+from server.speculation.policy import BASE_KEY, AdaptivePolicy
 
 log = logging.getLogger("vllm.qserve.adaptive_k")  # under vLLM's "vllm" logger: its handler and level
-ADAPTIVE, FIXED = "adaptive", "fixed"
 
 
 def adapter_key(request) -> str:

@@ -6,9 +6,9 @@ forward and sampling, the draft passes, ``update_from_output``, handing the outp
 fetching the next drafts. That is the engine's whole loop but for polling its input queue, which does not
 block while requests run. Only decode steps are timed (every scheduled request verifies ``1 + drafts``
 tokens past its prompt): a prefill's cost depends on its prompt length, which the step-time model does not
-price (``server/engine/speculation/cost.py``).
+price (``server/speculation/cost.py``).
 
-The fit (``server/engine/speculation/step_timing.py``) starts at the configured model and moves with what the
+The fit (``server/speculation/step_timing.py``) starts at the configured model and moves with what the
 engine measures; the policy decides each step with its latest model.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import time
 
-from server.engine.speculation.policy import AdaptivePolicy
-from server.engine.speculation.step_timing import OnlineCostFit, step_terms
+from server.speculation.policy import AdaptivePolicy
+from server.speculation.step_timing import OnlineCostFit, step_terms
 
 log = logging.getLogger("vllm.qserve.adaptive_k")
 

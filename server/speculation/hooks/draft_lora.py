@@ -26,7 +26,7 @@ Fix, in the worker process:
 - ``DraftModelProposer.propose`` gets a :class:`StepPlan` (adapter id per
   request, target query tokens per request), and a forward pre-hook on the
   draft sets the mapping of each pass from its token count
-  (``server/engine/vllm_patches/draft_lora_mapping.py``); any other count (dummy and
+  (``server/speculation/hooks/draft_lora_mapping.py``); any other count (dummy and
   profile runs, or a shape this code does not know) gets the all-zero mapping:
   the plain draft, never an engine error;
 - ``remove_lora`` also removes the draft side.
@@ -43,12 +43,13 @@ Upstream write-up: docs/upstream/vllm_draft_lora_per_request.md.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 
 import numpy as np
 
-from server.engine.vllm_patches.draft_lora_mapping import StepPlan, zero_index
+from server.speculation.hooks.draft_lora_mapping import StepPlan, zero_index
 
 log = logging.getLogger("vllm.qserve.draft_lora")  # under vLLM's "vllm" logger: its handler and level
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -213,12 +214,17 @@ def patch() -> None:
         load_model(self, *args, **kwargs)
         install(self)
 
+    names = list(inspect.signature(propose).parameters)
+    if "common_attn_metadata" not in names:
+        raise RuntimeError(f"DraftModelProposer.propose has no common_attn_metadata parameter: {names}")
+    cad_position = names.index("common_attn_metadata") - 1  # in args, which exclude self
+
     @functools.wraps(propose)
     def patched_propose(self, *args, **kwargs):
         state = getattr(self, "_qserve_draft_adapters", None)
         if state is None:
             return propose(self, *args, **kwargs)
-        cad = kwargs["common_attn_metadata"] if "common_attn_metadata" in kwargs else args[6]
+        cad = kwargs["common_attn_metadata"] if "common_attn_metadata" in kwargs else args[cad_position]
         state.begin(cad.query_start_loc_cpu)
         try:
             return propose(self, *args, **kwargs)

@@ -3,9 +3,9 @@
 Model (Leviathan, Kalman and Matias 2023, "Fast Inference from Transformers via Speculative
 Decoding", eq. 1): a request whose drafts are accepted independently with probability ``a`` gets
 ``E(a, k) = (1 - a^(k+1)) / (1 - a)`` tokens from a verify step with ``k`` drafts; a step costs what
-:class:`~server.engine.speculation.cost.CostModel` says (vLLM runs the draft ``K = max k_i`` times for
+:class:`~server.speculation.cost.CostModel` says (vLLM runs the draft ``K = max k_i`` times for
 every row and keeps ``k_i``; adapter requests cost more per token on both models). A decode-only step
-at ``K = 0`` may instead skip the draft altogether (``skip_at_zero``; ``vllm_patches/adaptive_k.py``
+at ``K = 0`` may instead skip the draft altogether (``skip_at_zero``; ``speculation/hooks/adaptive_k.py``
 does, and never lets those requests draft again, since their draft KV has a gap): it costs the step
 without speculation. :func:`choose_k` maximizes expected
 tokens per unit time ``sum_i E(a_i, k_i) / T`` over ``K`` in ``0..k_max`` and, for each ``K``, over
@@ -14,14 +14,14 @@ price ``lam`` the best ``k_i`` maximizes ``E(a_i, k) - lam s_i k`` (``s_i``, the
 verify token of request ``i``, :meth:`CostModel.verify_token_ms`), i.e. keeps draft ``j`` while its
 marginal yield ``a_i^j`` exceeds ``lam s_i``; then ``lam`` <- the resulting rate, until it stops rising.
 
-Acceptance per adapter (:class:`~server.engine.speculation.acceptance.AcceptanceEstimate`): a Beta
+Acceptance per adapter (:class:`~server.speculation.acceptance.AcceptanceEstimate`): a Beta
 posterior over each adapter's per-draft acceptance, discounted so it follows drift; a new adapter starts
 from the prior. An adapter held at ``k = 0`` yields no data, so :class:`AdaptivePolicy` gives it
 ``probe_k`` drafts every ``probe_every`` steps it is seen at 0, at a step where drafting could pay for it:
 where even acceptance 1 would leave it at 0 (a large batch of requests that cannot draft), no estimate
 could change a decision, and the probe would only buy a draft pass over the whole batch; it then probes at
 the first step where it could. An operator may fix one adapter's k
-(:attr:`AdaptivePolicy.overrides`, set over the API by ``server/adapters/speculation_overrides.py``).
+(:attr:`AdaptivePolicy.overrides`, set over the API by ``server/speculation/overrides.py``).
 
 Skipping the draft model is irreversible for the requests of that step (they never draft again), so
 :meth:`AdaptivePolicy.plan` skips only when drafting would not pay even at an optimistic acceptance,
@@ -38,9 +38,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.engine.speculation.acceptance import AcceptanceEstimate
-from server.engine.speculation.cost import CostModel
-from server.engine.speculation.speedup import expected_tokens
+from server.speculation.acceptance import AcceptanceEstimate
+from server.speculation.cost import CostModel
+from server.speculation.speedup import expected_tokens
 
 BASE_KEY = "(base)"  # the adapter key of requests without an adapter (server.metrics.BASE_LABEL's value)
 

@@ -1,6 +1,6 @@
 """The step-time model refitted online from the engine's own step times (pure; numpy, no vLLM imports).
 
-Why: the adaptive policy decides with :class:`~server.engine.speculation.cost.CostModel`, whose constants a
+Why: the adaptive policy decides with :class:`~server.speculation.cost.CostModel`, whose constants a
 user measures with ``bench.adaptive_spec`` on their own host. A server on other hardware, or on a host
 whose load changes, decides with constants that no longer hold: on the 2-core CPU hosts the same
 no-speculation step measured 96 ms on one day and 51 ms on another (BENCHMARKS.md). The engine core sees
@@ -44,7 +44,7 @@ from dataclasses import asdict, astuple
 
 import numpy as np
 
-from server.engine.speculation.cost import TERMS, CostModel
+from server.speculation.cost import TERMS, CostModel
 
 # (batch, drafts per request, draft passes, draft skipped, adapter requests): the steps a term's typical
 # size is read from, for the prior's scale (one and eight requests, drafting 0, 1 and 4, with and without

@@ -1,0 +1,1 @@
+"""Where speculation meets vLLM: hooks on its scheduler, engine core, runner and draft proposer (start-up patches)."""
