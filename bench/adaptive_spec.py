@@ -29,7 +29,7 @@ completions of held-out book text (stdlib docstrings for stdlib-docs and nodraft
 over repeats; the spread line gives (max - min) / median. Cells of ``max(4, 2 x level)`` requests were
 too short to compare at 0.97x: the same servers' base c=1 and c=32 cells spread by a median 13% between
 repeats, and a 4-request c=1 cell measured the adaptive server at 0.90x of no speculation where 10-request
-cells gave 0.99-1.04x (BENCHMARKS.md). After the adaptive server's traffic its
+cells gave 0.99-1.04x (BENCHMARKS.md at 32bdeb5, "Longer cells"). After the adaptive server's traffic its
 per-adapter k and acceptance estimate and its count of steps without the draft are printed too.
 ``--configs`` may also name ``VARIANTS`` (the adaptive policy with ``--no-speculation-cost-online``),
 ``DIAGNOSTICS`` and ``CONTROLS`` (no speculation measured twice per cell: the A/A row, the run's own noise

@@ -4,9 +4,9 @@ Usage: python -m bench.adaptive_spec_pool RUN.log [RUN.log ...] [--key NAME] [--
 
 One run's point carries the noise of its few repeats: on the 2-core hosts one repeat's paired ratio has a
 standard deviation of ~5%, so at four repeats a policy exactly at the best reads below 0.97x at about one
-point in seven (BENCHMARKS.md, "Every repeat of one code, pooled"). Runs of the same code on the same host can
-be pooled. A run's log is its standard output (``python -m bench.adaptive_spec ... | tee RUN.log``): the line
-it prints per config and cell measured (``adaptive_spec_table.cell_line``), in repeat order. Per run, cell
+point in seven (BENCHMARKS.md at 32bdeb5, "Every repeat of one code, pooled"). Runs of the same code on the
+same host can be pooled. A run's log is its standard output (``python -m bench.adaptive_spec ... | tee RUN.log``):
+the line it prints per config and cell measured (``adaptive_spec_table.cell_line``), in repeat order. Per run, cell
 and repeat this takes the adaptive row's paired, cross-validated ratio to the best other config
 (``adaptive_spec_table.repeat_ratios``), its ratio to the mean of the repeat's two no-speculation
 measurements (runs with the A/A control), to fixed k=1, and the control's; then per cell over all repeats the

@@ -3,8 +3,8 @@
 Why: the adaptive policy decides with :class:`~server.speculation.cost.CostModel`, whose constants a
 user measures with ``bench.adaptive_spec`` on their own host. A server on other hardware, or on a host
 whose load changes, decides with constants that no longer hold: on the 2-core CPU hosts the same
-no-speculation step measured 96 ms on one day and 51 ms on another (BENCHMARKS.md). The engine core sees
-every step's shape and wall time, so it can fit the model itself.
+no-speculation step measured 96 ms on one day and 51 ms on another (BENCHMARKS.md at 32bdeb5). The engine
+core sees every step's shape and wall time, so it can fit the model itself.
 
 Model: for ``v1`` set, :meth:`CostModel.step_ms` is linear in its nine terms,
 ``T = x . theta`` with ``theta = (t0, t1, d0, d1, l0, l1, e0, e1, v1)`` and ``x`` from :func:`step_terms`.
@@ -30,8 +30,8 @@ draft would save is then the prior's guess (tests/test_speculation_cost_online.p
 Steps with other K come from batch changes, probes and skips; forcing them would cost steps (a step that
 skips the draft leaves its requests' draft KV with a gap). It is on by default with the adaptive policy
 (``server/settings.py``): the pair's constants were measured on one host, and a fit that follows the host's
-own steps needs no calibration run on another; BENCHMARKS.md, "Adaptive speculation ... (smollm2 pair)"
-measures the policy with it.
+own steps needs no calibration run on another; BENCHMARKS.md, "Serving speed" and "Speculation by concurrency
+and traffic", measure the policy with it.
 
 A prior without ``v1`` (``t1`` per verified draft) is read with ``v1 = t1``; its ``l1`` per verified adapter
 draft then moves into ``e1``, which with ``v1`` set holds what verifying an adapter's drafts adds (cost.py).

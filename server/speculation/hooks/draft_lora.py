@@ -8,7 +8,7 @@ adapted. ``CPUModelRunner.load_model`` (``vllm/v1/worker/cpu_model_runner.py``
 has no LoRA field. So an adapter request is drafted by the *base* draft: its
 drafts follow the base model's style, and acceptance falls (stdlib-docs: 0.04
 per request against 0.21 with its draft adapter merged into the draft,
-BENCHMARKS.md "merge-serving"). Output is unaffected (the target verifies).
+BENCHMARKS.md at 32bdeb5, "merge-serving"). Output is unaffected (the target verifies).
 
 Fix, in the worker process:
 
