@@ -28,6 +28,9 @@ class ModelPair(NamedTuple):
         "fixed", "adaptive"
     ]  # the default --speculation-policy: adaptive where a benchmark shows it wins
     max_speculative_tokens: int  # the adaptive policy's largest k (its --num-speculative-tokens)
+    # How the draft is served beside an NF4 target: "nf4" too, or "none" (its checkpoint's bf16, which a small
+    # draft can afford: NF4 without bitsandbytes' hub-fetched CPU kernel dequantizes every weight per pass).
+    draft_quantization: Literal["nf4", "none"] = "nf4"
 
     def speculation_text(self) -> str:
         """The default speculation of this pair in words, e.g. ``adaptive k<=4`` or ``k=4``, for bench headings."""
@@ -51,6 +54,7 @@ PAIRS = {
         # k=1, 4, TTFT p50 at or below fixed k=4's (BENCHMARKS.md, "Every repeat since the drafts cap, pooled")
         "adaptive",
         4,
+        "none",  # bf16: 15.2-16.3 tokens/s at k=2 against 11.6 with the draft NF4 (hooks/draft_loader.py)
     ),
     # The 12M demo pair trained on five books: the fast fixture of the mechanics tests.
     "demo": ModelPair(

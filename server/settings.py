@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: 4-bit NF4 via bitsandbytes (QLoRA); none: serve the checkpoint dtype"
     )
+    draft_quantization: Literal["nf4", "none"] = Field(
+        description="how the draft is served beside an NF4 target: nf4 too, or none (its checkpoint dtype; "
+        "a small draft is cheaper unquantized on CPUs); default: the pair's (none for smollm2, nf4 for demo)",
+    )
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="compute dtype")
     max_model_len: int = Field(1024, ge=16, le=1_048_576, description="context length (tokens)")
     max_num_seqs: int = Field(32, ge=1, le=4096, description="most sequences the engine batches")
@@ -185,6 +189,7 @@ class Settings(BaseSettings):
             "num_speculative_tokens": pair.max_speculative_tokens if adaptive else pair.num_speculative_tokens,
             "speculation_cost_ms": ",".join(f"{x:g}" for x in pair.speculation_cost_ms),
             "speculation_cost_online": adaptive,
+            "draft_quantization": pair.draft_quantization,
         }
         return {**defaults, **data}
 

@@ -68,6 +68,7 @@ def test_ready_reports_nf4_with_the_distilled_draft(real):
     assert ready["quantization"] == "bitsandbytes"
     assert ready["speculative"]["method"] == "draft_model"
     assert Path(ready["speculative"]["draft_model"]) == PAIR.draft
+    assert ready["speculative"]["draft_quantization"] is None  # bf16 beside the NF4 target (hooks/draft_loader.py)
     assert ready["vllm_patches"] == {"vllm_version": WRITTEN_FOR, "applied": sorted(PATCHES)}
 
 

@@ -153,3 +153,11 @@ def test_the_speculation_policy_reaches_the_engine_core_as_additional_config():
     assert "--additional-config" not in vllm_argv(Settings(speculation=False))
     with pytest.raises(ValidationError, match="'fixed' or 'adaptive'"):
         Settings(speculation_policy="sometimes")
+
+
+def test_the_real_pair_serves_its_draft_unquantized_beside_the_nf4_target():
+    real = vllm_namespace(Settings(pair="smollm2"))
+    assert real.quantization == "bitsandbytes" and "quantization" not in real.speculative_config
+    both = vllm_namespace(Settings(pair="smollm2", draft_quantization="nf4"))
+    assert both.speculative_config["quantization"] == "bitsandbytes"
+    assert Settings(pair="demo").draft_quantization == "nf4"

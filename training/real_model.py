@@ -31,6 +31,7 @@ DEFAULT_OUT = MODELS / "smollm2-135m-instruct"
 DRAFT_LAYERS = MODELS / "smollm2-135m-draft-layers"
 DRAFT_OUT = MODELS / "smollm2-135m-draft"
 LAYERS_FILE = "draft_layers.safetensors"
+DRAFT_VOCAB = "draft_vocab.json"
 EMBEDDING = "model.embed_tokens.weight"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 RECORD = "conversion.json"
@@ -161,9 +162,13 @@ def assemble_draft(src: Path = DRAFT_LAYERS, target: Path = DEFAULT_OUT, out: Pa
             f"{src} must hold config.json and {LAYERS_FILE} (the committed draft); check out the repository again"
         )
     digest = sha256_file(layers)
+    vocab = src / DRAFT_VOCAB
+    vocab_digest = sha256_file(vocab) if vocab.is_file() else None
     try:
+        record = json.loads((out / RECORD).read_text())
         if (
-            json.loads((out / RECORD).read_text()).get("layers_sha256") == digest
+            record.get("layers_sha256") == digest
+            and record.get("draft_vocab_sha256") == vocab_digest
             and (out / "model.safetensors").is_file()
         ):
             return out
@@ -186,7 +191,10 @@ def assemble_draft(src: Path = DRAFT_LAYERS, target: Path = DEFAULT_OUT, out: Pa
     for name in _TOKENIZER_FILES:
         if (target / name).is_file():
             shutil.copyfile(target / name, staging / name)
-    record = {"layers": str(src.name), "layers_sha256": digest, "embedding": f"{target.name}:{EMBEDDING}"}
+    if vocab_digest is not None:  # the reduced head's kept tokens (server/speculation/hooks/draft_vocab.py)
+        shutil.copyfile(vocab, staging / DRAFT_VOCAB)
+    record = {"layers": str(src.name), "layers_sha256": digest, "embedding": f"{target.name}:{EMBEDDING}",
+              "draft_vocab_sha256": vocab_digest}  # fmt: skip
     (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)

@@ -53,10 +53,8 @@ def vllm_argv(settings: Settings) -> list[str]:
             # accepted 0.05 of draft tokens here against 1 - TV(p, q) = 0.82.
             "draft_sample_method": "probabilistic",
         }
-        if settings.quantization == "nf4":
-            # The draft shares the target's loader format; without this vLLM refuses
-            # an NF4 target with a draft ("does not support BNB quantization for").
-            spec["quantization"] = "bitsandbytes"
+        if settings.quantization == "nf4" and settings.draft_quantization == "nf4":
+            spec["quantization"] = "bitsandbytes"  # else the draft loads unquantized (hooks/draft_loader.py)
         argv += ["--speculative-config", json.dumps(spec), "--per-request-spec-decode-metrics", "summary"]
         argv += ["--additional-config", json.dumps(settings.speculation_config.to_additional_config())]
     if settings.enable_lora:

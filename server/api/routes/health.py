@@ -51,6 +51,7 @@ async def ready(state: StateDep):
             else {
                 "method": spec.method,
                 "draft_model": spec.draft_model_config.model if spec.draft_model_config else None,
+                "draft_quantization": spec.draft_model_config.quantization if spec.draft_model_config else None,
                 "num_speculative_tokens": spec.num_speculative_tokens,
                 "policy": handed.policy,
                 "cost_online": handed.cost_online,

@@ -28,7 +28,7 @@ fixes; reproductions for upstream are in docs/upstream/.
 - ``spec_logits``: ``min_p`` and ``logit_bias`` were refused (400) with
   speculation on; the rejection sampler now applies them to the target's
   distribution at every draft position, as the plain sampler does.
-- ``adaptive_k``: every request drafted the same k at every step; with
+- ``adaptive_k`` (server/speculation/hooks/): every request drafted the same k at every step; with
   ``--speculation-policy adaptive`` each request's k is chosen per step from
   its adapter's acceptance and the batch size (server/speculation/policy.py).
 - ``nf4_block_size``: in-flight NF4 used bitsandbytes' default blocks of 64 weights,
@@ -36,7 +36,11 @@ fixes; reproductions for upstream are in docs/upstream/.
 - ``row_invariant_gemm`` (with ``--batch-invariant``): a request's logprobs depend on the batch it
   runs in (alone, batched, speculative verify, mixed LoRA batch): one-row matmuls take another
   kernel; with it greedy output is the same in any batch.
-- ``draft_lora``: an adapter's paired draft adapter (``draft/`` in its
+- ``draft_loader`` (server/speculation/hooks/): an unquantized draft beside an NF4 target was refused
+  (the draft got the target's bitsandbytes loader); it now loads with vLLM's default loader.
+- ``draft_vocab`` (server/speculation/hooks/): a draft could only propose over the full vocabulary; a draft
+  folder with ``draft_vocab.json`` now computes its head over the kept tokens only (FR-Spec).
+- ``draft_lora`` (server/speculation/hooks/): an adapter's paired draft adapter (``draft/`` in its
   version folder) was never applied: the draft model ran unadapted for
   every request; it now has its own LoRA manager and per-step mapping.
 
@@ -45,7 +49,7 @@ To run an engine without them (to reproduce a fault), set ``QSERVE_VLLM_PATCHES=
 (our server then refuses to start; vLLM's own server runs unpatched). To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
-``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_lora,end_token_output,nf4_block_size,
+``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_loader,draft_lora,draft_vocab,end_token_output,nf4_block_size,
 row_invariant_gemm,seeded_drafts,spec_logits,utf8_tail``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
@@ -67,7 +71,7 @@ from server.engine.vllm_patches import (
     spec_logits,
     utf8_tail,
 )
-from server.speculation.hooks import adaptive_k, draft_lora
+from server.speculation.hooks import adaptive_k, draft_loader, draft_lora, draft_vocab
 
 WRITTEN_FOR = "0.32.0"
 # Each patch by name, in the order they are applied (the CPU kernels first: later patches run on them).
@@ -82,7 +86,9 @@ APPLY = {
     "utf8_tail": utf8_tail.patch,
     "end_token_output": end_token_output.patch,
     "spec_logits": spec_logits.patch,
+    "draft_loader": draft_loader.patch,
     "draft_lora": draft_lora.patch,
+    "draft_vocab": draft_vocab.patch,
     "adaptive_k": adaptive_k.patch,
 }
 PATCHES = tuple(sorted(APPLY))
