@@ -24,13 +24,13 @@ import time
 
 import torch
 
-from bench.report import argument_parser, publish
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_overlap
 from server.merge.weights.nf4 import base_weights
 from server.merge.weights.probe import model_with
 from server.precision import Precision
 from testing.process import REPO_ROOT
+from testing.report import argument_parser, publish
 from training.train_adapter import heldout_texts
 from training.train_lm import encode
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 
 from bench.merge_serving import merge
-from bench.report import argument_parser, publish
 from prompts import heldout_prompts
 from server.merge.weights.lora import write_zero_adapter
 from testing.process import REPO_ROOT, start_server
+from testing.report import argument_parser, publish
 
 LOGS = Path("/tmp/qserve-bench-logs")
 SERVERS = {"--enable-lora": [], "--no-enable-lora": ["--no-enable-lora"]}
