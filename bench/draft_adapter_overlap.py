@@ -67,8 +67,8 @@ def main() -> None:
     for name, domain in DOMAINS.items():
         x = windows(encode(tok, heldout_texts(domain)), a.windows, a.seq)  # [n, seq]
         p_base, q_plain = logits(p_base_model, x), logits(q_plain_model, x)
-        p_adapt = logits(model_with(target, t_nf4, REPO_ROOT / "models/demo-adapters" / name), x)
-        q_adapt = logits(model_with(draft, d_nf4, REPO_ROOT / "models/demo-adapters" / name / "draft"), x)
+        p_adapt = logits(model_with(target, t_nf4, REPO_ROOT / "adapters/demo" / name), x)
+        q_adapt = logits(model_with(draft, d_nf4, REPO_ROOT / "adapters/demo" / name / "draft"), x)
         for pair, p, q in (
             ("base target vs plain draft (reference)", p_base, q_plain),
             ("target + adapter vs plain draft (adapter per request)", p_adapt, q_plain),

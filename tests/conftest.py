@@ -29,7 +29,7 @@ LOG_DIR = Path(
 )
 MODEL = "demo-target"
 ADAPTERS = ("austen", "stdlib-docs")  # shipped in adapters/, seeded into every fresh store
-SHIPPED = REPO_ROOT / "models/demo-adapters"  # the demo pair's shipped adapters, each with its draft/ adapter
+SHIPPED = REPO_ROOT / "adapters/demo"  # the demo pair's shipped adapters, each with its draft/ adapter
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # (name, shipped adapter) uploaded alone (no draft adapter) to the shared --no-speculation server: the reference
 # copies of what the speculation tests upload to their own servers.

@@ -26,7 +26,7 @@ from testing.process import REPO_ROOT
 from tests.aio import run_async, wait_until
 from tests.merge.service_fakes import BlockingReport, FakeOpener, FakeRegistry, fake_report
 
-AUSTEN = REPO_ROOT / "models/demo-adapters" / "austen"
+AUSTEN = REPO_ROOT / "adapters/demo" / "austen"
 
 
 @pytest.fixture
