@@ -23,11 +23,11 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import argument_parser, pair_heading, pair_key, publish
 from bench.serving_bench import request
 from prompts import CHAT_PAIRS, pair_prompts
 from server.pairs import PAIRS
 from testing.process import start_server
+from testing.report import argument_parser, pair_heading, pair_key, publish
 
 SHIPPED = ("austen", "stdlib-docs")
 

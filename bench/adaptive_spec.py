@@ -50,13 +50,13 @@ import httpx
 
 from bench.adaptive_spec_table import GAUGES, cell_line, table
 from bench.merge_serving import upload_without_draft
-from bench.report import argument_parser, publish
 from bench.serving_bench import spec_counters
 from bench.step_time_fit import fit_cost
 from prompts import domain_prompts, heldout_prompts
 from server.pairs import PAIRS
 from server.speculation.cost import TERMS
 from testing.process import start_server
+from testing.report import argument_parser, publish
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 
 LOGS = Path("/tmp/qserve-bench-logs")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.adaptive_spec import CONTROLS, DIAGNOSTICS
 from bench.adaptive_spec_table import CRITERION, read_cells, repeat_ratios
-from bench.report import argument_parser, publish
+from testing.report import argument_parser, publish
 
 ADAPTIVE, PLAIN, K1 = "adaptive (k<=4)", "no speculation", "fixed k=1"
 CONTROL = next(c for c, of in CONTROLS.items() if of == PLAIN)

@@ -24,13 +24,13 @@ import time
 
 import torch
 
-from bench.report import argument_parser, publish
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_overlap
 from server.merge.weights.nf4 import base_weights
 from server.merge.weights.probe import model_with
 from server.precision import Precision
 from testing.process import REPO_ROOT
+from testing.report import argument_parser, publish
 from training.train_adapter import heldout_texts
 from training.train_lm import encode
 
@@ -67,8 +67,8 @@ def main() -> None:
     for name, domain in DOMAINS.items():
         x = windows(encode(tok, heldout_texts(domain)), a.windows, a.seq)  # [n, seq]
         p_base, q_plain = logits(p_base_model, x), logits(q_plain_model, x)
-        p_adapt = logits(model_with(target, t_nf4, REPO_ROOT / "models/demo-adapters" / name), x)
-        q_adapt = logits(model_with(draft, d_nf4, REPO_ROOT / "models/demo-adapters" / name / "draft"), x)
+        p_adapt = logits(model_with(target, t_nf4, REPO_ROOT / "adapters/demo" / name), x)
+        q_adapt = logits(model_with(draft, d_nf4, REPO_ROOT / "adapters/demo" / name / "draft"), x)
         for pair, p, q in (
             ("base target vs plain draft (reference)", p_base, q_plain),
             ("target + adapter vs plain draft (adapter per request)", p_adapt, q_plain),

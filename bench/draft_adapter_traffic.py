@@ -32,7 +32,6 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import argument_parser, publish
 from loadtests import report, runner
 from loadtests.workload import Job, zipf_weights
 from prompts import domain_prompts
@@ -40,6 +39,7 @@ from server.engine.build import vllm_argv
 from server.pairs import PAIRS
 from server.settings import Settings
 from testing.process import ServerProcess, start_server
+from testing.report import argument_parser, publish
 
 LOGS = Path("/tmp/qserve-bench-logs/draft-adapter-traffic")
 PAIR = PAIRS["smollm2"]

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import argument_parser, publish
 from prompts import chat_prompts
 from server.pairs import PAIRS
 from testing.process import start_server
+from testing.report import argument_parser, publish
 
 LOGS = Path("/tmp/qserve-bench-logs")
 PAIR = PAIRS["smollm2"]

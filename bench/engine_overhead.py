@@ -23,8 +23,8 @@ import statistics
 from pathlib import Path
 
 from bench.adaptive_spec import CONFIGS, DIAGNOSTICS, VARIANTS, Workload, run_cell, start
-from bench.report import argument_parser, pair_key, publish
 from server.pairs import PAIRS
+from testing.report import argument_parser, pair_key, publish
 
 NEVER = "spec engine never drafts"
 DEFAULT_CELLS = "base:4,zipf:8"

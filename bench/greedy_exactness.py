@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from bench.report import argument_parser, publish
 from bench.serving_bench import LOGS, run_load
 from prompts import chat_prompts
 from server.pairs import PAIRS
 from testing.process import start_server
+from testing.report import argument_parser, publish
 
 PAIR = PAIRS["smollm2"]
 MODEL = PAIR.served_model_name

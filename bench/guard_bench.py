@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import httpx
 
-from bench.report import argument_parser, pair_heading, pair_key, publish
 from bench.serving_bench import LOGS, request, run_load, spec_counters
 from prompts import CHAT_PAIRS, pair_prompts
 from server.pairs import PAIRS
 from testing.process import start_server
+from testing.report import argument_parser, pair_heading, pair_key, publish
 
 ALL = "cpu_kernels,cpu_lora_index,seeded_drafts,spec_logits"
 SERVERS = {

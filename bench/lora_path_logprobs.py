@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 
 from bench.merge_serving import merge
-from bench.report import argument_parser, publish
 from prompts import heldout_prompts
 from server.merge.weights.lora import write_zero_adapter
 from testing.process import REPO_ROOT, start_server
+from testing.report import argument_parser, publish
 
 LOGS = Path("/tmp/qserve-bench-logs")
 SERVERS = {"--enable-lora": [], "--no-enable-lora": ["--no-enable-lora"]}
@@ -54,7 +54,7 @@ def merge_zero_adapter(base_url: str, work: Path) -> str:
     Raises:
         RuntimeError: the upload or the merge job failed (the server's message).
     """
-    zero = write_zero_adapter(REPO_ROOT / "models/demo-adapters/austen", work / "zero")
+    zero = write_zero_adapter(REPO_ROOT / "adapters/demo/austen", work / "zero")
     files = [("files", (f.name, f.read_bytes())) for f in sorted(zero.iterdir())]
     r = httpx.post(base_url + "/v1/adapters", data={"name": "zero"}, files=files, timeout=120)
     if r.status_code != 201:

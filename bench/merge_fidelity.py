@@ -29,7 +29,6 @@ import time
 
 import torch
 
-from bench.report import argument_parser, pair_heading, pair_key, publish
 from prompts import CHAT_PAIRS, pair_prompts
 from server.merge.weights.checkpoint import read_state
 from server.merge.weights.fidelity import greedy_agreement, mean_kl
@@ -38,6 +37,7 @@ from server.merge.weights.nf4 import base_weights, requantize
 from server.merge.weights.probe import continuation_logits, greedy, model_with
 from server.pairs import PAIRS
 from server.precision import NF4_BLOCK_SIZE, Precision
+from testing.report import argument_parser, pair_heading, pair_key, publish
 
 ADAPTERS = ("austen", "stdlib-docs")
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import argument_parser, pair_key, publish
 from prompts import CHAT_PAIRS, pair_prompts
 from server.pairs import PAIRS
 from testing.process import start_server
+from testing.report import argument_parser, pair_key, publish
 
 LOGS = Path("/tmp/qserve-bench-logs")
 OPTIONS = {  # --options name -> (row label, merge request body)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.report import argument_parser, publish
 from prompts import chat_prompts
 from server.merge.weights.nf4 import nf4_roundtrip
 from server.pairs import PAIRS
 from server.precision import NF4_BLOCK_SIZE
+from testing.report import argument_parser, publish
 
 BLOCK_SIZES = (64, 32)
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import argument_parser, publish
 from bench.weight_memory import weight_bytes
 from prompts import CHAT_PAIRS, pair_prompts
 from server.pairs import PAIRS
 from testing.process import start_server
+from testing.report import argument_parser, publish
 
 LOGS = Path("/tmp/qserve-bench-logs")
 

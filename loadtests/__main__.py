@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.report import pair_heading, pair_key, record
 from loadtests import compare_vllm, fuzz, report, runner, scenarios, soak
 from loadtests.serve import add_target_arguments, model_of, served
 from loadtests.workload import traffic_text
+from testing.report import pair_heading, pair_key, record
 
 
 def run_scenario(base_url: str, sc: scenarios.Scenario) -> dict:

@@ -22,13 +22,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.report import add_pair_argument, pair_heading, pair_key, publish
 from loadtests import report, runner
 from loadtests.workload import build_jobs, pair_mix, traffic_text
 from server.engine.build import vllm_argv
 from server.pairs import PAIRS
 from server.settings import Settings
 from testing.process import ServerProcess, start_server
+from testing.report import add_pair_argument, pair_heading, pair_key, publish
 
 ARMS = ("ours", "vllm", "ours-nospec")
 

@@ -29,10 +29,10 @@ from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis.errors import FlakyFailure, FlakyStrategyDefinition, Unsatisfiable
 from schemathesis import GenerationMode
 
-from bench.report import pair_key, publish
 from loadtests import fuzz_report
 from loadtests.fuzzer import Fuzzer
 from loadtests.serve import add_target_arguments, model_of, served
+from testing.report import pair_key, publish
 
 # The started server: short context (cheap generations, as test_fuzz's keyed server), n <= 2, and
 # at most one merged model, since every merge starts a vLLM engine of its own on the shared cores.

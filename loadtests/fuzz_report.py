@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bench.report import pair_heading
+from testing.report import pair_heading
 
 
 def summary(

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.report import add_pair_argument
 from loadtests.runner import check_local
 from server.pairs import PAIRS
 from testing.process import ServerProcess, start_server
+from testing.report import add_pair_argument
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def served(base_url: str | None, log_path: Path, args: tuple[str, ...] = (), pai
 
 
 def add_target_arguments(p: argparse.ArgumentParser) -> None:
-    """``--pair`` (``bench.report.add_pair_argument``: the pair served, whose prompts are sent) and ``--model``
+    """``--pair`` (``testing.report.add_pair_argument``: the pair served, whose prompts are sent) and ``--model``
     (the base model's served name, default the pair's: :func:`model_of`)."""
     add_pair_argument(p)
     p.add_argument("--model", help="the base model's served name (default: the pair's)")

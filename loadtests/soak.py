@@ -26,11 +26,11 @@ from urllib.parse import urlparse
 
 import psutil
 
-from bench.report import pair_key, publish
 from loadtests import runner, scenarios, soak_report
 from loadtests.serve import add_target_arguments, model_of, served
 from loadtests.workload import Mix, build_jobs, pair_mix
 from server.pairs import PAIRS
+from testing.report import pair_key, publish
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.report import pair_heading
 from loadtests.runner import RunResult
+from testing.report import pair_heading
 
 MIB = 1024 * 1024
 RSS_GROWTH_LIMIT_PCT = 5.0

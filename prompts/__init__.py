@@ -8,17 +8,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from training.corpus import BASE_FILES, Split
-from training.corpus import heldout_prompts as _heldout_prompts
-
+# The general base model and its draft learn from these (training.corpus); Austen is kept out so
+# that the style adapter has something to shift (see the corpora README). Held-out prompts are cut
+# from their held-out parts round-robin in this order.
+BASE_FILES = (
+    "shakespeare.txt",
+    "doyle_sherlock_holmes.txt",
+    "tolstoy_war_and_peace.txt",
+    "melville_moby_dick.txt",
+)
 PROMPTS_DIR = Path(__file__).resolve().parent
 HELDOUT_DIR = PROMPTS_DIR / "heldout"
 DOMAINS = {"chat": "chat.txt", "python-docs": "python_docs.txt", "style": "style.txt"}
 # The shipped adapters' own prompt sets (any other model, the base included, gets chat prompts).
 ADAPTER_DOMAINS = {"stdlib-docs": "python-docs", "austen": "style"}
 CHAT_PAIRS = ("smollm2",)  # pairs (server/pairs.py PAIRS) with an instruct target: sent chat requests
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train and held-out text of one corpus (characters, not tokens)."""
+
+    name: str
+    train: str
+    heldout: str
+
+
+def cut_heldout_prompts(splits: list[Split], n: int, words: int = 12) -> list[str]:
+    """Return ``n`` prompts of about ``words`` words cut from the held-out texts of ``splits``, round-robin.
+
+    Each prompt starts at a line beginning so it reads like the corpus.
+    """
+    lines_per_split = [[ln.strip() for ln in s.heldout.splitlines() if len(ln.split()) >= words] for s in splits]
+    prompts: list[str] = []
+    i = 0
+    while len(prompts) < n:
+        lines = lines_per_split[i % len(splits)]
+        line = lines[(i // len(splits)) * 7 % len(lines)]
+        prompts.append(" ".join(line.split()[:words]))
+        i += 1
+    return prompts
 
 
 def heldout_text(corpus: str) -> str:
@@ -42,10 +74,10 @@ def heldout_splits(files: tuple[str, ...] = BASE_FILES) -> list[Split]:
 def heldout_prompts(n: int, words: int = 12) -> list[str]:
     """``n`` prompts of ``words`` words from the base corpora's held-out text, round-robin.
 
-    The same list, in the same order, as ``training.corpus.heldout_prompts(load_splits(corpora), n)``
+    The same list, in the same order, as ``cut_heldout_prompts(training.corpus.load_splits(corpora), n)``
     on the full corpora; the first ``m`` of ``n`` prompts are the ``m`` prompts.
     """
-    return _heldout_prompts(heldout_splits(), n, words)
+    return cut_heldout_prompts(heldout_splits(), n, words)
 
 
 def corpus_words() -> list[list[str]]:

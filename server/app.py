@@ -95,11 +95,13 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
             state.catalog.handlers = handlers
             state.engine = engine
             if settings.enable_lora:
+                # The catalog's members are set here and only here: each joins the model-id namespace.
                 state.adapters = await open_adapters(settings, state.catalog, raw_engine, state.metrics)
+                state.catalog.adapters = state.adapters
                 if settings.max_merged_models > 0:
-                    state.merges = MergeService(
-                        settings, MergedStore(settings.merged_models_dir), state.adapters, state.metrics
-                    )
+                    store = MergedStore(settings.merged_models_dir)
+                    state.merges = MergeService(settings, store, state.adapters, state.catalog, state.metrics)
+                    state.catalog.merges = state.merges
                     state.merges.restore()  # merged models on disk come up in the background
             state.ready = True
             log.info("model %s ready", settings.served_model_name)

@@ -2,8 +2,9 @@
 
 Three kinds of id share one namespace (the ``model`` field of every OpenAI request): the base model,
 the stored adapters (``server/adapters/registry.py``) and the merged models
-(``server/merge/service.py``). The registry and the merge service register into the one
-:class:`ModelCatalog`; routes make one call (:meth:`ModelCatalog.resolve`, :meth:`ModelCatalog.cards`),
+(``server/merge/service.py``). The app (``server/app.py``) builds the registry and the merge service and
+sets them on the one :class:`ModelCatalog` (:class:`StoredAdapters`, :class:`MergedModels`: what the
+catalog asks of each); routes make one call (:meth:`ModelCatalog.resolve`, :meth:`ModelCatalog.cards`),
 and a new name is checked once against all three (:meth:`check_adapter_name`, :meth:`check_merged_id`).
 
 Adapters are served through vLLM's own model registry (``OpenAIServingModels.lora_requests``, which
@@ -13,9 +14,10 @@ vLLM's completion and chat handlers resolve per request); the catalog is the onl
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 
@@ -46,18 +48,40 @@ class Resolved:
     handlers: Any
 
 
+class StoredAdapters(Protocol):
+    """What the catalog asks of the adapter registry (``server/adapters/registry.py`` ``AdapterRegistry``)."""
+
+    @property
+    def records(self) -> Mapping[str, Any]:
+        """The stored adapters by name."""
+        ...
+
+
+class MergedModels(Protocol):
+    """What the catalog asks of the merge service (``server/merge/service.py`` ``MergeService``)."""
+
+    def id_in_use(self, model_id: str) -> bool: ...
+
+    def served_ids(self) -> list[str]: ...
+
+    def serving_state(self, model_id: str | None) -> Any: ...
+
+    async def cards(self) -> list[dict]: ...
+
+
 class ModelCatalog:
     """One owner of the model-id namespace of a server.
 
     ``handlers`` is vLLM's serving state of the base engine (None until the engine is loaded);
-    ``adapters`` and ``merges`` are registered when they exist (LoRA on, merging on).
+    ``adapters`` and ``merges`` are set by the app once they exist (None while loading, with LoRA off,
+    with merging off).
     """
 
     def __init__(self, base_id: str) -> None:
         self.base_id = base_id
         self.handlers: Any = None
-        self.adapters = None  # server.adapters.registry.AdapterRegistry
-        self.merges = None  # server.merge.service.MergeService
+        self.adapters: StoredAdapters | None = None
+        self.merges: MergedModels | None = None
 
     @property
     def _serving_models(self):

@@ -61,7 +61,7 @@ PAIRS = {
         REPO_ROOT / "models" / "target",
         "demo-target",
         REPO_ROOT / "models" / "draft",
-        REPO_ROOT / "models" / "demo-adapters",
+        REPO_ROOT / "adapters" / "demo",
         4,
         (30.0, 0.4, 10.0, 0.1),  # fitted to the demo pair's load tests (cost.CostModel's doc)
         "fixed",  # its mechanics tests read the draft at every step; the policy was never benchmarked on it

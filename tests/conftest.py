@@ -2,7 +2,8 @@
 
 Starting an engine takes about a minute here, so one server with the default
 settings (NF4 target, draft-target speculation, LoRA) is shared by the whole
-session; tests that need other settings start their own per module.
+session, and so is one with ``--no-speculation`` (the reference output of the
+speculation tests); tests that need other settings start their own per module.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from prompts import heldout_prompts
-from testing.process import ServerProcess, start_server
+from testing.process import REPO_ROOT, ServerProcess, start_server
 
 # The mechanics tests run on the 12M demo pair (fast); tests of the real pair ask for it by name.
 os.environ.setdefault("QSERVE_PAIR", "demo")
@@ -27,6 +29,11 @@ LOG_DIR = Path(
 )
 MODEL = "demo-target"
 ADAPTERS = ("austen", "stdlib-docs")  # shipped in adapters/, seeded into every fresh store
+SHIPPED = REPO_ROOT / "adapters/demo"  # the demo pair's shipped adapters, each with its draft/ adapter
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# (name, shipped adapter) uploaded alone (no draft adapter) to the shared --no-speculation server: the reference
+# copies of what the speculation tests upload to their own servers.
+PLAIN_UPLOADS = (("nodraft", "stdlib-docs"), ("broken", "stdlib-docs"), ("gone", "austen"))
 
 
 def launch(name: str, *args: str, store: Path | None = None) -> ServerProcess:
@@ -39,6 +46,14 @@ def launch(name: str, *args: str, store: Path | None = None) -> ServerProcess:
     store = store or Path(tempfile.mkdtemp(prefix=f"qserve-store-{name}-"))
     env = {"QSERVE_ADAPTER_STORE_DIR": str(store), "QSERVE_MERGED_MODELS_DIR": f"{store}-merged"}
     return start_server(list(args), LOG_DIR / f"{name}.log", env=env)
+
+
+def upload(url: str, name: str, folder: Path, draft: Path | None = None) -> None:
+    """POST the PEFT files of ``folder`` (and of ``draft`` as its draft adapter) as adapter ``name``; asserts 201."""
+    files = [("files", (f, (folder / f).read_bytes())) for f in PEFT_FILES]
+    files += [("draft_files", (f, (draft / f).read_bytes())) for f in PEFT_FILES if draft is not None]
+    r = httpx.post(url + "/v1/adapters", data={"name": name}, files=files, timeout=120)
+    assert r.status_code == 201, r.text
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +75,18 @@ def client(base_url: str):
     import openai
 
     return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def plain_server() -> ServerProcess:
+    """The default server's settings with ``--no-speculation``: the reference output of
+    tests/test_speculation.py, tests/test_adaptive_speculation.py and tests/test_draft_lora.py.
+    Serves the shipped adapters and ``PLAIN_UPLOADS``."""
+    proc = launch("no-speculation", "--no-speculation")
+    for name, shipped in PLAIN_UPLOADS:
+        upload(proc.base_url, name, SHIPPED / shipped)
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from tests.test_adapters_api import complete, upload
 
 pytestmark = pytest.mark.engine
 
-SHIPPED = REPO_ROOT / "models/demo-adapters" / "stdlib-docs"  # the far-domain adapter: its effect on output is large
+SHIPPED = REPO_ROOT / "adapters/demo" / "stdlib-docs"  # the far-domain adapter: its effect on output is large
 
 
 def _variant(tmp_path: Path, name: str, **config) -> Path:

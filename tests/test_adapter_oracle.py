@@ -85,7 +85,7 @@ def peft_tokens(adapter: str, prompts: list[str], nf4: bool) -> tuple[list[list[
         assert sizes == {NF4_BLOCK_SIZE}, sizes
     else:
         base = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, REPO_ROOT / "models/demo-adapters" / adapter).eval()
+    model = PeftModel.from_pretrained(base, REPO_ROOT / "adapters/demo" / adapter).eval()
     out, logprobs = [], []
     with torch.no_grad():
         for prompt in prompts:

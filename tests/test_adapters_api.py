@@ -65,11 +65,11 @@ def test_shipped_adapters_are_served_and_listed_with_the_base_as_parent(client, 
 def test_shipped_adapters_report_their_draft(base_url):
     by_name = {a["name"]: a for a in httpx.get(base_url + "/v1/adapters").json()["data"]}
     for name in ADAPTERS:
-        assert by_name[name]["draft"] == draft_of(REPO_ROOT / "models/demo-adapters" / name)
+        assert by_name[name]["draft"] == draft_of(REPO_ROOT / "adapters/demo" / name)
 
 
 def test_upload_with_draft_files_shows_the_draft_and_serves(base_url):
-    austen, stdlib = REPO_ROOT / "models/demo-adapters/austen", REPO_ROOT / "models/demo-adapters/stdlib-docs"
+    austen, stdlib = REPO_ROOT / "adapters/demo/austen", REPO_ROOT / "adapters/demo/stdlib-docs"
     prompt = "It is a truth universally acknowledged"
     r = upload(base_url, "paired", stdlib, draft=austen / "draft")  # any draft-shaped adapter will do
     assert r.status_code == 201, r.text
@@ -106,7 +106,7 @@ def test_mixed_batch_gives_each_request_its_solo_output(base_url, prompts):
 
 
 def test_upload_new_version_delete_and_errors(base_url, tmp_path):
-    austen, stdlib = REPO_ROOT / "models/demo-adapters/austen", REPO_ROOT / "models/demo-adapters/stdlib-docs"
+    austen, stdlib = REPO_ROOT / "adapters/demo/austen", REPO_ROOT / "adapters/demo/stdlib-docs"
     prompt = "It is a truth universally acknowledged"
     r = upload(base_url, "mine", austen)
     assert r.status_code == 201, r.text
@@ -142,7 +142,7 @@ def test_upload_new_version_delete_and_errors(base_url, tmp_path):
 
 
 def test_delete_while_streaming_lets_the_stream_finish(base_url):
-    assert upload(base_url, "doomed", REPO_ROOT / "models/demo-adapters/austen").status_code == 201
+    assert upload(base_url, "doomed", REPO_ROOT / "adapters/demo/austen").status_code == 201
     body = {
         "model": "doomed",
         "prompt": "Mr. Darcy",
@@ -178,8 +178,8 @@ def test_uploaded_adapter_survives_a_restart(tmp_path):
     store = tmp_path / "store"
     first = launch("restart-1", "--no-speculation", "--seed-adapters-dir", "null", store=store)
     try:
-        assert upload(first.base_url, "kept", REPO_ROOT / "models/demo-adapters/stdlib-docs").status_code == 201
-        austen = REPO_ROOT / "models/demo-adapters/austen"
+        assert upload(first.base_url, "kept", REPO_ROOT / "adapters/demo/stdlib-docs").status_code == 201
+        austen = REPO_ROOT / "adapters/demo/austen"
         r = upload(first.base_url, "with-draft", austen, draft=austen / "draft")  # no draft model here
         assert r.status_code == 400 and r.json()["error"]["param"] == "draft_files"
         assert "speculation is off" in r.json()["error"]["message"]
@@ -197,17 +197,17 @@ def test_uploaded_adapter_survives_a_restart(tmp_path):
 def test_reupload_after_delete_serves_the_new_weights(base_url):
     # Long enough to fill KV-cache blocks, so a stale prefix-cache hit would show.
     prompt = " ".join(["It is a truth universally acknowledged, that a single man in possession of a fortune."] * 4)
-    assert upload(base_url, "again", REPO_ROOT / "models/demo-adapters/austen").status_code == 201
+    assert upload(base_url, "again", REPO_ROOT / "adapters/demo/austen").status_code == 201
     assert complete(base_url, "again", prompt) == complete(base_url, "austen", prompt)
     assert httpx.delete(base_url + "/v1/adapters/again").status_code == 200
-    r = upload(base_url, "again", REPO_ROOT / "models/demo-adapters/stdlib-docs")
+    r = upload(base_url, "again", REPO_ROOT / "adapters/demo/stdlib-docs")
     assert r.status_code == 201 and r.json()["version"] == 1
     assert complete(base_url, "again", prompt) == complete(base_url, "stdlib-docs", prompt)
 
 
 def test_new_version_while_streaming_keeps_the_running_request_on_its_version(base_url):
     prompt = "Mr. Darcy"
-    austen, stdlib = REPO_ROOT / "models/demo-adapters/austen", REPO_ROOT / "models/demo-adapters/stdlib-docs"
+    austen, stdlib = REPO_ROOT / "adapters/demo/austen", REPO_ROOT / "adapters/demo/stdlib-docs"
     body = {"model": "swap", "prompt": prompt, "max_tokens": 480, "temperature": 0, "ignore_eos": True}
     pieces: list[str] = []
     started = threading.Event()

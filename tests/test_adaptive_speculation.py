@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import MODEL, launch
+from tests.conftest import MODEL, SHIPPED, launch, upload
 from tests.promtext import scrape, total
-from tests.test_draft_lora import SHIPPED, complete, parting, upload
+from tests.test_draft_lora import complete, parting
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 
 pytestmark = pytest.mark.engine
@@ -42,11 +42,9 @@ def adaptive():
 
 
 @pytest.fixture(scope="module")
-def plain():
-    proc = launch("adaptive-spec-plain", "--no-speculation")
-    upload(proc.base_url, "nodraft", SHIPPED / "stdlib-docs")
-    yield proc.base_url
-    proc.stop()
+def plain(plain_server) -> str:
+    """The session's ``--no-speculation`` server (tests/conftest.py), ``nodraft`` among its adapters."""
+    return plain_server.base_url
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tests.conftest import ADMIN_KEY, HARDENED_LIMITS, INFERENCE_KEY, MODEL
 
 pytestmark = pytest.mark.engine
 
-AUSTEN = REPO_ROOT / "models/demo-adapters" / "austen"
+AUSTEN = REPO_ROOT / "adapters/demo" / "austen"
 
 
 def _client(url: str, key: str) -> openai.OpenAI:

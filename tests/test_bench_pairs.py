@@ -10,9 +10,9 @@ import pytest
 
 import prompts
 from bench import adapter_bench, serving_bench
-from bench.report import argument_parser, pair_heading, pair_key, record
 from server.pairs import PAIRS
 from testing.process import REPO_ROOT
+from testing.report import argument_parser, pair_heading, pair_key, record
 
 
 def test_pair_defaults_to_the_servers_default_and_takes_only_known_pairs(capsys):

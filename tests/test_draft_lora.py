@@ -1,9 +1,9 @@
 """Paired draft adapters applied per request (server/speculation/hooks/draft_lora.py), through real servers.
 
-Three servers on the demo pair: speculation with the patch, ``--no-speculation`` (the reference output),
-and speculation without the ``draft_lora`` patch (the draft unadapted, as vLLM 0.32 runs it). The shipped
-adapters ``austen`` and ``stdlib-docs`` both have ``draft/`` adapters; ``nodraft`` is stdlib-docs's adapter
-uploaded alone.
+Three servers on the demo pair: speculation with the patch, ``--no-speculation`` (the reference output, the
+session's shared one), and speculation without the ``draft_lora`` patch (the draft unadapted, as vLLM 0.32
+runs it). The shipped adapters ``austen`` and ``stdlib-docs`` both have ``draft/`` adapters; ``nodraft`` is
+stdlib-docs's adapter uploaded alone.
 
 Greedy output is compared as tests/test_adapter_oracle.py does: the same tokens, or tokens that part
 only where the reference itself has a near-tie (bf16 logits within ``NEAR_TIE`` nats, e.g. two tokens at
@@ -23,24 +23,15 @@ import httpx
 import pytest
 
 from server.engine.vllm_patches import PATCHES
-from testing.process import REPO_ROOT, start_server
+from testing.process import start_server
 from tests import near_tie
-from tests.conftest import LOG_DIR, MODEL, launch
+from tests.conftest import LOG_DIR, MODEL, SHIPPED, launch, upload
 from tests.near_tie import completion_tokens
 from tests.promtext import scrape, total
 from training.stdlib_text import split_docstrings, stdlib_docstrings
 
 pytestmark = pytest.mark.engine
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-SHIPPED = REPO_ROOT / "models/demo-adapters"
 DRAFT_METRIC = "qserve_draft_adapter_requests_total"
-
-
-def upload(url: str, name: str, folder: Path, draft: Path | None = None) -> None:
-    files = [("files", (f, (folder / f).read_bytes())) for f in PEFT_FILES]
-    files += [("draft_files", (f, (draft / f).read_bytes())) for f in PEFT_FILES if draft is not None]
-    r = httpx.post(url + "/v1/adapters", data={"name": name}, files=files, timeout=120)
-    assert r.status_code == 201, r.text
 
 
 def complete(url: str, model: str, prompt: str, max_tokens: int = 24) -> dict:
@@ -91,12 +82,10 @@ def spec(store):
 
 
 @pytest.fixture(scope="module")
-def plain():
-    proc = launch("draft-lora-plain", "--no-speculation")
-    for name, src in (("nodraft", "stdlib-docs"), ("broken", "stdlib-docs"), ("gone", "austen")):
-        upload(proc.base_url, name, SHIPPED / src)
-    yield proc.base_url
-    proc.stop()
+def plain(plain_server) -> str:
+    """The session's ``--no-speculation`` server (tests/conftest.py), ``nodraft``, ``broken`` and ``gone``
+    among its adapters (each the shipped adapter alone)."""
+    return plain_server.base_url
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.conftest import ADAPTERS, MODEL, launch
 
 pytestmark = pytest.mark.engine
 
-AUSTEN = REPO_ROOT / "models/demo-adapters" / "austen"
+AUSTEN = REPO_ROOT / "adapters/demo" / "austen"
 LONG = {"model": MODEL, "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
 
 

@@ -24,7 +24,7 @@ EXTRA = [f"copy{i}" for i in range(5)]  # 2 shipped + 5 copies = 7 adapters over
 def url():
     proc = launch("lora-slots")
     for i, name in enumerate(EXTRA):
-        src = REPO_ROOT / "models/demo-adapters" / ADAPTERS[i % 2]
+        src = REPO_ROOT / "adapters/demo" / ADAPTERS[i % 2]
         files = [("files", (f, (src / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
         r = httpx.post(proc.base_url + "/v1/adapters", data={"name": name}, files=files, timeout=120)
         assert r.status_code == 201, r.text

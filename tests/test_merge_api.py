@@ -130,7 +130,7 @@ def test_merge_serves_its_own_model_id_while_the_base_keeps_serving(srv):
     mem = done["memory"]
     assert mem["weight_bytes"] > 0 and mem["engine_rss_bytes"] > mem["weight_bytes"] and mem["engine_processes"] >= 1
     assert mem["kv_cache_bytes"] == 2**30 and mem["disk_bytes"] > mem["weight_bytes"]
-    files = [("files", (f, (REPO_ROOT / "models/demo-adapters/austen" / f).read_bytes())) for f in ("adapter_config.json",
+    files = [("files", (f, (REPO_ROOT / "adapters/demo/austen" / f).read_bytes())) for f in ("adapter_config.json",
              "adapter_model.safetensors")]  # fmt: skip
     r = httpx.post(url + "/v1/adapters", data={"name": "austen-merged"}, files=files, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "name" and "merged model" in r.text
@@ -163,7 +163,7 @@ def test_zero_adapter_merged_nf4_serves_the_base(srv, tmp_path):
     it: the zero merge equals the base served with --no-enable-lora exactly (0.0000 nats, 8/8 prompts);
     the LoRA path moves base logprobs by up to 0.05 nats and changed 1 of 8 greedy continuations."""
     url = srv.base_url
-    zero = write_zero_adapter(REPO_ROOT / "models/demo-adapters/austen", tmp_path / "zero")
+    zero = write_zero_adapter(REPO_ROOT / "adapters/demo/austen", tmp_path / "zero")
     files = [("files", (f.name, f.read_bytes())) for f in sorted(zero.iterdir())]
     assert httpx.post(url + "/v1/adapters", data={"name": "zero"}, files=files, timeout=120).status_code == 201
     r = httpx.post(url + "/v1/adapters/zero/merge", json={"merge_base": "bf16", "precision": "nf4"}, timeout=30)

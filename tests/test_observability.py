@@ -148,8 +148,7 @@ def test_errors_are_counted_by_type(base_url):
 def test_adapter_events_and_residency(base_url):
     """Uploading more adapter versions than the engine's LoRA cache holds (max_loras=4) evicts the oldest."""
     files = [
-        ("files", (f.name, f.read_bytes()))
-        for f in sorted((REPO_ROOT / "models/demo-adapters/austen").glob("adapter_*"))
+        ("files", (f.name, f.read_bytes())) for f in sorted((REPO_ROOT / "adapters/demo/austen").glob("adapter_*"))
     ]
     before = scrape(base_url)
     for _ in range(3):  # three new versions = three new engine ids

@@ -9,7 +9,7 @@ import pytest
 
 import prompts
 
-# sha256 of json.dumps(training.corpus.heldout_prompts(load_splits(<the full corpora>), 64)), measured when
+# sha256 of json.dumps(prompts.cut_heldout_prompts(training.corpus.load_splits(<the full corpora>), 64)), measured when
 # prompts/heldout/ was extracted: the stored texts must keep giving exactly the prompts benchmarks recorded.
 HELDOUT_64_SHA256 = "c27165ecbc0fbff2c66f2164c2b5adb1e08b135e22db6281c73b3c0f13a9504c"
 

@@ -17,17 +17,16 @@ import openai
 import pytest
 from scipy.stats import chi2_contingency
 
-from tests.conftest import MODEL, launch
+from tests.conftest import MODEL
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def plain():
-    """A second server with the same settings as the default one (NF4 target, LoRA) but speculation off."""
-    proc = launch("no-speculation", "--no-speculation")
-    yield proc
-    proc.stop()
+def plain(plain_server):
+    """A second server with the same settings as the default one (NF4 target, LoRA) but speculation off
+    (the session's, tests/conftest.py)."""
+    return plain_server
 
 
 @pytest.fixture(scope="module")

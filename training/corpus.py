@@ -1,4 +1,5 @@
-"""Corpus loading and the train / held-out split shared by every training script.
+"""Corpus loading and the train / held-out split shared by every training script (the base corpora's
+names, ``BASE_FILES``, and the ``Split`` type belong to ``prompts``, whose held-out set they define).
 
 The texts (public-domain Project Gutenberg editions) live outside the repository, in the folder
 each training script is given with ``--corpora DIR``; only their held-out parts are copied into
@@ -7,27 +8,11 @@ each training script is given with ``--corpora DIR``; only their held-out parts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-# The general base model and its draft learn from these; Austen is kept out so
-# that the style adapter has something to shift (see the corpora README).
-BASE_FILES = (
-    "shakespeare.txt",
-    "doyle_sherlock_holmes.txt",
-    "tolstoy_war_and_peace.txt",
-    "melville_moby_dick.txt",
-)
+from prompts import BASE_FILES, Split
+
 HELDOUT_FRACTION = 0.02
-
-
-@dataclass(frozen=True)
-class Split:
-    """Train and held-out text of one corpus (characters, not tokens)."""
-
-    name: str
-    train: str
-    heldout: str
 
 
 def split_text(name: str, text: str, heldout_fraction: float = HELDOUT_FRACTION) -> Split:
@@ -59,19 +44,3 @@ def load_splits(corpora_dir: Path, files: tuple[str, ...] = BASE_FILES) -> list[
             )
         splits.append(split_text(name, path.read_text(encoding="utf-8")))
     return splits
-
-
-def heldout_prompts(splits: list[Split], n: int, words: int = 12) -> list[str]:
-    """Return ``n`` prompts of about ``words`` words cut from the held-out texts, round-robin.
-
-    Each prompt starts at a line beginning so it reads like the corpus.
-    """
-    lines_per_split = [[ln.strip() for ln in s.heldout.splitlines() if len(ln.split()) >= words] for s in splits]
-    prompts: list[str] = []
-    i = 0
-    while len(prompts) < n:
-        lines = lines_per_split[i % len(splits)]
-        line = lines[(i // len(splits)) * 7 % len(lines)]
-        prompts.append(" ".join(line.split()[:words]))
-        i += 1
-    return prompts

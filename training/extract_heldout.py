@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.corpus import BASE_FILES, load_splits
+from prompts import BASE_FILES
+from training.corpus import load_splits
 
 STYLE_FILES = ("austen_pride_and_prejudice.txt",)
 OUT = Path(__file__).resolve().parents[1] / "prompts" / "heldout"

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from training.corpus import BASE_FILES, load_splits
+from prompts import BASE_FILES
+from training.corpus import load_splits
 
 SEED = 1234
 

@@ -60,14 +60,14 @@ class AdapterRegistry:
         draft_shape: BaseShape | None = None,
         draft_tokens_per_step: int = 0,
     ) -> None:
-        """``catalog`` owns the model-id namespace the adapter names live in (the registry registers
-        itself there). ``draft_shape``: the draft model's shape, which draft adapters must fit; None when the
-        server has no draft model (draft adapters are then refused). ``max_upload_bytes`` bounds an
-        upload (adapter and draft together) and each archive's expansion. ``draft_tokens_per_step``: the
-        most an adapter's k may be overridden to (0: speculation off, no overrides)."""
+        """``catalog`` owns the model-id namespace the adapter names live in: the registry publishes and
+        withdraws names there (server/app.py sets the registry on it). ``draft_shape``: the draft model's
+        shape, which draft adapters must fit; None when the server has no draft model (draft adapters are
+        then refused). ``max_upload_bytes`` bounds an upload (adapter and draft together) and each archive's
+        expansion. ``draft_tokens_per_step``: the most an adapter's k may be overridden to (0: speculation
+        off, no overrides)."""
         self.store = store
         self.catalog = catalog
-        catalog.adapters = self
         self.engine = engine  # vllm EngineClient
         self.base_shape = base_shape
         self.draft_shape = draft_shape

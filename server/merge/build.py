@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 from server.merge.jobs import MergeJob
-from server.merge.weights.checkpoint import merge_model
-from server.merge.weights.memory import served_weight_bytes
+from server.merge.weights.checkpoint import merge_model, served_weight_bytes
 from server.precision import Precision
 from server.settings import Settings
 

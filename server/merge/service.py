@@ -17,6 +17,8 @@ import logging
 import time
 from pathlib import Path
 
+from server.adapters.registry import AdapterRegistry
+from server.catalog import ModelCatalog
 from server.merge.build import build_merge
 from server.merge.entries import MergedEntry, ModelState
 from server.merge.history import JobHistory
@@ -35,23 +37,24 @@ log = logging.getLogger(__name__)
 class MergeService:
     """Merge jobs and merged models of one server.
 
-    ``adapters`` is the adapter registry (server/adapters/registry.py). ``engine_opener`` starts a
-    merged model's engine (:data:`server.merge.merged_engine.EngineOpener`); ``engine_poll_s`` and
-    ``max_engine_restarts`` are the supervisor's (server/merge/supervisor.py).
+    ``adapters``: the adapter registry; ``catalog``: checks a new merged id against every served id (server/app.py
+    sets this service on it). ``engine_opener`` starts a merged model's engine (``merged_engine.EngineOpener``);
+    ``engine_poll_s`` and ``max_engine_restarts`` are the supervisor's (server/merge/supervisor.py).
     """
 
     def __init__(
         self,
         settings: Settings,
         store: MergedStore,
-        adapters,
+        adapters: AdapterRegistry,
+        catalog: ModelCatalog,
         metrics: ServerMetrics,
         engine_opener: EngineOpener = open_merged_engine,
         engine_poll_s: float = ENGINE_POLL_S,
         max_engine_restarts: int = MAX_ENGINE_RESTARTS,
     ) -> None:
-        self.settings, self.store, self.adapters, self.metrics = settings, store, adapters, metrics
-        adapters.catalog.merges = self  # merged ids join the model-id namespace (server/catalog.py)
+        self.settings, self.store, self.metrics = settings, store, metrics
+        self.adapters, self.catalog = adapters, catalog
         self.engine_opener = engine_opener
         self.history = JobHistory(store)
         self.jobs = self.history.jobs
@@ -110,7 +113,7 @@ class MergeService:
         """
         record = self.adapters.get(adapter)
         model = req.model or f"{adapter}-merged"
-        self.adapters.catalog.check_merged_id(model)
+        self.catalog.check_merged_id(model)
         check_new_model_id(
             model,
             on_disk=self.store.path(model).exists(),

@@ -19,7 +19,7 @@ from server.adapters.validate import AdapterInfo
 from server.peft import CONFIG_FILE, DRAFT_DIR, WEIGHTS_FILE
 from testing.process import REPO_ROOT
 
-SOURCE = REPO_ROOT / "models/demo-adapters" / "austen"
+SOURCE = REPO_ROOT / "adapters/demo" / "austen"
 INFO = AdapterInfo(16, 32.0, ("q_proj", "v_proj"), (0,), 1, None)
 # (operation, name): each upload is a new version ("upload+draft" with the paired draft adapter
 # in draft/); "delete" removes every version.

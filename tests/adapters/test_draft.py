@@ -56,7 +56,7 @@ def draft(**kw) -> list[Upload]:
 
 def shipped_archive(name: str = "austen") -> bytes:
     """adapters/<name>/ as users would pack it: one folder, cards and reports included, draft/ inside."""
-    folder = REPO_ROOT / "models/demo-adapters" / name
+    folder = REPO_ROOT / "adapters/demo" / name
     return tar_gz({str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}, f"{name}/")
 
 
@@ -92,7 +92,7 @@ def test_shipped_folder_archive_carries_its_draft_and_drops_the_rest(tmp_path):
     assert {p.name for p in folder.iterdir()} == PEFT_FILES | {"draft", RECORD_FILE}  # README, report dropped
     assert {p.name for p in (folder / "draft").iterdir()} == PEFT_FILES
     assert (rec.rank, rec.draft["rank"], rec.draft["alpha"]) == (16, 16, 32.0)
-    shipped = REPO_ROOT / "models/demo-adapters/austen/draft/adapter_model.safetensors"
+    shipped = REPO_ROOT / "adapters/demo/austen/draft/adapter_model.safetensors"
     assert rec.draft["sha256"] == sha256_file(shipped)
 
 
@@ -207,7 +207,7 @@ def test_record_written_before_drafts_existed_still_loads(tmp_path):
 
 def test_seed_stores_the_shipped_drafts(tmp_path):
     reg, _ = make(tmp_path)
-    run(reg.seed(REPO_ROOT / "models/demo-adapters"))
+    run(reg.seed(REPO_ROOT / "adapters/demo"))
     for name in ("austen", "stdlib-docs"):
         assert reg.get(name).draft is not None
         assert {p.name for p in reg.draft_path(name).iterdir()} == PEFT_FILES
@@ -221,7 +221,7 @@ def test_seed_without_a_draft_model_or_with_a_misfit_draft_stores_the_adapter_al
     run(reg.seed(shipped))
     assert reg.get("good").draft is None
     reg, _ = make(tmp_path / "b", draft_model=False)
-    run(reg.seed(REPO_ROOT / "models/demo-adapters"))
+    run(reg.seed(REPO_ROOT / "adapters/demo"))
     assert reg.get("austen").draft is None and reg.get("stdlib-docs").draft is None
 
 

@@ -39,7 +39,7 @@ def _check_store(root) -> dict[str, int]:
     """Reopen the store, check every stored version is whole and verified; return {name: newest version}."""
     store = AdapterStore(root)
     assert list(store.staging.iterdir()) == [] and list(store.trash.iterdir()) == []
-    source = REPO_ROOT / "models/demo-adapters/austen"
+    source = REPO_ROOT / "adapters/demo/austen"
     for name_dir in (p for p in root.iterdir() if not p.name.startswith(".")):
         for version_dir in name_dir.iterdir():
             record = json.loads((version_dir / RECORD_FILE).read_text())

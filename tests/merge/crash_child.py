@@ -24,7 +24,7 @@ if __name__ == "__main__":
     probe.fidelity_report = fake_report
     settings = Settings(merged_models_dir=root, adapter_store_dir=root.parent / "unused-store")
     store = MergedStore(root)
-    adapters = FakeRegistry({"austen": REPO_ROOT / "models/demo-adapters/austen"})
+    adapters = FakeRegistry({"austen": REPO_ROOT / "adapters/demo/austen"})
     job = MergeJob("austen", 1, "m", Precision.NF4, Precision.BF16)
     ready.write_text("ready")
     staging = store.new_staging_dir(job.id)

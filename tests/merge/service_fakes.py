@@ -7,18 +7,14 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
-from server.catalog import ModelCatalog
 from server.errors import NotFound
 from server.merge.merged_engine import MergedEngine
 
 
 class FakeRegistry:
-    """The parts of ``AdapterRegistry`` the merge service uses: ``records``, ``get``, ``store.path``,
-    ``catalog`` (a real one, of base ``demo-target``, with no engine behind it)."""
+    """The parts of ``AdapterRegistry`` the merge service uses: ``records``, ``get``, ``store.path``."""
 
     def __init__(self, adapters: dict[str, Path]) -> None:
-        self.catalog = ModelCatalog("demo-target")
-        self.catalog.adapters = self
         self.dirs = adapters
         self.records = {n: SimpleNamespace(name=n, version=1) for n in adapters}
         self.store = SimpleNamespace(path=lambda name, version: self.dirs[name])

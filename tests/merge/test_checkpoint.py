@@ -29,7 +29,7 @@ def peft_logits(adapter: str, merge_base: Precision, ids: torch.Tensor) -> torch
     model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.float32)
     weights = base_weights(read_state(TARGET), merge_base)
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-    model = PeftModel.from_pretrained(model, REPO_ROOT / "models/demo-adapters" / adapter).eval()
+    model = PeftModel.from_pretrained(model, REPO_ROOT / "adapters/demo" / adapter).eval()
     with torch.no_grad():
         return model(ids).logits
 
@@ -38,7 +38,7 @@ def peft_logits(adapter: str, merge_base: Precision, ids: torch.Tensor) -> torch
 def test_merged_folder_matches_peft_on_the_same_base(tmp_path, merge_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = merge_model(TARGET, REPO_ROOT / "models/demo-adapters/austen", tmp_path / "merged", base=merge_base)
+    out = merge_model(TARGET, REPO_ROOT / "adapters/demo/austen", tmp_path / "merged", base=merge_base)
     manifest = json.loads((out / "merged_weights.json").read_text())
     assert manifest["merge_base"] == merge_base.value and manifest["serve"] == "bf16"
     assert manifest["served_weight_bytes"] == (out / "model.safetensors").stat().st_size - 8 - len_header(out)
@@ -61,7 +61,7 @@ def test_merged_folder_before_bf16_rounding_matches_peft_tightly(tmp_path):
     from server.merge.weights.lora import load_lora, merge_lora
 
     weights = base_weights(read_state(TARGET), Precision.NF4)
-    merged = merge_lora(weights, load_lora(REPO_ROOT / "models/demo-adapters/austen"), dtype=torch.float32)
+    merged = merge_lora(weights, load_lora(REPO_ROOT / "adapters/demo/austen"), dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.float32)
     model.load_state_dict(merged, strict=False)
     ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 200, 300]])
@@ -82,7 +82,7 @@ def test_a_failed_merge_leaves_nothing(tmp_path):
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        merge_model(TARGET, REPO_ROOT / "models/demo-adapters/austen", tmp_path / "m", check=cancel_at_second_step)
+        merge_model(TARGET, REPO_ROOT / "adapters/demo/austen", tmp_path / "m", check=cancel_at_second_step)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,7 +94,7 @@ def test_a_write_failure_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        merge_model(TARGET, REPO_ROOT / "models/demo-adapters/austen", tmp_path / "m")
+        merge_model(TARGET, REPO_ROOT / "adapters/demo/austen", tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -106,7 +106,7 @@ def test_zero_adapter_folder_merges_into_a_bit_identical_checkpoint(tmp_path):
 
     zero = tmp_path / "zero"
     zero.mkdir()
-    cfg = json.loads((REPO_ROOT / "models/demo-adapters/austen/adapter_config.json").read_text())
+    cfg = json.loads((REPO_ROOT / "adapters/demo/austen/adapter_config.json").read_text())
     (zero / "adapter_config.json").write_text(json.dumps(cfg))
     state = read_state(TARGET)
     factors = {}

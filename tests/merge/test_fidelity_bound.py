@@ -38,8 +38,8 @@ def test_merge_options_meet_their_bounds(adapter):
     tok = AutoTokenizer.from_pretrained(target)
     prompt_ids = [tok(p, return_tensors="pt").input_ids for p in heldout_prompts(4)]
     state = read_state(target)
-    lora = load_lora(REPO_ROOT / "models/demo-adapters" / adapter)
-    ref_model = model_with(target, base_weights(state, Precision.NF4), REPO_ROOT / "models/demo-adapters" / adapter)
+    lora = load_lora(REPO_ROOT / "adapters/demo" / adapter)
+    ref_model = model_with(target, base_weights(state, Precision.NF4), REPO_ROOT / "adapters/demo" / adapter)
     seqs = greedy(ref_model, prompt_ids, TOKENS)
     ref = continuation_logits(ref_model, seqs, TOKENS)
     candidates = {

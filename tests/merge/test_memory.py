@@ -3,7 +3,7 @@
 import pytest
 
 from bench.weight_memory import weight_bytes
-from server.merge.weights.memory import served_weight_bytes
+from server.merge.weights.checkpoint import served_weight_bytes
 from server.precision import Precision
 from testing.process import REPO_ROOT
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from server.catalog import ModelCatalog
 from server.errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from server.merge.entries import ModelState
 from server.merge.jobs import JobStatus, MergeRequest
@@ -25,7 +26,7 @@ from testing.process import REPO_ROOT
 from tests.aio import run_async, wait_until
 from tests.merge.service_fakes import BlockingReport, FakeOpener, FakeRegistry, fake_report
 
-AUSTEN = REPO_ROOT / "models/demo-adapters" / "austen"
+AUSTEN = REPO_ROOT / "adapters/demo" / "austen"
 
 
 @pytest.fixture
@@ -41,14 +42,19 @@ def make_service(tmp_path, monkeypatch, adapters, serve_fails=False, report=fake
     monkeypatch.setattr(probe, "fidelity_report", report)
     supervision = {k: settings.pop(k) for k in ("engine_poll_s", "max_engine_restarts") if k in settings}
     s = Settings(merged_models_dir=tmp_path / "merged", adapter_store_dir=tmp_path / "store", **settings)
+    # Wired as server/app.py wires them: a real catalog of base ``demo-target``, with no engine behind it.
+    registry, catalog = FakeRegistry(adapters), ModelCatalog("demo-target")
+    catalog.adapters = registry
     service = MergeService(
         s,
         MergedStore(s.merged_models_dir),
-        FakeRegistry(adapters),
+        registry,
+        catalog,
         ServerMetrics(),
         engine_opener=opener,
         **supervision,
     )
+    catalog.merges = service
     return service, opener.engines
 
 

@@ -16,7 +16,7 @@ from server.merge.weights.probe import NO_ADAPTER, PROBE_PROMPTS, REFERENCE, fid
 from testing.process import REPO_ROOT
 
 TARGET, DRAFT = REPO_ROOT / "models/target", REPO_ROOT / "models/draft"
-AUSTEN = REPO_ROOT / "models/demo-adapters/austen"
+AUSTEN = REPO_ROOT / "adapters/demo/austen"
 DEFAULT = "merge_base=nf4,precision=bf16"
 KEYS = {f"merge_base={b},precision={p}" for b in ("nf4", "bf16") for p in ("bf16", "nf4")}
 

@@ -83,7 +83,7 @@ def test_merged_linear_equals_base_plus_lora_forward():
 
 
 def test_shipped_adapter_factors_match_peft_names_and_scale():
-    lora = load_lora(REPO_ROOT / "models/demo-adapters/austen")
+    lora = load_lora(REPO_ROOT / "adapters/demo/austen")
     assert len(lora) == 6 * 7 and all(is_quantized(k) for k in lora)
     f = lora["model.layers.0.mlp.down_proj.weight"]
     assert f.a.shape == (16, 1024) and f.b.shape == (384, 16) and f.scale == 2.0
@@ -108,7 +108,7 @@ def test_each_shipped_adapter_has_a_draft_adapter_that_merges_into_the_draft(ada
     from server.merge.weights.checkpoint import read_state
 
     draft = read_state(REPO_ROOT / "models/draft")
-    lora = load_lora(REPO_ROOT / "models/demo-adapters" / adapter / "draft")
+    lora = load_lora(REPO_ROOT / "adapters/demo" / adapter / "draft")
     assert len(lora) == 3 * 7  # every projection of the draft's 3 layers
     base = base_weights(draft, Precision.NF4)
     merged = merge_lora(base, lora)

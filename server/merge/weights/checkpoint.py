@@ -26,7 +26,7 @@ import torch
 
 from server.adapters.store import fsync_dir
 from server.merge.weights.lora import load_lora, merge_lora
-from server.merge.weights.memory import weight_bytes
+from server.merge.weights.memory import tensor_sizes, weight_bytes
 from server.merge.weights.nf4 import base_weights
 from server.precision import Precision
 
@@ -48,6 +48,14 @@ def read_state(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(model_dir / MODEL_WEIGHTS_FILE)
+
+
+def served_weight_bytes(model_dir: Path, serve: Precision) -> int:
+    """Bytes the weights of the checkpoint in ``model_dir`` take served at ``serve`` (:func:`weight_bytes`).
+
+    Read from the safetensors header of ``model_dir/model.safetensors``; no tensor is loaded.
+    """
+    return weight_bytes(tensor_sizes(model_dir / MODEL_WEIGHTS_FILE), serve)
 
 
 def write_checkpoint(base_dir: Path, state: dict[str, torch.Tensor], out_dir: Path, manifest: dict) -> Path:

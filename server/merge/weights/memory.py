@@ -1,4 +1,4 @@
-"""What a merged model's weights cost once served, in bytes (for the merge report and unmerge).
+"""What weights cost once served, in bytes (for the merge report and unmerge), from parameter counts.
 
 bf16: 2 bytes a parameter. NF4 as vLLM's bitsandbytes loader stores a quantized
 weight of n parameters (QLoRA, Dettmers et al. 2023, sections 3.1-3.2; bitsandbytes
@@ -43,10 +43,3 @@ def weight_bytes(sizes: dict[str, int], serve: Precision) -> int:
     if serve is Precision.BF16:
         return 2 * sum(sizes.values())
     return sum(nf4_bytes(n) if is_quantized(k) else 2 * n for k, n in sizes.items())
-
-
-def served_weight_bytes(model_dir: Path, serve: Precision) -> int:
-    """:func:`weight_bytes` of the checkpoint in ``model_dir``."""
-    from server.merge.weights.checkpoint import MODEL_WEIGHTS_FILE  # checkpoint imports this module
-
-    return weight_bytes(tensor_sizes(model_dir / MODEL_WEIGHTS_FILE), serve)

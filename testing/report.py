@@ -1,5 +1,6 @@
-"""Benchmark plumbing: the common command line (``--pair`` too), and recording a Markdown table in BENCHMARKS.md
-between its own begin/end markers, one block per model pair (:func:`pair_key`), its heading naming the pair."""
+"""Result tables of benchmarks and load tests: the common command line (``--pair`` too), and recording a
+Markdown table in BENCHMARKS.md between its own begin/end markers, one block per model pair (:func:`pair_key`),
+its heading naming the pair."""
 
 from __future__ import annotations
 
