@@ -53,7 +53,7 @@ def main() -> None:
     inside[kept] = True
     coverage = inside[top1_tokens(heldout)].float().mean().item() if heldout else None
     record = {
-        "kept_token_ids": sorted(kept.tolist()),
+        "kept_token_ids": kept.tolist(),  # ranked, most emitted first: a prefix is a smaller vocabulary
         "size": a.size,
         "counted_positions": len(tokens),
         "counted_shards": [f.name for f in counted],

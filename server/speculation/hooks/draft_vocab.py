@@ -7,7 +7,7 @@ vLLM 0.32's ``draft_model`` has no reduced head (its ``use_heterogeneous_vocab``
 and allows greedy drafting only).
 
 What: a draft folder holding ``draft_vocab.json`` (``{"kept_token_ids": [...]}``, token ids of the shared
-tokenizer ranked by how often the target emits them) gets, after vLLM loads it, a ``compute_logits`` that
+tokenizer, ranked by how often the target emits them, ``training/draft_vocab.py``) gets, after vLLM loads it, a ``compute_logits`` that
 multiplies the hidden states by the kept rows of the head only ([B, H] x [H, N]) and returns [B, V] logits
 that are -inf outside the kept set. The draft's distribution q is then 0 outside the set, so it proposes
 only kept tokens, and speculative sampling stays exact (Leviathan et al. 2023: acceptance min(1, p/q) on
