@@ -72,7 +72,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--run", type=Path, default=Path("runs/draft-smollm2"))
-    ap.add_argument("--prompts", type=int, default=1200, help="training prompts answered (of training_prompts())")
+    ap.add_argument("--prompts", type=int, default=1200,
+                    help="training prompts answered (of training_prompts()); 0: the held-out eval.pt only")  # fmt: skip
     ap.add_argument("--shard", type=int, default=200)
     ap.add_argument("--max-new", type=int, default=160, help="most answer tokens (tokens)")
     ap.add_argument("--topk", type=int, default=20, help="teacher log-probs kept per position (vLLM allows 20)")

@@ -77,6 +77,14 @@ def build_draft(target, init: str, hidden: int, layers: int, heads: int, interme
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t = target.config
+    if init == "shipped":  # continue from the shipped draft (training.real_model assembles it)
+        from transformers import AutoModelForCausalLM
+
+        from training.real_model import DRAFT_OUT
+
+        draft = AutoModelForCausalLM.from_pretrained(DRAFT_OUT, dtype=torch.float32)
+        draft.get_input_embeddings().weight.requires_grad_(False)
+        return draft
     if init == "layers":
         config = LlamaConfig(**(t.to_dict() | {"num_hidden_layers": layers}))
         draft = LlamaForCausalLM(config)
@@ -85,7 +93,7 @@ def build_draft(target, init: str, hidden: int, layers: int, heads: int, interme
         draft.get_input_embeddings().weight.requires_grad_(False)
         return draft
     if init != "narrow":
-        raise ValueError(f"--init {init!r}: allowed are 'layers' and 'narrow'")
+        raise ValueError(f"--init {init!r}: allowed are 'layers', 'shipped' and 'narrow'")
     config = LlamaConfig(
         vocab_size=t.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads, head_dim=hidden // heads, intermediate_size=intermediate,
@@ -195,7 +203,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--run", type=Path, default=Path("runs/draft-smollm2"))
-    ap.add_argument("--init", choices=("layers", "narrow"), default="layers")
+    ap.add_argument("--init", choices=("layers", "shipped", "narrow"), default="layers")
+    ap.add_argument("--splits", default="train",
+                    help="comma-separated shard prefixes trained on: train (draft_data), tf (teacher_forcing)")  # fmt: skip
     ap.add_argument("--hidden", type=int, default=256, help="width (narrow only)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4, help="attention heads (narrow only)")
@@ -213,7 +223,10 @@ def main() -> None:
     torch.manual_seed(SEED)
     torch.set_num_threads(a.threads)
     target = AutoModelForCausalLM.from_pretrained(a.target, dtype=torch.float32).eval()
-    train, train_b = load_answers(a.run / "answers", "train")
+    train, train_b = [], []
+    for split in a.splits.split(","):
+        seqs, buckets = load_answers(a.run / "answers", split)
+        train, train_b = train + seqs, train_b + buckets
     heldout, heldout_b = load_answers(a.run / "answers", "eval")
     draft = build_draft(target, a.init, a.hidden, a.layers, a.heads, a.intermediate)
     del target
