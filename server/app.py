@@ -19,6 +19,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.adapters.registry import AdapterRegistry
+from server.adapters.shared_registry import SharedAdapterRegistry
+from server.adapters.shared_store import SharedStore
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
 from server.api.auth import BearerAuth, KeyRing
@@ -50,8 +52,9 @@ async def open_adapters(settings: Settings, catalog: ModelCatalog, engine, metri
     draft_shape = None
     if settings.speculation and settings.draft_model is not None:
         draft_shape = BaseShape.from_config(json.loads((settings.draft_model / "config.json").read_text()))
-    registry = AdapterRegistry(
-        AdapterStore(settings.adapter_store_dir),
+    shared = settings.registry_url is not None  # replicas: one registry in PostgreSQL (docs/scaling.md)
+    registry = (SharedAdapterRegistry.for_url(settings.registry_url.get_secret_value()) if shared else AdapterRegistry)(
+        (SharedStore if shared else AdapterStore)(settings.adapter_store_dir),
         catalog,
         engine,
         BaseShape.from_config(base_config),
@@ -113,6 +116,8 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
                 sampler.cancel()
                 if state.merges is not None:
                     await state.merges.close()
+                if state.adapters is not None:
+                    await state.adapters.close()
 
     app = FastAPI(
         title="qlora-spec-server",

@@ -56,6 +56,8 @@ async def ready(state: StateDep):
                 "cost_online": handed.cost_online,
             },
             "lora": config.lora_config is not None,
+            # The shared registry's link (several replicas): this replica serves on while it is away.
+            "registry": None if state.adapters is None else state.adapters.link_report(),
             "vllm_patches": vllm_patches.report(),  # in this (the API) process; the engine's load the same list
         }
     )
