@@ -1,7 +1,7 @@
 """Start the router (HAProxy, Debian's `haproxy`) in front of replicas on 127.0.0.1, for tests and load runs.
 
 The configuration is ``deploy/haproxy/haproxy.cfg`` itself, with its ``bind`` and ``server`` lines
-replaced by this run's ports (and Docker's resolver left out), so the tests exercise the routing,
+replaced by this run's ports (and the DNS resolver left out), so the tests exercise the routing,
 health checks and failover that the deployment uses. Why HAProxy and not ``vllm-router``: docs/scaling.md.
 """
 
@@ -30,7 +30,7 @@ def why_not_available() -> str | None:
 
 def local_config(worker_urls: list[str], port: int) -> str:
     """``deploy/haproxy/haproxy.cfg`` serving on 127.0.0.1:``port`` in front of ``worker_urls``
-    (``http://host:port``), without Docker's resolver."""
+    (``http://host:port``), without the DNS resolver."""
     out, in_resolvers = [], False
     for line in CONFIG.read_text().splitlines():
         stripped = line.strip()
@@ -39,12 +39,12 @@ def local_config(worker_urls: list[str], port: int) -> str:
             continue
         if in_resolvers and (not line.startswith(" ") or not stripped):
             in_resolvers = False
-        if in_resolvers or stripped.startswith("server "):
+        if in_resolvers or stripped.startswith(("server ", "server-template ")):
             continue
         if stripped.startswith("bind "):
             line = f"    bind 127.0.0.1:{port}"
         if stripped.startswith("default-server"):
-            line = line.replace(" resolvers docker", "")
+            line = line.replace(" resolvers dns", "").replace("init-addr none", "init-addr libc")
         out.append(line)
         if stripped.startswith("default-server"):
             out += [f"    server r{i} {url.removeprefix('http://')}" for i, url in enumerate(worker_urls)]
