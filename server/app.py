@@ -19,8 +19,6 @@ from typing import Any
 from fastapi import FastAPI
 
 from server.adapters.registry import AdapterRegistry
-from server.adapters.shared_registry import SharedAdapterRegistry
-from server.adapters.shared_store import SharedStore
 from server.adapters.store import AdapterStore
 from server.adapters.validate import BaseShape
 from server.api.auth import BearerAuth, KeyRing
@@ -52,9 +50,14 @@ async def open_adapters(settings: Settings, catalog: ModelCatalog, engine, metri
     draft_shape = None
     if settings.speculation and settings.draft_model is not None:
         draft_shape = BaseShape.from_config(json.loads((settings.draft_model / "config.json").read_text()))
-    shared = settings.registry_url is not None  # replicas: one registry in PostgreSQL (docs/scaling.md)
-    registry = (SharedAdapterRegistry.for_url(settings.registry_url.get_secret_value()) if shared else AdapterRegistry)(
-        (SharedStore if shared else AdapterStore)(settings.adapter_store_dir),
+    make, store = AdapterRegistry, AdapterStore
+    if settings.registry_url is not None:  # replicas: one registry in PostgreSQL (docs/scaling.md)
+        from server.adapters.shared_registry import SharedAdapterRegistry  # psycopg: only a replica needs it
+        from server.adapters.shared_store import SharedStore
+
+        make, store = SharedAdapterRegistry.for_url(settings.registry_url.get_secret_value()), SharedStore
+    registry = make(
+        store(settings.adapter_store_dir),
         catalog,
         engine,
         BaseShape.from_config(base_config),
