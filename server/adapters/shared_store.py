@@ -35,15 +35,15 @@ def _sweep(parent: Path, older_than: float) -> None:
     """Remove ``parent``'s grandchildren (``<replica>/<id>``) last changed before ``older_than``, and
     replica folders left empty by then."""
     for replica in parent.iterdir():
-        for child in replica.iterdir() if replica.is_dir() else []:
-            if child.stat().st_mtime < older_than:
-                log.info("removing leftover %s", child)
-                shutil.rmtree(child, ignore_errors=True)
-        try:
+        try:  # other replicas add and remove entries meanwhile: a vanished one is simply skipped
+            for child in replica.iterdir() if replica.is_dir() else []:
+                if child.stat().st_mtime < older_than:
+                    log.info("removing leftover %s", child)
+                    shutil.rmtree(child, ignore_errors=True)
             if replica.stat().st_mtime < older_than and not any(replica.iterdir()):
                 replica.rmdir()
         except OSError:
-            pass  # its replica wrote into it meanwhile
+            pass
 
 
 class SharedStore(AdapterStore):
