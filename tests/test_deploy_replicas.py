@@ -20,6 +20,7 @@ DEPLOY = REPO_ROOT / "deploy"
 BACKEND_DIRECTIVES = (
     "balance hash req.body,json_query('$.model')",
     "hash-type consistent",
+    "hash-balance-factor 125",
     "option http-buffer-request",
     "option httpchk GET /ready",
     "retry-on conn-failure empty-response",
