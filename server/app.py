@@ -50,8 +50,14 @@ async def open_adapters(settings: Settings, catalog: ModelCatalog, engine, metri
     draft_shape = None
     if settings.speculation and settings.draft_model is not None:
         draft_shape = BaseShape.from_config(json.loads((settings.draft_model / "config.json").read_text()))
-    registry = AdapterRegistry(
-        AdapterStore(settings.adapter_store_dir),
+    make, store = AdapterRegistry, AdapterStore
+    if settings.registry_url is not None:  # replicas: one registry in PostgreSQL (docs/scaling.md)
+        from server.adapters.shared_registry import SharedAdapterRegistry  # psycopg: only a replica needs it
+        from server.adapters.shared_store import SharedStore
+
+        make, store = SharedAdapterRegistry.for_url(settings.registry_url.get_secret_value()), SharedStore
+    registry = make(
+        store(settings.adapter_store_dir),
         catalog,
         engine,
         BaseShape.from_config(base_config),
@@ -115,6 +121,8 @@ def create_app(settings: Settings, engine_opener: EngineOpener = open_engine) ->
                 sampler.cancel()
                 if state.merges is not None:
                     await state.merges.close()
+                if state.adapters is not None:
+                    await state.adapters.close()
 
     app = FastAPI(
         title="qlora-spec-server",

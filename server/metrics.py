@@ -191,6 +191,16 @@ class ServerMetrics:
         self.adapters_served = Gauge(f"{PREFIX}_adapters_served", "Adapter names clients can request.", registry=r)
         for event in ADAPTER_EVENTS:
             self.adapter_events.labels(event)
+        # The shared registry of several replicas (server/adapters/follower.py); a local store reports 1 and never syncs.
+        self.registry_synced = Gauge(
+            f"{PREFIX}_registry_synced", "1 while the adapters match the shared registry database, else 0.", registry=r
+        )
+        self.registry_synced.set(1)
+        self.registry_last_sync = Gauge(
+            f"{PREFIX}_registry_last_sync_timestamp_seconds",
+            "Unix time this replica last matched the shared registry database.",
+            registry=r,
+        )
         # Merged models (server/merge/service.py).
         self.merge_jobs = Counter(
             f"{PREFIX}_merge_jobs", "Merge jobs finished, by status (succeeded, failed, cancelled).", ["status"],

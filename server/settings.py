@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     adapter_store_dir: Path = Field(
         REPO_ROOT / "var" / "adapters", description="where uploaded adapters are stored (survives restarts)"
     )
+    registry_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL of the adapter registry shared by several replicas (postgresql://user:pw@host/db; "
+        "adapter_store_dir then on a volume they share; docs/scaling.md); unset: this server's own store",
+    )
     seed_adapters_dir: Path | None = Field(
         description="adapter folders stored and served at start if not stored yet; default: the pair's"
     )

@@ -35,6 +35,9 @@ def test_kubernetes_manifests_validate_strictly(path):
 
 def test_kubernetes_pieces_fit_together():
     by_kind = {d["kind"]: d for d in _manifests()}
+    by_kind["Deployment"] = next(
+        d for d in _manifests() if d["kind"] == "Deployment" and d["metadata"]["name"] == "qserve"
+    )
     assert {"Deployment", "Service", "PersistentVolumeClaim", "Secret", "ConfigMap", "HorizontalPodAutoscaler"} <= set(
         by_kind
     )

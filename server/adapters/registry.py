@@ -95,8 +95,8 @@ class AdapterRegistry:
             except AdapterInvalid as exc:
                 log.error("stored adapter %s v%d not served: %s", rec.name, rec.version, exc.message)
 
-    async def seed(self, folder: Path) -> None:
-        """Store and serve each adapter folder under ``folder`` whose name is not stored yet.
+    async def seed(self, folder: Path, skip: frozenset[str] = frozenset()) -> None:
+        """Store and serve each adapter folder under ``folder`` whose name is not stored yet (nor in ``skip``).
 
         A ``draft/`` subfolder holding a draft adapter is stored with it when the server has a
         draft model. An adapter that does not fit this base is logged and skipped, not fatal; a
@@ -105,7 +105,7 @@ class AdapterRegistry:
         if not folder.is_dir():
             return
         for d in sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()):
-            if d.name in self.records:
+            if d.name in self.records or d.name in skip:
                 continue
             uploads = _read_folder(d)
             drafts = _read_folder(d / DRAFT_DIR) if (d / DRAFT_DIR / CONFIG_FILE).is_file() else None
@@ -147,7 +147,11 @@ class AdapterRegistry:
             NotFound: no adapter is named ``name``.
         """
         rec = self.get(name)
-        return None if rec.draft is None else self.store.path(rec.name, rec.version) / DRAFT_DIR
+        return None if rec.draft is None else self._version_path(rec) / DRAFT_DIR
+
+    def _version_path(self, rec: AdapterRecord) -> Path:
+        """The folder ``rec``'s version is stored in (KeyError if it is not)."""
+        return self.store.path(rec.name, rec.version)
 
     async def upload(
         self,
@@ -170,17 +174,7 @@ class AdapterRegistry:
             AdapterInvalid: (400) anything wrong with the name, files or tensors; nothing is stored.
             PayloadTooLarge: (413) files (adapter and draft together) over ``max_upload_bytes``.
         """
-        self.catalog.check_adapter_name(name)
-        if draft_files and self.draft_shape is None:
-            raise DraftInvalid(NO_DRAFT_MODEL)
-        size = sum(len(f.data) for f in files)
-        draft_size = sum(len(f.data) for f in draft_files or [])
-        if size + draft_size > self.max_upload_bytes:
-            parts = f" ({size} adapter + {draft_size} draft adapter)" if draft_files else ""
-            raise PayloadTooLarge(
-                f"upload is {size + draft_size} bytes{parts}; the limit is {self.max_upload_bytes} bytes",
-                param="draft_files" if draft_files and size <= self.max_upload_bytes else "files",
-            )
+        self._check_upload(name, files, draft_files)
         async with self._lock:
             staging = self.store.new_staging_dir()
             try:
@@ -199,6 +193,20 @@ class AdapterRegistry:
             await self.refresh_residency()
             return rec
 
+    def _check_upload(self, name: str, files: list[Upload], draft_files: list[Upload] | None) -> None:
+        """The checks of :meth:`upload` that need no files staged; raises what it documents."""
+        self.catalog.check_adapter_name(name)
+        if draft_files and self.draft_shape is None:
+            raise DraftInvalid(NO_DRAFT_MODEL)
+        size = sum(len(f.data) for f in files)
+        draft_size = sum(len(f.data) for f in draft_files or [])
+        if size + draft_size > self.max_upload_bytes:
+            parts = f" ({size} adapter + {draft_size} draft adapter)" if draft_files else ""
+            raise PayloadTooLarge(
+                f"upload is {size + draft_size} bytes{parts}; the limit is {self.max_upload_bytes} bytes",
+                param="draft_files" if draft_files and size <= self.max_upload_bytes else "files",
+            )
+
     def _rules(self) -> Rules:
         return Rules(self.base_shape, self.draft_shape, self.max_rank, self.max_upload_bytes)
 
@@ -212,7 +220,7 @@ class AdapterRegistry:
         request = LoRARequest(
             lora_name=rec.name,
             lora_int_id=self.catalog.next_lora_id(),
-            lora_path=str(self.store.path(rec.name, rec.version)),
+            lora_path=str(self._version_path(rec)),
         )
         request.base_model_name = self.base_name
         try:
@@ -236,14 +244,25 @@ class AdapterRegistry:
         """
         async with self._lock:
             rec = self.get(name)
-            self.catalog.withdraw_adapter(name)
-            del self.records[name]
+            self._withdraw(name)
             await asyncio.to_thread(self.store.delete, name)
             await self.overrides.set(name, None)  # a new adapter of this name starts with the policy's k
-            self._event("delete")
-            if self.metrics is not None:
-                self.metrics.adapters_served.set(len(self.records))
             return rec
+
+    def _withdraw(self, name: str) -> None:
+        """Stop resolving ``name`` here (requests already running finish on their version)."""
+        self.catalog.withdraw_adapter(name)
+        self.records.pop(name, None)
+        self._event("delete")
+        if self.metrics is not None:
+            self.metrics.adapters_served.set(len(self.records))
+
+    async def close(self) -> None:
+        """Stop background work (none for a local store: the shared registry follows its database)."""
+
+    def link_report(self) -> dict:
+        """The ``registry`` entry of ``/ready``: a local store is always in step with itself."""
+        return {"backend": "local", "state": "synced"}
 
     def _event(self, event: str) -> None:
         if self.metrics is not None:

@@ -162,17 +162,24 @@ class AdapterStore:
         return self._version_dirs(name)[version]
 
     def commit(
-        self, staging_dir: Path, name: str, info: AdapterInfo, base_model: str, draft: AdapterInfo | None = None
+        self,
+        staging_dir: Path,
+        name: str,
+        info: AdapterInfo,
+        base_model: str,
+        draft: AdapterInfo | None = None,
+        version: int | None = None,
     ) -> AdapterRecord:
         """Write the record into ``staging_dir``, fsync, and rename it to the next version of ``name``.
 
         ``draft`` is the validated draft adapter staged in ``staging_dir/draft/`` (None: there is none);
-        it becomes visible in the same rename as the adapter.
+        it becomes visible in the same rename as the adapter. ``version``: the version number to take
+        (None: one past the newest on disk; the shared registry allocates it in its database).
 
         Raises:
             OSError: if the disk write fails (the staging folder is then discarded).
         """
-        version = (self.versions(name) or [0])[-1] + 1
+        version = version or (self.versions(name) or [0])[-1] + 1
         try:
             weights, config = staging_dir / WEIGHTS_FILE, staging_dir / CONFIG_FILE
             draft_record = None if draft is None else _draft_record(staging_dir / DRAFT_DIR, draft)

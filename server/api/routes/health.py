@@ -26,8 +26,9 @@ async def health():
 @router.get("/ready")
 async def ready(state: StateDep):
     """Readiness: 200 once the engine is loaded and answering (with the engine's own quantization,
-    dtype and speculative config, its speculation policy included, and the vLLM patches applied), 503 before
-    that or after it died."""
+    dtype and speculative config, its speculation policy included, the vLLM patches applied, and the adapter
+    registry's link: with several replicas still 200 while the database is away, as the replica serves on), 503
+    before that or after the engine died."""
     engine = state.engine
     if engine is None or not state.ready:
         return error_response(503, "engine is loading")
@@ -57,6 +58,8 @@ async def ready(state: StateDep):
                 "cost_online": handed.cost_online,
             },
             "lora": config.lora_config is not None,
+            # The shared registry's link (several replicas): this replica serves on while it is away.
+            "registry": None if state.adapters is None else state.adapters.link_report(),
             "vllm_patches": vllm_patches.report(),  # in this (the API) process; the engine's load the same list
         }
     )
