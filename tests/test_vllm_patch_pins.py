@@ -32,6 +32,12 @@ COPIES = {
         "cb72d4d389c5be6d", "vllm_patches.cpu_kernels.expand_to_tokens (same contract)"),
     ("vllm.v1.sample.logits_processor", "build_logitsprocs"): (
         "ae2fd0fa02d5d544", "vllm_patches.spec_logits.build_logitsprocs (builds the built-ins itself)"),
+    ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink"): (
+        "fb161e1078a57c05", "vllm_patches.cpu_lora_grouped.bgmv_shrink (how it writes its output)"),
+    ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand"): (
+        "33cb1ccf3017412b", "vllm_patches.cpu_lora_grouped.bgmv_expand (how it writes its output)"),
+    ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice"): (
+        "ce2c6116decf36fa", "vllm_patches.cpu_lora_grouped.bgmv_expand_slice (how it writes its output)"),
     ("vllm.sampling_params", "SamplingParams._validate_spec_decode"): (
         "430d50e706cdec12", "vllm_patches.spec_logits.patch (lifts this refusal)"),
 }  # fmt: skip

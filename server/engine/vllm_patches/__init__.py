@@ -17,6 +17,8 @@ fixes; reproductions for upstream are in docs/upstream/.
 - ``cpu_lora_index``: a base request batched with adapter requests was
   computed with the last LoRA slot's adapter once all slots were full
   (index -1 wrapped around in the CPU LoRA ops).
+- ``cpu_lora_grouped``: the CPU LoRA ops copied every token's adapter weights before multiplying (LoRA
+  was 55% of an adapter batch's forward); they now run one matmul per adapter slot in the batch.
 - ``abort_metrics``: requests a client left were not counted in vLLM's
   ``vllm:request_success_total{finished_reason="abort"}``.
 - ``chat_top_logprobs``: chat ``top_logprobs`` could start with the sampled
@@ -49,7 +51,7 @@ To run an engine without them (to reproduce a fault), set ``QSERVE_VLLM_PATCHES=
 (our server then refuses to start; vLLM's own server runs unpatched). To leave out some
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
-``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_index,draft_loader,draft_lora,draft_vocab,end_token_output,nf4_block_size,
+``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_grouped,cpu_lora_index,draft_loader,draft_lora,draft_vocab,end_token_output,nf4_block_size,
 row_invariant_gemm,seeded_drafts,spec_logits,utf8_tail``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
@@ -63,6 +65,7 @@ from server.engine.vllm_patches import (
     abort_metrics,
     chat_top_logprobs,
     cpu_kernels,
+    cpu_lora_grouped,
     cpu_lora_index,
     end_token_output,
     nf4_block_size,
@@ -79,6 +82,7 @@ APPLY = {
     "nf4_block_size": nf4_block_size.patch,
     "cpu_kernels": cpu_kernels.patch,
     "cpu_lora_index": cpu_lora_index.patch,
+    "cpu_lora_grouped": cpu_lora_grouped.patch,  # after cpu_lora_index: replaces its wrappers, skips -1 itself
     "row_invariant_gemm": row_invariant_gemm.patch,
     "seeded_drafts": seeded_drafts.patch,
     "abort_metrics": abort_metrics.patch,
