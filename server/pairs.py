@@ -54,7 +54,7 @@ PAIRS = {
         # k=1, 4, TTFT p50 at or below fixed k=4's (BENCHMARKS.md, "Every repeat since the drafts cap, pooled")
         "adaptive",
         4,
-        "none",  # bf16: 15.2-16.3 tokens/s at k=2 against 11.6 with the draft NF4 (hooks/draft_loader.py)
+        "none",  # bf16 (hooks/draft_loader.py); its cost against NF4: python -m bench.draft_cost
     ),
     # The 12M demo pair trained on five books: the fast fixture of the mechanics tests.
     "demo": ModelPair(
