@@ -129,7 +129,7 @@ def main() -> None:
                     raise SystemExit(f"{arm} failed:\n{out.stderr[-3000:]}")
                 rows.append({**json.loads(line[7:]), "repeat": repeat})
                 print(rows[-1], flush=True)
-    table = [f"| arm | repeat | ms per pass (1 token, with logits) | c | acceptance at k={K} | tokens/s |",
+    table = [f"| arm | repeat | ms per pass (1 token, with logits) | cost ratio (draft/target) | acceptance at k={K} | tokens/s |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         target = next(r for r in rows if r["arm"] == "target" and r["repeat"] == row["repeat"])
