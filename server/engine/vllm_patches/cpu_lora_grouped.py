@@ -20,9 +20,9 @@ adapter. Outputs are written exactly as vLLM's ops write theirs (padding, slices
 
 from __future__ import annotations
 
-import sys
-
 import torch
+
+from server.engine.vllm_patches.cpu_lora_index import install_lora_op
 
 
 def grouped_lora(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
@@ -87,14 +87,6 @@ OPS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slic
 
 
 def patch() -> None:
-    """Install the three grouped ops where vLLM defines them and where it imported them by name (idempotent);
-    ``sgmv_*`` call the ``bgmv_*`` module globals, so they are grouped too."""
-    from vllm.lora.ops import torch_ops
-    from vllm.lora.ops.torch_ops import lora_ops
-
+    """Install the three grouped ops (``cpu_lora_index.install_lora_op``; idempotent)."""
     for name, op in OPS.items():
-        setattr(lora_ops, name, op)
-        setattr(torch_ops, name, op)
-        cpu = sys.modules.get("vllm.lora.punica_wrapper.punica_cpu")
-        if cpu is not None and hasattr(cpu, name):
-            setattr(cpu, name, op)
+        install_lora_op(name, op)

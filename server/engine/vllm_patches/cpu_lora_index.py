@@ -44,15 +44,22 @@ def without_lora_rows(fn):
     return op
 
 
-def patch() -> None:
-    """Wrap the three ops where they are defined and where they were imported by name (idempotent)."""
+def install_lora_op(name: str, op) -> None:
+    """Make ``op`` vLLM's CPU LoRA op ``name`` where it is defined and where it was imported by name;
+    ``sgmv_*`` call the ``bgmv_*`` module globals, so they use it too."""
     from vllm.lora.ops import torch_ops
     from vllm.lora.ops.torch_ops import lora_ops
 
+    setattr(lora_ops, name, op)
+    setattr(torch_ops, name, op)
+    cpu = sys.modules.get("vllm.lora.punica_wrapper.punica_cpu")
+    if cpu is not None and hasattr(cpu, name):
+        setattr(cpu, name, op)
+
+
+def patch() -> None:
+    """Wrap the three ops (idempotent: a wrapped op is left as it is)."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
     for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
-        wrapped = without_lora_rows(getattr(lora_ops, name))
-        setattr(lora_ops, name, wrapped)
-        setattr(torch_ops, name, wrapped)
-        cpu = sys.modules.get("vllm.lora.punica_wrapper.punica_cpu")
-        if cpu is not None and hasattr(cpu, name):
-            setattr(cpu, name, wrapped)
+        install_lora_op(name, without_lora_rows(getattr(lora_ops, name)))
