@@ -69,3 +69,15 @@ def test_indices_must_be_one_per_token(batch):
     x, a, _, idx = batch
     with pytest.raises(ValueError, match="10 LoRA indices for 11 tokens"):
         grouped.bgmv_shrink(x, a, torch.zeros(11, 8), idx[:10], 1.0)
+
+
+def test_one_index_applies_to_every_token_as_in_vllms_prompt_logprobs_path(batch):
+    """vLLM computes one request's prompt logprobs with its one ``sampler_indices`` entry for all prompt rows."""
+    x, a, _, _ = batch
+    ops = _vllm_ops()
+    one = torch.tensor([2])
+    mine, theirs = torch.zeros(11, 8), torch.zeros(11, 8)
+    grouped.bgmv_shrink(x, a, mine, one, 1.0)
+    ops.bgmv_shrink(x, a, theirs, one, 1.0)
+    torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
+    assert (mine != 0).any()

@@ -38,6 +38,8 @@ COPIES = {
         "33cb1ccf3017412b", "vllm_patches.cpu_lora_grouped.bgmv_expand (how it writes its output)"),
     ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice"): (
         "ce2c6116decf36fa", "vllm_patches.cpu_lora_grouped.bgmv_expand_slice (how it writes its output)"),
+    ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.add_lora_logits"): (
+        "d648b9d36a149492", "vllm_patches.prompt_logprobs_lora._per_token_indices (its body, with per-token indices)"),
     ("vllm.sampling_params", "SamplingParams._validate_spec_decode"): (
         "430d50e706cdec12", "vllm_patches.spec_logits.patch (lifts this refusal)"),
 }  # fmt: skip
@@ -88,6 +90,8 @@ for name, mod in list(sys.modules.items()):
             if ours_wrapper:
                 code = fn.__code__
                 ours = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+                if code.co_flags & inspect.CO_VARKEYWORDS and not code.co_flags & inspect.CO_VARARGS:
+                    ours.append(code.co_varnames[len(ours)])  # (..., **kwargs) restates vLLM's **kwargs
                 theirs = list(inspect.signature(fn.__wrapped__).parameters)
                 found.append([f"{name}.{getattr(owner, '__name__', '')}.{attr}", ours, theirs,
                               bool(code.co_flags & inspect.CO_VARARGS), fn.__dict__.get("_qserve_reads")])

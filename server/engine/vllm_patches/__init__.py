@@ -19,6 +19,9 @@ fixes; reproductions for upstream are in docs/upstream/.
   (index -1 wrapped around in the CPU LoRA ops).
 - ``cpu_lora_grouped``: the CPU LoRA ops copied every token's adapter weights before multiplying (LoRA
   was 55% of an adapter batch's forward); they now run one matmul per adapter slot in the batch.
+- ``prompt_logprobs_lora``: ``echo`` with ``logprobs`` (prompt logprobs) killed the engine when LoRA was
+  enabled and the batch held several requests (the output layer's LoRA term read one adapter index per
+  request, not per prompt token); it now reads the prompt tokens' own indices.
 - ``abort_metrics``: requests a client left were not counted in vLLM's
   ``vllm:request_success_total{finished_reason="abort"}``.
 - ``chat_top_logprobs``: chat ``top_logprobs`` could start with the sampled
@@ -52,7 +55,7 @@ To run an engine without them (to reproduce a fault), set ``QSERVE_VLLM_PATCHES=
 (bench/guard_bench.py measures what each costs), set ``QSERVE_VLLM_PATCHES``
 to a comma-separated subset of
 ``abort_metrics,adaptive_k,chat_top_logprobs,cpu_kernels,cpu_lora_grouped,cpu_lora_index,draft_loader,draft_lora,draft_vocab,end_token_output,nf4_block_size,
-row_invariant_gemm,seeded_drafts,spec_logits,utf8_tail``
+prompt_logprobs_lora,row_invariant_gemm,seeded_drafts,spec_logits,utf8_tail``
 (read here because the plugin runs in vLLM's own processes, before our
 Settings exist there).
 """
@@ -69,6 +72,7 @@ from server.engine.vllm_patches import (
     cpu_lora_index,
     end_token_output,
     nf4_block_size,
+    prompt_logprobs_lora,
     row_invariant_gemm,
     seeded_drafts,
     spec_logits,
@@ -83,6 +87,7 @@ APPLY = {
     "cpu_kernels": cpu_kernels.patch,
     "cpu_lora_index": cpu_lora_index.patch,
     "cpu_lora_grouped": cpu_lora_grouped.patch,  # after cpu_lora_index: replaces its wrappers, skips -1 itself
+    "prompt_logprobs_lora": prompt_logprobs_lora.patch,
     "row_invariant_gemm": row_invariant_gemm.patch,
     "seeded_drafts": seeded_drafts.patch,
     "abort_metrics": abort_metrics.patch,

@@ -29,13 +29,16 @@ def grouped_lora(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
     """Per token ``t``: ``inputs[t] @ weights[indices[t]].T``, 0 where ``indices[t] < 0``.
 
     Shapes: ``inputs`` [T, in], ``weights`` [slots, out, in] or [slots, 1, out, in], ``indices`` [T].
-    Returns [T, out] in ``dtype``. Raises ValueError when ``indices`` is not one per token (vLLM's own ops
-    fail there too, in ``einsum``).
+    Returns [T, out] in ``dtype``. One index for T > 1 tokens applies to all of them, as vLLM's ``einsum``
+    broadcasts it: its prompt-logprobs path computes one request's prompt logits with the batch's per-request
+    ``sampler_indices``. Raises ValueError for any other count (vLLM's own ops fail there too, in ``einsum``).
     """
     if weights.dim() == 4:
         weights = weights.squeeze(1)  # [slots, out, in]
     x = inputs.to(dtype)  # [T, in]
     out = torch.zeros(x.shape[0], weights.shape[1], dtype=dtype, device=x.device)  # [T, out]
+    if indices.shape[0] == 1:
+        indices = indices.expand(x.shape[0])
     if indices.shape[0] != x.shape[0]:
         raise ValueError(f"{indices.shape[0]} LoRA indices for {x.shape[0]} tokens")
     ids = indices
