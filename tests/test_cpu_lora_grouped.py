@@ -81,3 +81,81 @@ def test_one_index_applies_to_every_token_as_in_vllms_prompt_logprobs_path(batch
     ops.bgmv_shrink(x, a, theirs, one, 1.0)
     torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
     assert (mine != 0).any()
+
+
+# --- through the real engine: the grouped ops against vLLM's own, in one mixed batch ---
+
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want"
+
+
+def _all_patches_but_grouped() -> str:
+    from server.engine import vllm_patches
+
+    return ",".join(p for p in vllm_patches.wanted() if p != "cpu_lora_grouped")
+
+
+@pytest.fixture(scope="module")
+def two_paths(tmp_path_factory):
+    """(grouped server, vLLM-ops server): the default settings (speculation with the shipped draft adapters),
+    each also serving a random rank-4 and a rank-16 adapter without draft adapters."""
+    from tests.adapters.helpers import adapter_tensors, write_adapter
+    from tests.conftest import launch, upload
+
+    folders = {}
+    for r in (4, 16):
+        tensors = {k: v * 20 for k, v in adapter_tensors(r, ("q_proj", "v_proj", "down_proj"), seed=r).items()}
+        folders[f"random-r{r}"] = write_adapter(
+            tmp_path_factory.mktemp(f"r{r}"), r, ("q_proj", "v_proj", "down_proj"), tensors=tensors
+        )
+    servers = []
+    try:
+        servers.append(launch("lora-grouped"))
+        import os
+
+        os.environ["QSERVE_VLLM_PATCHES"] = _all_patches_but_grouped()  # read by the server's vLLM processes
+        try:
+            servers.append(launch("lora-vllm-ops"))
+        finally:
+            del os.environ["QSERVE_VLLM_PATCHES"]
+        for s in servers:
+            for name, folder in folders.items():
+                upload(s.base_url, name, folder)
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _mixed_batch(url: str, models: list[str]) -> list[tuple[list[str], list[float], int]]:
+    """For every model at once: (tokens, logprobs, prompt tokens) of TEXT echoed and 12 greedy tokens."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    def one(model: str):
+        body = {"model": model, "prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": 12, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        return lp["tokens"][1:], lp["token_logprobs"][1:], r.json()["usage"]["prompt_tokens"] - 1
+
+    with cf.ThreadPoolExecutor(len(models)) as pool:
+        return list(pool.map(one, models))
+
+
+@pytest.mark.engine
+def test_a_mixed_batch_through_the_engine_matches_vllms_own_lora_ops(two_paths):
+    from tests.conftest import ADAPTERS, MODEL
+
+    grouped_server, vllm_server = two_paths
+    models = [MODEL, *ADAPTERS, "random-r4", "random-r16"] * 2  # draft adapters: the shipped two; none: random
+    ours, theirs = _mixed_batch(grouped_server.base_url, models), _mixed_batch(vllm_server.base_url, models)
+    for model, (tokens, a, prompt), (their_tokens, b, _) in zip(models, ours, theirs):
+        assert tokens[:prompt] == their_tokens[:prompt], model
+        same = next((i for i, (x, y) in enumerate(zip(tokens, their_tokens)) if x != y), len(tokens))
+        # the echoed prompt (teacher-forced) and the generated tokens up to a greedy near-tie flip, if any:
+        # bf16 rounding moves them by hundredths, a wrong adapter by nats
+        assert max(abs(x - y) for x, y in zip(a[: same + 1], b[: same + 1])) < 0.05, model
+    base = ours[0][1]
+    for model, (_, a, prompt) in zip(models[1:5], ours[1:5]):  # every adapter moves the logprobs: the check has power
+        assert max(abs(x - y) for x, y in zip(a[:prompt], base[:prompt])) > 0.1, model
