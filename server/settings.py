@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     max_loras: int = Field(
         4, ge=2, le=64, description="adapters resident in one batch (>=2: see tests/test_lora_slots.py)"
     )
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=2,
+        le=4096,
+        description="adapters the engine keeps loaded in memory beyond the batch's slots (an LRU cache; one "
+        "outside it is read from the store again); default: max_loras (BENCHMARKS.md, 'Adapter scale')",
+    )
     max_lora_rank: int = Field(16, ge=1, le=256, description="largest adapter rank accepted")
     adapter_store_dir: Path = Field(
         REPO_ROOT / "var" / "adapters", description="where uploaded adapters are stored (survives restarts)"
@@ -238,6 +245,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"quantization nf4 needs dtype bfloat16 (vLLM's bitsandbytes loader packs NF4 for 16-bit "
                 f"compute), got {self.dtype}; set --dtype bfloat16 or --quantization none"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_the_slots(self) -> Settings:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras {self.max_cpu_loras} is less than max_loras {self.max_loras}: the in-memory "
+                "cache must hold every adapter of a batch; set --max-cpu-loras >= --max-loras or leave it unset"
             )
         return self
 

@@ -75,6 +75,7 @@ def test_a_draft_with_another_tokenizer_is_refused_at_start(tmp_path):
         ({"draft_model": None}, "set --draft-model or --no-speculation"),
         ({"num_speculative_tokens": 0}, "greater than or equal to 1"),
         ({"max_loras": 1}, "greater than or equal to 2"),
+        ({"max_loras": 8, "max_cpu_loras": 4}, "max_cpu_loras 4 is less than max_loras 8"),
         ({"port": 70000}, "less than or equal to 65535"),
         ({"quantization": "int3"}, "'nf4' or 'none'"),
         ({"served_model_name": "a/b"}, "without spaces or slashes"),
@@ -108,6 +109,8 @@ def test_vllm_args_carry_nf4_draft_lora_and_per_request_metrics():
     assert args.speculative_config["num_speculative_tokens"] == 4
     assert args.enable_lora and args.max_loras >= 2
     assert args.per_request_spec_decode_metrics == "summary"
+    assert args.max_cpu_loras is None  # vLLM's default: max_loras
+    assert vllm_namespace(Settings(max_loras=4, max_cpu_loras=32)).max_cpu_loras == 32
     plain = vllm_argv(Settings(quantization="none", speculation=False, enable_lora=False))
     assert "--quantization" not in plain and "--speculative-config" not in plain
 

@@ -63,6 +63,8 @@ def vllm_argv(settings: Settings) -> list[str]:
             "--max-loras", str(settings.max_loras),
             "--max-lora-rank", str(settings.max_lora_rank),
         ]  # fmt: skip
+        if settings.max_cpu_loras is not None:
+            argv += ["--max-cpu-loras", str(settings.max_cpu_loras)]
     return argv
 
 
