@@ -26,7 +26,6 @@ Decision rule (issue 37's targets), on the ``grouped`` path's medians: 1 adapter
 
 from __future__ import annotations
 
-import os
 import random
 import statistics
 import tempfile
@@ -127,7 +126,7 @@ def table(a, levels, draft_levels, tps, steps, draft_models) -> list[str]:
     """The Markdown report: tokens/s and ratio vs base only per path and level; draft ms/step per path."""
     med = {k: statistics.median(v) for k, v in tps.items()}
     ratio = {
-        k: statistics.median(v / b for v, b in zip(tps[k], tps[(k[0], k[1], "base only")])) for k in tps
+        k: statistics.median(v / b for v, b in zip(tps[k], tps[(k[0], k[1], "base only")], strict=True)) for k in tps
     }  # fmt: skip
     cmd = (f"python -m bench.lora_path --levels {a.levels} --requests {a.requests} --max-tokens {a.max_tokens}"
            f" --repeats {a.repeats} --draft-levels {a.draft_levels}")  # fmt: skip

@@ -150,12 +150,14 @@ def test_a_mixed_batch_through_the_engine_matches_vllms_own_lora_ops(two_paths):
     grouped_server, vllm_server = two_paths
     models = [MODEL, *ADAPTERS, "random-r4", "random-r16"] * 2  # draft adapters: the shipped two; none: random
     ours, theirs = _mixed_batch(grouped_server.base_url, models), _mixed_batch(vllm_server.base_url, models)
-    for model, (tokens, a, prompt), (their_tokens, b, _) in zip(models, ours, theirs):
+    for model, (tokens, a, prompt), (their_tokens, b, _) in zip(models, ours, theirs, strict=True):
         assert tokens[:prompt] == their_tokens[:prompt], model
-        same = next((i for i, (x, y) in enumerate(zip(tokens, their_tokens)) if x != y), len(tokens))
+        same = next((i for i, (x, y) in enumerate(zip(tokens, their_tokens, strict=False)) if x != y), len(tokens))
         # the echoed prompt (teacher-forced) and the generated tokens up to a greedy near-tie flip, if any:
         # bf16 rounding moves them by hundredths, a wrong adapter by nats
-        assert max(abs(x - y) for x, y in zip(a[: same + 1], b[: same + 1])) < 0.05, model
+        assert max(abs(x - y) for x, y in zip(a[: same + 1], b[: same + 1], strict=False)) < 0.05, model
     base = ours[0][1]
-    for model, (_, a, prompt) in zip(models[1:5], ours[1:5]):  # every adapter moves the logprobs: the check has power
-        assert max(abs(x - y) for x, y in zip(a[:prompt], base[:prompt])) > 0.1, model
+    for model, (_, a, prompt) in zip(
+        models[1:5], ours[1:5], strict=True
+    ):  # every adapter moves the logprobs: the check has power
+        assert max(abs(x - y) for x, y in zip(a[:prompt], base[:prompt], strict=True)) > 0.1, model

@@ -36,7 +36,7 @@ def test_echo_logprobs_of_base_and_adapters_in_one_batch_match_each_alone(client
         assert tokens[:-1] == want_tokens[:-1], i  # the echoed prompt (the sampled last token may differ)
         assert logprobs[0] is None and want[0] is None
         # batched and alone runs round differently in bf16; a wrong adapter moves these by nats
-        assert max(abs(a - b) for a, b in zip(logprobs[1:-1], want[1:-1])) < 0.05, (i, MODELS[i % 6 % 3])
+        assert max(abs(a - b) for a, b in zip(logprobs[1:-1], want[1:-1], strict=True)) < 0.05, (i, MODELS[i % 6 % 3])
 
 
 def test_token_rows_finds_a_row_slice_and_refuses_anything_else():
