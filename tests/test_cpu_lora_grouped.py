@@ -83,6 +83,43 @@ def test_one_index_applies_to_every_token_as_in_vllms_prompt_logprobs_path(batch
     assert (mine != 0).any()
 
 
+def test_prefill_ops_match_vllms_and_the_plan_follows_in_place_writes(batch):
+    x, a, b, _ = batch
+    ops = _vllm_ops()
+    seq_idx, seq_len = torch.tensor([2, -1, 0]), torch.tensor([4, 3, 4])  # three sequences, 11 tokens
+    args = (torch.tensor([0, 4, 7]), seq_len, seq_idx, 3, 4, 11)
+    mine, theirs = torch.zeros(11, 8), torch.zeros(11, 8)
+    grouped.sgmv_shrink(x, a, mine, *args, 0.5)
+    ops.sgmv_shrink(x.masked_fill(torch.arange(11)[:, None].ge(4) & torch.arange(11)[:, None].lt(7), 0), a, theirs,
+                    *args[:2], seq_idx.clamp(min=0), *args[3:], 0.5)  # fmt: skip
+    torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
+    assert (mine[4:7] == 0).all()
+    out_mine, out_theirs = torch.zeros(11, 96, dtype=torch.bfloat16), torch.zeros(11, 96, dtype=torch.bfloat16)
+    grouped.sgmv_expand_slice(theirs, b, out_mine, *args, 48, 48, True)
+    ops.sgmv_expand_slice(theirs, b, out_theirs, *args[:2], seq_idx.clamp(min=0), *args[3:], 48, 48, True)
+    assert (out_mine[4:7] == 0).all()
+    keep = torch.ones(11, dtype=torch.bool)
+    keep[4:7] = False
+    torch.testing.assert_close(out_mine[keep], out_theirs[keep], rtol=2e-2, atol=2e-2)
+    seq_idx[0] = 3  # vLLM rewrites its metadata in place each step: the cached plan must follow
+    again = torch.zeros(11, 8)
+    grouped.sgmv_shrink(x, a, again, *args, 0.5)
+    expect = torch.zeros(11, 8)
+    grouped.bgmv_shrink(x, a, expect, torch.tensor([3] * 4 + [-1] * 3 + [0] * 4), 0.5)
+    assert torch.equal(again, expect) and not torch.equal(again[:4], mine[:4])
+
+
+def test_batches_without_any_adapter_and_of_one_token(batch):
+    x, a, _, _ = batch
+    none = torch.full((11, 8), 7.0)
+    grouped.bgmv_shrink(x, a, none, torch.full((11,), -1), 1.0)
+    assert (none == 0).all()
+    one, ref = torch.zeros(1, 8), torch.zeros(1, 8)
+    grouped.bgmv_shrink(x[:1], a, one, torch.tensor([3]), 1.0)
+    _vllm_ops().bgmv_shrink(x[:1], a, ref, torch.tensor([3]), 1.0)
+    torch.testing.assert_close(one, ref, rtol=2e-2, atol=2e-2)
+
+
 # --- through the real engine: the grouped ops against vLLM's own, in one mixed batch ---
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want"

@@ -40,6 +40,12 @@ COPIES = {
         "ce2c6116decf36fa", "vllm_patches.cpu_lora_grouped.bgmv_expand_slice (how it writes its output)"),
     ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.add_lora_logits"): (
         "d648b9d36a149492", "vllm_patches.prompt_logprobs_lora._per_token_indices (its body, with per-token indices)"),
+    ("vllm.lora.ops.torch_ops.lora_ops", "sgmv_shrink"): (
+        "75df9a1cb158f9e4", "vllm_patches.cpu_lora_grouped.sgmv_shrink (its arguments)"),
+    ("vllm.lora.ops.torch_ops.lora_ops", "sgmv_expand"): (
+        "e89b0fdc03bba751", "vllm_patches.cpu_lora_grouped.sgmv_expand (its arguments)"),
+    ("vllm.lora.ops.torch_ops.lora_ops", "sgmv_expand_slice"): (
+        "d5020834c67a0134", "vllm_patches.cpu_lora_grouped.sgmv_expand_slice (its arguments)"),
     ("vllm.sampling_params", "SamplingParams._validate_spec_decode"): (
         "430d50e706cdec12", "vllm_patches.spec_logits.patch (lifts this refusal)"),
 }  # fmt: skip

@@ -10,19 +10,105 @@ LoRA 55% of the real target's forward in a py-spy profile (one adapter, 8 reques
 traffic over one adapter ran at 0.44x of base-only tokens/s there.
 
 Fix (the grouped form of S-LoRA / Punica's SGMV, Chen et al. 2023 "Punica", Sheng et al. 2023 "S-LoRA"):
-group the tokens by adapter slot and run one ``[n, in] @ [in, out]`` matmul per slot present in the batch
-(at most ``max_loras`` of them), reading each adapter's weights in place. Tokens with index -1 (no
-adapter) get no LoRA term, which also covers the wrap-around ``cpu_lora_index`` fixes. A slot with a single
-token is computed as two rows: torch's one-row bf16 matmul on this CPU rounds differently from any larger
-row count (``row_invariant_gemm``), and a request's output must not depend on how many tokens share its
-adapter. Outputs are written exactly as vLLM's ops write theirs (padding, slices, ``add_inputs``).
+group the tokens by adapter slot and multiply each group by its adapter's weights in one batched matmul,
+``[groups, rows, in] @ [groups, in, out]``, reading each adapter's weights once, not once per token. The
+grouping (:class:`Plan`) depends only on the step's token indices, which every LoRA layer of a forward pass
+shares, so it is computed once per step, not once per op call (vLLM calls these ops 14 times per decoder
+layer). One group covering every token, the common case, is a plain matmul on the adapter's weights in
+place. Tokens with index -1 (no adapter) get no LoRA term, which also covers the wrap-around
+``cpu_lora_index`` fixes. A group is never one row: torch's one-row bf16 matmul on this CPU rounds
+differently from any larger row count (``row_invariant_gemm``), and a request's output must not depend on
+how many tokens share its adapter; a group is padded to at least two rows. Outputs are written exactly as
+vLLM's ops write theirs (padding, slices, ``add_inputs``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from server.engine.vllm_patches.cpu_lora_index import install_lora_op
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a step's T tokens group by adapter slot: G groups (slots ascending) padded to M >= 2 rows each.
+
+    ``slots`` [G] the slots present; ``gather`` [G * M] the token row of each padded position (T: a zero
+    row); ``rows`` [n] the tokens with an adapter and ``positions`` [n] their padded positions; ``whole``
+    the slot when one group holds every token, else None.
+    """
+
+    slots: torch.Tensor
+    gather: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    rows_per_group: int
+    whole: int | None
+
+
+def make_plan(indices: torch.Tensor) -> Plan:
+    """The :class:`Plan` of per-token slot ``indices`` [T] (-1: no adapter)."""
+    tokens = indices.shape[0]
+    sorted_slots, order = torch.sort(indices, stable=True)
+    slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+    skip = int(slots[0] < 0) if tokens else 0  # sorted ascending: the -1 group, if any, comes first
+    slots, counts = slots[skip:], counts[skip:]
+    groups = slots.shape[0]
+    rows_per_group = max(2, int(counts.max()) if groups else 0)
+    starts = torch.cumsum(counts, 0) - counts  # each group's first sorted position, after the -1 group
+    first = tokens - int(counts.sum())
+    group_of = torch.repeat_interleave(torch.arange(groups), counts)  # [n]
+    rank = torch.arange(tokens - first) - starts[group_of]  # position within its group
+    rows, positions = order[first:], group_of * rows_per_group + rank
+    gather = torch.full((groups * rows_per_group,), tokens, dtype=torch.long)
+    gather[positions] = rows
+    whole = int(slots[0]) if groups == 1 and first == 0 else None
+    return Plan(slots, gather, rows, positions, rows_per_group, whole)
+
+
+_plans: dict[tuple, Plan] = {}  # token indices (their values) -> plan
+_prefill: dict[tuple, tuple[torch.Tensor, Plan]] = {}  # (sequence indices, lengths) -> per-token indices, plan
+_prefill_plans: dict[int, Plan] = {}  # id of a per-token index tensor held in _prefill -> its plan
+
+
+def _bounded(cache: dict) -> dict:
+    """``cache``, emptied first when it holds 16 entries (a step needs a few: the target's and the draft's
+    token and sampler indices)."""
+    if len(cache) >= 16:
+        cache.clear()
+        if cache is _prefill:
+            _prefill_plans.clear()
+    return cache
+
+
+def plan_of(indices: torch.Tensor) -> Plan:
+    """:func:`make_plan` of ``indices``, once per step: every LoRA layer of a forward pass gets the same indices.
+
+    Keyed by the values, not the tensor: vLLM rewrites its index buffers in place each step, and its
+    inference tensors carry no version counter to tell."""
+    plan = _prefill_plans.get(id(indices))
+    if plan is not None:
+        return plan
+    key = tuple(indices.tolist())
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _bounded(_plans)[key] = make_plan(indices)
+    return plan
+
+
+def exploded(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
+    """Per-token indices of a prefill step (each sequence's index repeated over its tokens), as vLLM's ``sgmv_*``
+    compute them, once per step; the tensor is ours and never written, so :func:`plan_of` finds its plan by
+    identity (the cache holds it, so its id is not reused while the entry lives)."""
+    key = (tuple(lora_indices_tensor.tolist()), tuple(seq_len_tensor.tolist()))
+    hit = _prefill.get(key)
+    if hit is None:
+        tokens = torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+        hit = _bounded(_prefill)[key] = (tokens, make_plan(tokens))
+        _prefill_plans[id(tokens)] = hit[1]
+    return hit[0]
 
 
 def grouped_lora(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
@@ -36,22 +122,23 @@ def grouped_lora(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
     if weights.dim() == 4:
         weights = weights.squeeze(1)  # [slots, out, in]
     x = inputs.to(dtype)  # [T, in]
-    out = torch.zeros(x.shape[0], weights.shape[1], dtype=dtype, device=x.device)  # [T, out]
-    if indices.shape[0] == 1:
-        indices = indices.expand(x.shape[0])
-    if indices.shape[0] != x.shape[0]:
-        raise ValueError(f"{indices.shape[0]} LoRA indices for {x.shape[0]} tokens")
-    ids = indices
-    for slot in torch.unique(ids).tolist():
-        if slot < 0:
-            continue
-        w = weights[slot].to(dtype)  # [out, in], a view unless the dtype differs
-        rows = (ids == slot).nonzero().squeeze(1)  # [n]
-        part = x[rows]  # [n, in]
-        if part.shape[0] == 1:
-            out[rows] = (part.expand(2, -1) @ w.T)[:1]
-        else:
-            out[rows] = part @ w.T
+    tokens = x.shape[0]
+    if indices.shape[0] == 1 and tokens > 1:
+        indices = indices.expand(tokens)
+    if indices.shape[0] != tokens:
+        raise ValueError(f"{indices.shape[0]} LoRA indices for {tokens} tokens")
+    plan = plan_of(indices)
+    if plan.whole is not None:  # every token on one adapter: its weights in place
+        w = weights[plan.whole].to(dtype)  # [out, in]
+        return x @ w.T if tokens > 1 else (x.expand(2, -1) @ w.T)[:1]
+    out = torch.zeros(tokens, weights.shape[1], dtype=dtype)  # [T, out]
+    if plan.slots.shape[0] == 0:
+        return out
+    padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[plan.gather]  # [G * M, in]
+    padded = padded.view(plan.slots.shape[0], plan.rows_per_group, -1)  # [G, M, in]
+    w = weights[plan.slots].to(dtype)  # [G, out, in]
+    y = torch.bmm(padded, w.transpose(1, 2))  # [G, M, out]
+    out[plan.rows] = y.reshape(-1, y.shape[-1])[plan.positions]
     return out
 
 
@@ -86,10 +173,38 @@ def bgmv_expand_slice(
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
 
 
-OPS = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+def sgmv_shrink(
+    inputs, lora_a_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches,
+    max_seq_length, token_nums, scaling,
+):  # fmt: skip
+    """vLLM's ``sgmv_shrink`` (same arguments and writes): :func:`bgmv_shrink` over :func:`exploded` indices."""
+    bgmv_shrink(inputs, lora_a_weights, output_tensor, exploded(lora_indices_tensor, seq_len_tensor), scaling)
+
+
+def sgmv_expand(
+    inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches,
+    max_seq_length, token_nums, add_inputs: bool = False,
+):  # fmt: skip
+    """vLLM's ``sgmv_expand`` (same arguments and writes): :func:`bgmv_expand` over :func:`exploded` indices."""
+    bgmv_expand(inputs, lora_b_weights, output_tensor, exploded(lora_indices_tensor, seq_len_tensor), add_inputs)
+
+
+def sgmv_expand_slice(
+    inputs, lora_b_weights, output_tensor, b_seq_start_loc, seq_len_tensor, lora_indices_tensor, batches,
+    max_seq_length, token_nums, slice_offset: int, slice_size: int, add_inputs: bool = False,
+):  # fmt: skip
+    """vLLM's ``sgmv_expand_slice`` (same arguments and writes): :func:`bgmv_expand_slice` over :func:`exploded`."""
+    indices = exploded(lora_indices_tensor, seq_len_tensor)
+    bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
+
+
+OPS = {
+    "bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice,
+    "sgmv_shrink": sgmv_shrink, "sgmv_expand": sgmv_expand, "sgmv_expand_slice": sgmv_expand_slice,
+}  # fmt: skip
 
 
 def patch() -> None:
-    """Install the three grouped ops (``cpu_lora_index.install_lora_op``; idempotent)."""
+    """Install the six grouped ops (``cpu_lora_index.install_lora_op``; idempotent)."""
     for name, op in OPS.items():
         install_lora_op(name, op)
