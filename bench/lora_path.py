@@ -29,10 +29,13 @@ from __future__ import annotations
 import random
 import statistics
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+
 from bench.adapter_bench import SHIPPED, cases, traffic, upload
-from bench.draft_lora_cost import step_ms
 from prompts import chat_prompts, pair_prompts
 from server.engine import vllm_patches
 from server.pairs import PAIRS
@@ -56,6 +59,20 @@ def serve(path: str, name: str, args: list[str]):
     env = {"QSERVE_ADAPTER_STORE_DIR": store, "QSERVE_MERGED_MODELS_DIR": f"{store}-merged",
            "QSERVE_VLLM_PATCHES": patches_of(path)}  # fmt: skip
     return start_server(args, LOGS / f"lora-path-{name}.log", env=env, pair="smollm2")
+
+
+def step_ms(url: str, model: str, prompts: list[str], level: int, max_tokens: int) -> float:
+    """Median over requests of (request wall time / output tokens), ms: the decode step time at ``level``."""
+
+    def one(prompt: str) -> float:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        t = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return 1000 * (time.monotonic() - t) / r.json()["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(level) as pool:
+        return statistics.median(pool.map(one, prompts))
 
 
 def zipf_models(names: list[str], n: int, s: float = 1.1, seed: int = 0) -> list[str]:
