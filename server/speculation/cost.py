@@ -22,8 +22,8 @@ counts that pass's tokens of adapter requests; ``l0`` / ``e0`` apply when the fo
 once per step, with or without drafts). What verifying an adapter's drafts adds to the target is in
 ``e1`` (a run's cells cannot tell the two apart), unless ``v1`` is unset: then an adapter's verified
 drafts add ``l1`` each, as its requests' own tokens do. So an adapter's drafts are priced at what they
-cost: on the 2-core CPU hosts a draft adapter adds 33-38% to a draft step and the target's LoRA path
-halves its throughput (BENCHMARKS.md, "Draft adapters: what LoRA adds to a draft step" and "Adapters").
+cost: on the 2-core CPU hosts a draft adapter adds 17-69% to a draft step and one adapter's traffic runs at
+0.67-0.83x of base-only tokens/s (BENCHMARKS.md, "CPU LoRA path").
 """
 
 from __future__ import annotations
