@@ -18,7 +18,8 @@ fixes; reproductions for upstream are in docs/upstream/.
   computed with the last LoRA slot's adapter once all slots were full
   (index -1 wrapped around in the CPU LoRA ops).
 - ``cpu_lora_grouped``: the CPU LoRA ops copied every token's adapter weights before multiplying (LoRA
-  was 55% of an adapter batch's forward); they now run one matmul per adapter slot in the batch.
+  was 55% of an adapter batch's forward); they now group the tokens by adapter once per step and run
+  one (batched) matmul per op call.
 - ``prompt_logprobs_lora``: ``echo`` with ``logprobs`` (prompt logprobs) killed the engine when LoRA was
   enabled and the batch held several requests (the output layer's LoRA term read one adapter index per
   request, not per prompt token); it now reads the prompt tokens' own indices.

@@ -8,7 +8,7 @@ Fault (vLLM 0.32.0, CPU; upstream vllm-project/vllm#29955 and #17766, fix propos
 the single entry broadcasts over the rows; with several, vLLM's ``einsum`` fails ("subscript b has size 12
 for operand 1 which does not broadcast with previously seen size 16") inside the worker and the engine dies,
 failing every request in flight. Repro: tests/test_prompt_logprobs_lora.py (``echo=True, logprobs=1`` on
-the base model and two adapters, eight at once; without this patch the server answers 503).
+the base model and two adapters, twelve at once; without this patch the server answers 503).
 
 Fix: while ``_get_prompt_logprobs_dict`` runs, ``add_lora_logits`` takes the rows' per-token indices
 (``token_lora_indices``, one per token of the forward pass). The rows it gets are a contiguous row slice of
