@@ -46,6 +46,18 @@ COPIES = {
         "e89b0fdc03bba751", "vllm_patches.cpu_lora_grouped.sgmv_expand (its arguments)"),
     ("vllm.lora.ops.torch_ops.lora_ops", "sgmv_expand_slice"): (
         "d5020834c67a0134", "vllm_patches.cpu_lora_grouped.sgmv_expand_slice (its arguments)"),
+    ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.add_lora_linear"): (
+        "66b6b1349d74b67a", "vllm_patches.cpu_lora_fused.fused_lora_linear (its sum, in two matmuls)"),
+    ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.create_lora_weights"): (
+        "b7c015e18fe58d29", "vllm_patches.cpu_lora_fused.restack (the slices' shapes it stacks)"),
+    ("vllm.lora.layers.column_parallel_linear", "MergedColumnParallelLinearWithLoRA.create_lora_weights"): (
+        "d5c17a67078e91ad", "vllm_patches.cpu_lora_fused.restack (the slices' shapes it stacks)"),
+    ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.reset_lora"): (
+        "c62b8114c96992ad", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
+    ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.set_lora"): (
+        "ef1970818d16e864", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
+    ("vllm.lora.layers.column_parallel_linear", "MergedColumnParallelLinearWithLoRA.set_lora"): (
+        "9d907b749b44838f", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
     ("vllm.sampling_params", "SamplingParams._validate_spec_decode"): (
         "430d50e706cdec12", "vllm_patches.spec_logits.patch (lifts this refusal)"),
 }  # fmt: skip

@@ -19,7 +19,9 @@ place. Tokens with index -1 (no adapter) get no LoRA term, which also covers the
 ``cpu_lora_index`` fixes. A group is never one row: torch's one-row bf16 matmul on this CPU rounds
 differently from any larger row count (``row_invariant_gemm``), and a request's output must not depend on
 how many tokens share its adapter; a group is padded to at least two rows. Outputs are written exactly as
-vLLM's ops write theirs (padding, slices, ``add_inputs``).
+vLLM's ops write theirs (padding, slices, ``add_inputs``). The linear layers' LoRA runs one level up, a
+shrink and an expand per layer for all its slices (``cpu_lora_fused``, installed by :func:`patch`); these ops
+serve the output layer's LoRA and any layer that path leaves to vLLM's wrapper.
 """
 
 from __future__ import annotations
@@ -205,6 +207,10 @@ OPS = {
 
 
 def patch() -> None:
-    """Install the six grouped ops (``cpu_lora_index.install_lora_op``; idempotent)."""
+    """Install the six grouped ops (``cpu_lora_index.install_lora_op``) and the fused linear layers
+    (``cpu_lora_fused``), idempotently."""
+    from server.engine.vllm_patches import cpu_lora_fused
+
     for name, op in OPS.items():
         install_lora_op(name, op)
+    cpu_lora_fused.patch()
