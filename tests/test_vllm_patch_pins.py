@@ -58,6 +58,14 @@ COPIES = {
         "ef1970818d16e864", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
     ("vllm.lora.layers.column_parallel_linear", "MergedColumnParallelLinearWithLoRA.set_lora"): (
         "9d907b749b44838f", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.create_lora_weights"): (
+        "36f6fc7d9922ce3e", "vllm_patches.cpu_lora_logits (lora_a_stacked one tensor, made here)"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.set_lora"): (
+        "6ccfe6a7a67d33d9", "vllm_patches.cpu_lora_logits (called only for an adapter with an lm_head LoRA)"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.reset_lora"): (
+        "8a37b314d699dd08", "vllm_patches.cpu_lora_logits (zeroes the slot)"),
+    ("vllm.lora.model_manager", "LoRAModelManager.activate_adapter"): (
+        "7f5420ba072ce529", "vllm_patches.cpu_lora_logits (set_lora only for a module with weights, else reset_lora)"),
     ("vllm.sampling_params", "SamplingParams._validate_spec_decode"): (
         "430d50e706cdec12", "vllm_patches.spec_logits.patch (lifts this refusal)"),
 }  # fmt: skip

@@ -20,7 +20,8 @@ fixes; reproductions for upstream are in docs/upstream/.
 - ``cpu_lora_grouped``: the CPU LoRA ops copied every token's adapter weights before multiplying (LoRA
   was 55% of an adapter batch's forward); they now group the tokens by adapter once per step and run
   one (batched) matmul per op call, and a linear LoRA layer runs one shrink and one expand for all its
-  slices (``cpu_lora_fused``: q/k/v or gate/up stacked), not one per slice.
+  slices (``cpu_lora_fused``: q/k/v or gate/up stacked), not one per slice; the output layer's LoRA is
+  skipped while no slot holds one (``cpu_lora_logits``).
 - ``prompt_logprobs_lora``: ``echo`` with ``logprobs`` (prompt logprobs) killed the engine when LoRA was
   enabled and the batch held several requests (the output layer's LoRA term read one adapter index per
   request, not per prompt token); it now reads the prompt tokens' own indices.

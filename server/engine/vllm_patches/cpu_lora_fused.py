@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from server.engine.vllm_patches.cpu_lora_grouped import plan_of
+from server.engine.vllm_patches.cpu_lora_grouped import padded_rows, plan_of
 
 FUSED = "_qserve_fused"  # attribute of a layer's first A view: its (a_big, b_big)
 
@@ -74,12 +74,11 @@ def fused_lora_linear(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_b
         rows = x if tokens > 1 else x.expand(2, -1)
         y += ((rows @ a_big[plan.whole].T) @ b_big[plan.whole].T)[:tokens]
         return
-    groups = plan.slots.shape[0]
-    if groups == 0:
+    if plan.span == 0:
         return
-    padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[plan.gather].view(groups, plan.rows_per_group, -1)
-    h = torch.bmm(padded, a_big[plan.slots].transpose(1, 2))  # [G, M, R]
-    d = torch.bmm(h, b_big[plan.slots].transpose(1, 2)).view(-1, y.shape[1])  # [G * M, out_total]
+    present = slice(plan.first_slot, plan.first_slot + plan.span)  # views: no weights copied
+    h = torch.bmm(padded_rows(x, plan), a_big[present].transpose(1, 2))  # [span, M, R]
+    d = torch.bmm(h, b_big[present].transpose(1, 2)).view(-1, y.shape[1])  # [span * M, out_total]
     y.index_add_(0, plan.rows, d[plan.positions])
 
 

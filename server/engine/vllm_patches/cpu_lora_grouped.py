@@ -21,7 +21,8 @@ differently from any larger row count (``row_invariant_gemm``), and a request's 
 how many tokens share its adapter; a group is padded to at least two rows. Outputs are written exactly as
 vLLM's ops write theirs (padding, slices, ``add_inputs``). The linear layers' LoRA runs one level up, a
 shrink and an expand per layer for all its slices (``cpu_lora_fused``, installed by :func:`patch`); these ops
-serve the output layer's LoRA and any layer that path leaves to vLLM's wrapper.
+serve the output layer's LoRA (skipped while no slot has one, ``cpu_lora_logits``) and any layer that path
+leaves to vLLM's wrapper.
 """
 
 from __future__ import annotations
@@ -35,18 +36,22 @@ from server.engine.vllm_patches.cpu_lora_index import install_lora_op
 
 @dataclass(frozen=True)
 class Plan:
-    """How a step's T tokens group by adapter slot: G groups (slots ascending) padded to M >= 2 rows each.
+    """How a step's T tokens group by adapter slot, laid out over the slots ``first_slot`` ...
+    ``first_slot + span - 1`` (the lowest to the highest slot present), M >= 2 rows per slot.
 
-    ``slots`` [G] the slots present; ``gather`` [G * M] the token row of each padded position (T: a zero
-    row); ``rows`` [n] the tokens with an adapter and ``positions`` [n] their padded positions; ``whole``
-    the slot when one group holds every token, else None.
+    A batched matmul over that range reads the stacked weights as a view (``weights[first_slot:][:span]``):
+    gathering the present slots' weights instead copied more bytes than the matmuls read (a slot present in
+    no token costs one batch entry of zero rows). ``gather`` [span * M] the token row of each padded
+    position (T: a zero row); ``rows`` [n] the tokens with an adapter and ``positions`` [n] their padded
+    positions; ``whole`` the slot when one slot holds every token, else None; ``span`` 0 when no token has one.
     """
 
-    slots: torch.Tensor
     gather: torch.Tensor
     rows: torch.Tensor
     positions: torch.Tensor
     rows_per_group: int
+    first_slot: int
+    span: int
     whole: int | None
 
 
@@ -58,16 +63,25 @@ def make_plan(indices: torch.Tensor) -> Plan:
     skip = int(slots[0] < 0) if tokens else 0  # sorted ascending: the -1 group, if any, comes first
     slots, counts = slots[skip:], counts[skip:]
     groups = slots.shape[0]
-    rows_per_group = max(2, int(counts.max()) if groups else 0)
+    if groups == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        return Plan(empty, empty, empty, 2, 0, 0, None)
+    rows_per_group = max(2, int(counts.max()))
+    first_slot, span = int(slots[0]), int(slots[-1] - slots[0]) + 1
     starts = torch.cumsum(counts, 0) - counts  # each group's first sorted position, after the -1 group
     first = tokens - int(counts.sum())
     group_of = torch.repeat_interleave(torch.arange(groups), counts)  # [n]
     rank = torch.arange(tokens - first) - starts[group_of]  # position within its group
-    rows, positions = order[first:], group_of * rows_per_group + rank
-    gather = torch.full((groups * rows_per_group,), tokens, dtype=torch.long)
+    rows, positions = order[first:], (slots[group_of] - first_slot) * rows_per_group + rank
+    gather = torch.full((span * rows_per_group,), tokens, dtype=torch.long)
     gather[positions] = rows
     whole = int(slots[0]) if groups == 1 and first == 0 else None
-    return Plan(slots, gather, rows, positions, rows_per_group, whole)
+    return Plan(gather, rows, positions, rows_per_group, first_slot, span, whole)
+
+
+def padded_rows(x: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Rows ``x`` [T, in] laid out by ``plan``: [span, M, in], zeros where no token sits."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])])[plan.gather].view(plan.span, plan.rows_per_group, -1)
 
 
 _plans: dict[tuple, Plan] = {}  # token indices (their values) -> plan
@@ -134,12 +148,10 @@ def grouped_lora(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Ten
         w = weights[plan.whole].to(dtype)  # [out, in]
         return x @ w.T if tokens > 1 else (x.expand(2, -1) @ w.T)[:1]
     out = torch.zeros(tokens, weights.shape[1], dtype=dtype)  # [T, out]
-    if plan.slots.shape[0] == 0:
+    if plan.span == 0:
         return out
-    padded = torch.cat([x, x.new_zeros(1, x.shape[1])])[plan.gather]  # [G * M, in]
-    padded = padded.view(plan.slots.shape[0], plan.rows_per_group, -1)  # [G, M, in]
-    w = weights[plan.slots].to(dtype)  # [G, out, in]
-    y = torch.bmm(padded, w.transpose(1, 2))  # [G, M, out]
+    w = weights[plan.first_slot : plan.first_slot + plan.span].to(dtype)  # [span, out, in], a view
+    y = torch.bmm(padded_rows(x, plan), w.transpose(1, 2))  # [span, M, out]
     out[plan.rows] = y.reshape(-1, y.shape[-1])[plan.positions]
     return out
 
@@ -207,10 +219,11 @@ OPS = {
 
 
 def patch() -> None:
-    """Install the six grouped ops (``cpu_lora_index.install_lora_op``) and the fused linear layers
-    (``cpu_lora_fused``), idempotently."""
-    from server.engine.vllm_patches import cpu_lora_fused
+    """Install the six grouped ops (``cpu_lora_index.install_lora_op``), the fused linear layers
+    (``cpu_lora_fused``) and the output layer's skip (``cpu_lora_logits``), idempotently."""
+    from server.engine.vllm_patches import cpu_lora_fused, cpu_lora_logits
 
     for name, op in OPS.items():
         install_lora_op(name, op)
     cpu_lora_fused.patch()
+    cpu_lora_logits.patch()
