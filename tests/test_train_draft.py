@@ -29,3 +29,12 @@ def test_a_draft_equal_to_the_teacher_is_accepted_always_and_a_different_one_pay
     tv = 0.5 * (p - q).abs().sum(-1).mean().item()
     assert abs((1 - stats["accept"]) - tv) < 1e-5
     assert abs(loss.item() - (stats["kl"] + tv)) < 1e-5
+
+
+def test_sharegpt_questions_keep_short_ones_in_file_order_and_never_a_held_out_prompt(monkeypatch):
+    from training import draft_data, teacher_forcing
+
+    exchanges = [("short one", "a"), ("x" * 50, "b"), ("held out", "c"), ("another", "d"), ("last", "e")]
+    monkeypatch.setattr(teacher_forcing, "sharegpt_exchanges", lambda: iter(exchanges))
+    assert draft_data.sharegpt_questions(3, 20, {"held out"}) == ["short one", "another", "last"]
+    assert draft_data.sharegpt_questions(1, 20, set()) == ["short one"]
