@@ -39,9 +39,9 @@ class Plan:
     """How a step's T tokens group by adapter slot, laid out over the slots ``first_slot`` ...
     ``first_slot + span - 1`` (the lowest to the highest slot present), M >= 2 rows per slot.
 
-    A batched matmul over that range reads the stacked weights as a view (``weights[first_slot:][:span]``):
-    gathering the present slots' weights instead copied more bytes than the matmuls read (a slot present in
-    no token costs one batch entry of zero rows). ``gather`` [span * M] the token row of each padded
+    A batched matmul over that range reads the stacked weights as a view (``weights[first_slot:][:span]``),
+    because gathering just the present slots' weights copies more bytes than the matmuls then read; a slot in
+    the range that no token uses costs one batch entry of zero rows. ``gather`` [span * M] the token row of each padded
     position (T: a zero row); ``rows`` [n] the tokens with an adapter and ``positions`` [n] their padded
     positions; ``whole`` the slot when one slot holds every token, else None; ``span`` 0 when no token has one.
     """
