@@ -1,23 +1,15 @@
 """A restacked LoRA layer holds what vLLM wrote into its slices, and its two-matmul forward adds what vLLM's
 per-slice shrink and expand ops add (through the real engine: tests/test_cpu_lora_grouped.py)."""
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from server.engine.vllm_patches import cpu_lora_fused as fused
+from tests.lora_reference import vllm_lora_ops
 
 SLOTS, RANK, D_IN, OUTS = 4, 8, 64, (64, 16, 16)  # a q/k/v-shaped layer
-
-
-def _vllm_ops():
-    """vLLM's own op module, loaded fresh from its file (the patches may have replaced the live one's functions)."""
-    spec = importlib.util.find_spec("vllm.lora.ops.torch_ops.lora_ops")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -34,7 +26,7 @@ def layer():
 def _per_slice(layer, y: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``y`` plus the LoRA term as vLLM's CPU wrapper computes it: per slice, a float32 shrink, then an expand
     into the slice's columns (tokens with index -1 given no term, as ``cpu_lora_index`` makes vLLM do)."""
-    ops, y, offset = _vllm_ops(), y.clone(), 0
+    ops, y, offset = vllm_lora_ops(), y.clone(), 0
     for a, b, out in zip(layer.lora_a_stacked, layer.lora_b_stacked, OUTS, strict=True):
         buffer = torch.zeros(x.shape[0], RANK)
         ops.bgmv_shrink(x.masked_fill((idx < 0)[:, None], 0), a, buffer, idx.clamp(min=0), 1.0)

@@ -1,20 +1,11 @@
 """The grouped CPU LoRA ops write what vLLM's own ops write (within bf16 rounding), tokens without an adapter
 (index -1) get no LoRA term, and a token's result does not depend on how many tokens share its adapter."""
 
-import importlib.util
-
 import pytest
 import torch
 
 from server.engine.vllm_patches import cpu_lora_grouped as grouped
-
-
-def _vllm_ops():
-    """vLLM's own op module, loaded fresh from its file (the patches may have replaced the live one's functions)."""
-    spec = importlib.util.find_spec("vllm.lora.ops.torch_ops.lora_ops")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.lora_reference import vllm_lora_ops
 
 
 @pytest.fixture
@@ -30,7 +21,7 @@ def batch():
 
 def test_shrink_and_expand_match_vllms_ops(batch):
     x, a, b, idx = batch
-    ops = _vllm_ops()
+    ops = vllm_lora_ops()
     mine, theirs = torch.zeros(11, 8), torch.zeros(11, 8)
     grouped.bgmv_shrink(x, a, mine, idx, 0.5)
     ops.bgmv_shrink(x, a, theirs, idx, 0.5)
@@ -74,7 +65,7 @@ def test_indices_must_be_one_per_token(batch):
 def test_one_index_applies_to_every_token_as_in_vllms_prompt_logprobs_path(batch):
     """vLLM computes one request's prompt logprobs with its one ``sampler_indices`` entry for all prompt rows."""
     x, a, _, _ = batch
-    ops = _vllm_ops()
+    ops = vllm_lora_ops()
     one = torch.tensor([2])
     mine, theirs = torch.zeros(11, 8), torch.zeros(11, 8)
     grouped.bgmv_shrink(x, a, mine, one, 1.0)
@@ -85,7 +76,7 @@ def test_one_index_applies_to_every_token_as_in_vllms_prompt_logprobs_path(batch
 
 def test_prefill_ops_match_vllms_and_the_plan_follows_in_place_writes(batch):
     x, a, b, _ = batch
-    ops = _vllm_ops()
+    ops = vllm_lora_ops()
     seq_idx, seq_len = torch.tensor([2, -1, 0]), torch.tensor([4, 3, 4])  # three sequences, 11 tokens
     args = (torch.tensor([0, 4, 7]), seq_len, seq_idx, 3, 4, 11)
     mine, theirs = torch.zeros(11, 8), torch.zeros(11, 8)
@@ -116,7 +107,7 @@ def test_batches_without_any_adapter_and_of_one_token(batch):
     assert (none == 0).all()
     one, ref = torch.zeros(1, 8), torch.zeros(1, 8)
     grouped.bgmv_shrink(x[:1], a, one, torch.tensor([3]), 1.0)
-    _vllm_ops().bgmv_shrink(x[:1], a, ref, torch.tensor([3]), 1.0)
+    vllm_lora_ops().bgmv_shrink(x[:1], a, ref, torch.tensor([3]), 1.0)
     torch.testing.assert_close(one, ref, rtol=2e-2, atol=2e-2)
 
 

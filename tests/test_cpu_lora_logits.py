@@ -25,12 +25,12 @@ def test_the_term_is_computed_only_while_some_slot_holds_an_output_layer_lora():
     def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
         calls.append(scale)
 
-    layer.reset_lora = lambda index: logits._reset_lora(reset_lora)(layer, index)
+    layer.reset_lora = lambda index: logits._tracking(reset_lora, "discard")(layer, index)
     logits._create_lora_weights(create)(layer, 4, None)
     skip = logits._skip_without_live_slots(add_lora_logits)
     skip(None, None, None, layer.lora_a_stacked, None, 1.0)
     assert calls == []  # fresh layer: no slot holds one
-    logits._set_lora(set_lora)(layer, 2, torch.ones(4, 8), None)
+    logits._tracking(set_lora, "add")(layer, 2, torch.ones(4, 8), None)
     skip(None, None, None, layer.lora_a_stacked, None, 0.5)
     assert calls == [0.5]
     layer.reset_lora(2)  # vLLM activates an adapter without an lm_head LoRA in slot 2

@@ -30,25 +30,15 @@ def _create_lora_weights(create_lora_weights):
     return wrapper
 
 
-def _set_lora(set_lora):
-    @functools.wraps(set_lora)
-    def wrapper(self, index, lora_a, lora_b):
-        set_lora(self, index, lora_a, lora_b)
+def _tracking(method, change: str):
+    """Wrap the layer's ``set_lora`` (``change`` "add") or ``reset_lora`` ("discard") so its live slots follow."""
+
+    @functools.wraps(method)
+    def wrapper(self, index, *args):
+        method(self, index, *args)
         live = getattr(self.lora_a_stacked, LIVE, None)
         if live is not None:
-            live.add(index)
-
-    wrapper._qserve_patched = True
-    return wrapper
-
-
-def _reset_lora(reset_lora):
-    @functools.wraps(reset_lora)
-    def wrapper(self, index):
-        reset_lora(self, index)
-        live = getattr(self.lora_a_stacked, LIVE, None)
-        if live is not None:
-            live.discard(index)
+            getattr(live, change)(index)
 
     wrapper._qserve_patched = True
     return wrapper
@@ -74,8 +64,8 @@ def patch() -> None:
 
     for owner, name, wrap in (
         (LogitsProcessorWithLoRA, "create_lora_weights", _create_lora_weights),
-        (LogitsProcessorWithLoRA, "set_lora", _set_lora),
-        (LogitsProcessorWithLoRA, "reset_lora", _reset_lora),
+        (LogitsProcessorWithLoRA, "set_lora", lambda fn: _tracking(fn, "add")),
+        (LogitsProcessorWithLoRA, "reset_lora", lambda fn: _tracking(fn, "discard")),
         (PunicaWrapperCPU, "add_lora_logits", _skip_without_live_slots),
     ):
         fn = getattr(owner, name)
