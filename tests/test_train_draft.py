@@ -38,3 +38,8 @@ def test_sharegpt_questions_keep_short_ones_in_file_order_and_never_a_held_out_p
     monkeypatch.setattr(teacher_forcing, "sharegpt_exchanges", lambda: iter(exchanges))
     assert draft_data.sharegpt_questions(3, 20, {"held out"}) == ["short one", "another", "last"]
     assert draft_data.sharegpt_questions(1, 20, set()) == ["short one"]
+    assert draft_data.sharegpt_questions(5, 20, set(), fits=lambda q: q != "another") == [
+        "short one",
+        "held out",
+        "last",
+    ]

@@ -43,6 +43,7 @@ from training.chat_prompts import domain_training_prompts, training_prompts
 from training.real_model import DEFAULT_OUT
 
 EVAL_DOMAINS = ("chat", "python-docs", "style")
+MAX_MODEL_LEN = 1024  # tokens: prompt + answer
 
 
 def answer(llm, questions: list[str], max_new: int, topk: int, lora_request=None) -> dict:
@@ -67,14 +68,14 @@ def answer(llm, questions: list[str], max_new: int, topk: int, lora_request=None
     return {"questions": questions, "seqs": seqs, "idx": idx, "logp": logp}
 
 
-def sharegpt_questions(count: int, max_chars: int, held_out: set[str]) -> list[str]:
+def sharegpt_questions(count: int, max_chars: int, held_out: set[str], fits=lambda q: True) -> list[str]:
     """The first ``count`` ShareGPT user turns of at most ``max_chars`` characters that are not in ``held_out``
-    (file order, deterministic)."""
+    and for which ``fits(question)`` holds (the engine's context check), in file order (deterministic)."""
     from training.teacher_forcing import sharegpt_exchanges
 
     questions = []
     for user, _ in sharegpt_exchanges():
-        if len(user) <= max_chars and user not in held_out:
+        if len(user) <= max_chars and user not in held_out and fits(user):
             questions.append(user)
             if len(questions) == count:
                 break
@@ -126,7 +127,7 @@ def main() -> None:
     }
     (out / "source.json").write_text(json.dumps(source, indent=2) + "\n")
     llm = LLM(
-        str(a.target), quantization="bitsandbytes", dtype="bfloat16", max_model_len=1024, seed=0,
+        str(a.target), quantization="bitsandbytes", dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0,
         max_num_seqs=a.max_num_seqs, max_logprobs=a.topk, **lora_engine_args(a.adapter),
     )  # fmt: skip
     lora = LoRARequest(a.adapter.name, 1, str(a.adapter.resolve())) if a.adapter else None
@@ -134,7 +135,14 @@ def main() -> None:
     jobs = [("eval.pt", [q for d in evals for q in prompts.domain_prompts(d)])]
     if a.prompt_source == "sharegpt":
         held_out = {q for d in EVAL_DOMAINS for q in prompts.domain_prompts(d)}
-        train, prefix = sharegpt_questions(a.prompts, a.max_question_chars, held_out), "sg"
+        tokenizer = llm.get_tokenizer()
+
+        def fits(question: str) -> bool:  # prompt + answer within max_model_len: some short turns are long in tokens
+            chat = [{"role": "user", "content": question}]
+            prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return len(prompt) + a.max_new <= MAX_MODEL_LEN
+
+        train, prefix = sharegpt_questions(a.prompts, a.max_question_chars, held_out, fits), "sg"
     else:
         train = (training_prompts() if a.domain == "chat" else domain_training_prompts(a.domain))[: a.prompts]
         prefix = "train"
