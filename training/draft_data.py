@@ -132,9 +132,9 @@ def main() -> None:
     )  # fmt: skip
     lora = LoRARequest(a.adapter.name, 1, str(a.adapter.resolve())) if a.adapter else None
     evals = EVAL_DOMAINS if a.domain == "chat" else (a.domain,)
-    jobs = [("eval.pt", [q for d in evals for q in prompts.domain_prompts(d)])]
-    if a.prompt_source == "sharegpt":
-        held_out = {q for d in EVAL_DOMAINS for q in prompts.domain_prompts(d)}
+    held_out = [q for d in evals for q in prompts.domain_prompts(d)]  # eval.pt's prompts: never trained on
+    jobs = [("eval.pt", held_out)]
+    if a.prompt_source == "sharegpt":  # chat domain only (checked above): held_out is all three eval sets
         tokenizer = llm.get_tokenizer()
 
         def fits(question: str) -> bool:  # prompt + answer within max_model_len: some short turns are long in tokens
@@ -142,7 +142,7 @@ def main() -> None:
             prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
             return len(prompt) + a.max_new <= MAX_MODEL_LEN
 
-        train, prefix = sharegpt_questions(a.prompts, a.max_question_chars, held_out, fits), "sg"
+        train, prefix = sharegpt_questions(a.prompts, a.max_question_chars, set(held_out), fits), "sg"
     else:
         train = (training_prompts() if a.domain == "chat" else domain_training_prompts(a.domain))[: a.prompts]
         prefix = "train"
