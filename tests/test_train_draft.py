@@ -43,3 +43,22 @@ def test_sharegpt_questions_keep_short_ones_in_file_order_and_never_a_held_out_p
         "held out",
         "last",
     ]
+
+
+def test_answer_logits_are_the_full_forwards_logits_at_the_answer_positions():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.train_draft import answer_logits, batches
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    seqs = [([1, 5, 7, 9, 11], 2), ([3, 4, 5], 1), ([8, 8, 2, 6, 6, 6, 1], 4)]
+    buckets = [(torch.zeros(len(s) - p, 2, dtype=torch.int32), torch.zeros(len(s) - p, 3)) for s, p in seqs]
+    x, rows, cols, _, _ = batches(seqs, buckets, 3, None)
+    with torch.no_grad():
+        expected = model(x).logits[rows, cols]
+        got = answer_logits(model, x, rows, cols)
+    assert got.shape == (3 + 2 + 3, 64)
+    torch.testing.assert_close(got, expected)

@@ -149,6 +149,14 @@ def batches(seqs, buckets, batch: int, rng: random.Random | None):
     return x, torch.cat(rows), torch.cat(cols), torch.cat(idx), torch.cat(logp)
 
 
+def answer_logits(model, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``model``'s logits [N, V] at the N positions (``rows``, ``cols``) of ``x`` [B, L], equal to
+    ``model(x).logits[rows, cols]``. The head runs on those positions only: over a whole padded batch its
+    [B, L, 49152] logits are most of a step's time and memory, and prompt positions are not trained on."""
+    hidden = model.model(x).last_hidden_state  # [B, L, H]
+    return model.lm_head(hidden[rows, cols])
+
+
 def evaluate(draft, seqs, buckets, tv_weight: float, batch: int = 16) -> dict:
     """Mean loss terms of ``draft`` over every answer position of ``seqs`` (no gradient), weighted by positions."""
     draft.eval()
@@ -157,7 +165,7 @@ def evaluate(draft, seqs, buckets, tv_weight: float, batch: int = 16) -> dict:
         for i in range(0, len(seqs), batch):
             part = list(range(i, min(i + batch, len(seqs))))
             x, rows, cols, idx, logp = batches([seqs[j] for j in part], [buckets[j] for j in part], len(part), None)
-            _, stats = lk_loss(logp, draft(x).logits[rows, cols], idx, tv_weight)
+            _, stats = lk_loss(logp, answer_logits(draft, x, rows, cols), idx, tv_weight)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * len(rows)
             n += len(rows)
@@ -181,7 +189,7 @@ def fit(model, opt, train_set, heldout_set, a, log, start: int, warmup: int, sav
             g["lr"] = lr
         x, rows, cols, idx, logp = batches(*train_set, a.batch, rng)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(x).logits[rows, cols]  # [N answer positions, V]
+            logits = answer_logits(model, x, rows, cols)  # [N answer positions, V]
         loss, stats = lk_loss(logp, logits, idx, a.tv_weight)
         opt.zero_grad()
         loss.backward()
