@@ -24,12 +24,41 @@ own ``add_lora_linear`` (and the grouped ops).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from server.engine.vllm_patches.cpu_lora_grouped import padded_rows, plan_of
+from server.engine.vllm_patches.cpu_lora_kernel import MAX_TOKENS, kernel
 
-FUSED = "_qserve_fused"  # attribute of a layer's first A view: its (a_big, b_big)
+FUSED = "_qserve_fused"  # attribute of a layer's first A view: its Stacked
+_use_kernel = {"on": False}  # patch() turns the decode-size kernel on unless batch invariance is asked for
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A restacked layer's LoRA weights: ``a`` [slots, S * r, in], block-diagonal ``b`` [slots, out_total, S * r],
+    ``offsets`` the slices' first output rows and ``out_total`` (S + 1); for the kernel, kept by :func:`refresh`
+    as vLLM writes a slot: ``ranks`` [slots, S] int64 (the rows of each slice's rank block that can be nonzero)
+    and ``bt`` [slots, r, out_total], each slice's B block transposed (its expand reads rows, not columns)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    offsets: list[int]
+    ranks: torch.Tensor
+    bt: torch.Tensor
+
+
+def refresh(stacked: Stacked, index: int) -> None:
+    """Recompute slot ``index``'s ``ranks`` (per slice, one past the last rank row whose A row or B column is
+    nonzero) and ``bt`` from its A and B."""
+    rank = stacked.bt.shape[1]
+    for s, (start, stop) in enumerate(zip(stacked.offsets, stacked.offsets[1:])):
+        block = slice(s * rank, (s + 1) * rank)
+        b_block = stacked.b[index, start:stop, block]  # [out_s, rank]
+        used = (stacked.a[index, block] != 0).any(1) | (b_block != 0).any(0)  # [rank]
+        stacked.ranks[index, s] = int(used.nonzero().max()) + 1 if used.any() else 0
+        stacked.bt[index, :, start:stop] = b_block.T
 
 
 def restack(layer) -> bool:
@@ -57,18 +86,30 @@ def restack(layer) -> bool:
         a_views[-1].copy_(a_s)
         b_views[-1].copy_(b_s)
         offset += outs[s]
-    setattr(a_views[0], FUSED, (a_big, b_big))
+    offsets = [int(o) for o in torch.tensor([0, *outs]).cumsum(0)]
+    bt = torch.zeros(slots, rank, sum(outs), dtype=a[0].dtype)
+    stacked = Stacked(a_big, b_big, offsets, torch.zeros(slots, len(a), dtype=torch.long), bt)
+    for index in range(slots):
+        refresh(stacked, index)
+    setattr(a_views[0], FUSED, stacked)
     layer.lora_a_stacked, layer.lora_b_stacked = tuple(a_views), tuple(b_views)
     return True
 
 
 def fused_lora_linear(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_big: torch.Tensor,
-                      indices: torch.Tensor) -> None:  # fmt: skip
+                      indices: torch.Tensor, stacked: Stacked | None = None) -> None:  # fmt: skip
     """Per token ``t`` with ``s = indices[t] >= 0``: ``y[t] += (x[t] @ a_big[s].T) @ b_big[s].T``, in place.
 
     Shapes: ``y`` [T, out_total], ``x`` [T, in], ``a_big`` [slots, R, in], ``b_big`` [slots, out_total, R],
-    ``indices`` [T] (-1: no adapter, no term). All of one dtype."""
+    ``indices`` [T] (-1: no adapter, no term). All of one dtype. Given the layer's ``stacked`` (its slices and
+    ranks), a bf16 call over at most ``cpu_lora_kernel.MAX_TOKENS`` tokens runs the compiled kernel where it
+    could be built."""
     tokens = x.shape[0]
+    if stacked is not None and tokens <= MAX_TOKENS and _kernel_fits(y, x, a_big, b_big):
+        module = kernel()
+        if module is not None:
+            module.fused_lora(y, x, a_big, stacked.bt, indices.long().contiguous(), stacked.offsets, stacked.ranks)
+            return
     plan = plan_of(indices)
     if plan.whole is not None:  # every token on one adapter: its weights in place
         rows = x if tokens > 1 else x.expand(2, -1)
@@ -82,21 +123,40 @@ def fused_lora_linear(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_b
     y.index_add_(0, plan.rows, d[plan.positions])
 
 
+def _kernel_fits(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_big: torch.Tensor) -> bool:
+    """The kernel's layout: bf16 throughout, rows of ``x`` and ``y`` contiguous."""
+    return x.dtype == torch.bfloat16 and x.stride(-1) == 1 and y.stride(-1) == 1
+
+
 def _fused_add_lora_linear(add_lora_linear):
     @functools.wraps(add_lora_linear)
     def wrapper(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None, **kwargs):
         fused = getattr(lora_a_stacked[0], FUSED, None)
         if fused is not None and buffer is None and scale == 1.0:
-            a_big, b_big = fused
             x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
             indices = self.token_lora_indices
-            if (indices.shape[0] == x2.shape[0] == y2.shape[0] and y2.shape[1] == b_big.shape[1]
-                    and x.dtype == y.dtype == a_big.dtype):  # fmt: skip
-                fused_lora_linear(y2, x2, a_big, b_big, indices)
+            if (indices.shape[0] == x2.shape[0] == y2.shape[0] and y2.shape[1] == fused.b.shape[1]
+                    and x.dtype == y.dtype == fused.a.dtype):  # fmt: skip
+                fused_lora_linear(y2, x2, fused.a, fused.b, indices, fused if _use_kernel["on"] else None)
                 return None
         return add_lora_linear(
             self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
+
+    wrapper._qserve_patched = True
+    return wrapper
+
+
+def _ranks_kept(write):
+    """Wrap a layer's ``set_lora`` / ``reset_lora`` (``write(self, index, ...)``) to :func:`refresh` that slot."""
+
+    @functools.wraps(write)
+    def wrapper(self, index, *args, **kwargs):
+        result = write(self, index, *args, **kwargs)
+        stacked = getattr(self.lora_a_stacked[0], FUSED, None)
+        if stacked is not None:
+            refresh(stacked, index)
+        return result
 
     wrapper._qserve_patched = True
     return wrapper
@@ -114,21 +174,31 @@ def _restacked(create_lora_weights):
 
 def patch() -> None:
     """Restack every linear LoRA layer's weights as vLLM creates them, and route ``PunicaWrapperCPU.add_lora_linear``
-    through :func:`fused_lora_linear` for restacked layers (idempotent).
+    through :func:`fused_lora_linear` for restacked layers (idempotent); its decode-size kernel is on unless
+    ``row_invariant_gemm`` is wanted (``--batch-invariant``: one path for every batch size).
 
     Raises:
-        RuntimeError: vLLM no longer has the linear LoRA layers' ``create_lora_weights`` this relies on.
+        RuntimeError: vLLM's linear LoRA layers lost the ``create_lora_weights``, ``set_lora`` or ``reset_lora``
+            this relies on.
     """
     from vllm.lora import layers
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA as base
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    owners = {base} | {c for c in vars(layers).values() if isinstance(c, type) and issubclass(c, base)}
-    owners = [c for c in owners if "create_lora_weights" in vars(c)]
-    if base not in owners:
-        raise RuntimeError("vllm.lora.layers.base_linear.BaseLinearLayerWithLoRA.create_lora_weights is gone")
+    from server.engine import vllm_patches
+
+    _use_kernel["on"] = "row_invariant_gemm" not in vllm_patches.wanted()
+    linear = {base} | {c for c in vars(layers).values() if isinstance(c, type) and issubclass(c, base)}
+    owners = [c for c in linear if "create_lora_weights" in vars(c)]
+    if any(name not in vars(base) for name in ("create_lora_weights", "set_lora", "reset_lora")):
+        raise RuntimeError("vllm.lora.layers.base_linear.BaseLinearLayerWithLoRA lost create_lora_weights, "
+                           "set_lora or reset_lora")  # fmt: skip
     for owner in owners:
         if not getattr(owner.create_lora_weights, "_qserve_patched", False):
             owner.create_lora_weights = _restacked(owner.create_lora_weights)
+    for owner in linear:
+        for name in ("set_lora", "reset_lora"):
+            if name in vars(owner) and not getattr(vars(owner)[name], "_qserve_patched", False):
+                setattr(owner, name, _ranks_kept(vars(owner)[name]))
     if not getattr(PunicaWrapperCPU.add_lora_linear, "_qserve_patched", False):
         PunicaWrapperCPU.add_lora_linear = _fused_add_lora_linear(PunicaWrapperCPU.add_lora_linear)
