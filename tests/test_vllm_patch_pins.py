@@ -53,11 +53,13 @@ COPIES = {
     ("vllm.lora.layers.column_parallel_linear", "MergedColumnParallelLinearWithLoRA.create_lora_weights"): (
         "d5c17a67078e91ad", "vllm_patches.cpu_lora_fused.restack (the slices' shapes it stacks)"),
     ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.reset_lora"): (
-        "c62b8114c96992ad", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
+        "c62b8114c96992ad", "vllm_patches.cpu_lora_fused.restack, refresh (writes through the slices, a slot at a time)"),
     ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.set_lora"): (
-        "ef1970818d16e864", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
+        "ef1970818d16e864", "vllm_patches.cpu_lora_fused.restack, refresh (writes through the slices, a slot at a time)"),
     ("vllm.lora.layers.column_parallel_linear", "MergedColumnParallelLinearWithLoRA.set_lora"): (
-        "9d907b749b44838f", "vllm_patches.cpu_lora_fused.restack (writes through the slices, never rebinds them)"),
+        "9d907b749b44838f", "vllm_patches.cpu_lora_fused.restack, refresh (writes through the slices, a slot at a time)"),
+    ("vllm.lora.layers.column_parallel_linear", "MergedColumnParallelLinearVariableSliceWithLoRA.set_lora"): (
+        "ae6bbc5c565b3e80", "vllm_patches.cpu_lora_fused.refresh (writes a slot through the slices)"),
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.create_lora_weights"): (
         "36f6fc7d9922ce3e", "vllm_patches.cpu_lora_logits (lora_a_stacked one tensor, made here)"),
     ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA.set_lora"): (
