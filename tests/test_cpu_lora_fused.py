@@ -74,13 +74,22 @@ def _needs_kernel(path: str) -> None:
 
 
 PATHS = ("matmuls", "kernel")
+PREFILL = [1] * 30 + [3, 0, -1] + [1] * 20 + [3] * 7  # 60 tokens: past the kernel's sizes, a matmul per group
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "idx",
-    [[1] * 8, [0, 2, 2, 1, -1, 2, 3, 0], [3], [-1] * 5, [2, -1, 2], [1, 1, 1, 1, 1, 2, 1, 1, 0]],
-    ids=["one adapter", "mixed", "one token", "no adapter", "one adapter and base", "more than a block"],
+    [[1] * 8, [0, 2, 2, 1, -1, 2, 3, 0], [3], [-1] * 5, [2, -1, 2], [1, 1, 1, 1, 1, 2, 1, 1, 0], PREFILL],
+    ids=[
+        "one adapter",
+        "mixed",
+        "one token",
+        "no adapter",
+        "one adapter and base",
+        "more than a block",
+        "a prefill of uneven groups",
+    ],
 )
 def test_the_fused_forward_adds_what_vllms_per_slice_ops_add(layer, idx, path):
     _needs_kernel(path)
@@ -98,13 +107,15 @@ def test_the_fused_forward_adds_what_vllms_per_slice_ops_add(layer, idx, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_tokens_result_does_not_depend_on_who_shares_its_adapter(layer, path):
+@pytest.mark.parametrize("idx", [[1, 1, 3, 1, 0, 3, 1], PREFILL], ids=["a decode step", "a prefill"])
+def test_a_tokens_result_does_not_depend_on_who_shares_its_adapter(layer, path, idx):
     _needs_kernel(path)
     assert fused.restack(layer)
-    x, idx = torch.randn(7, D_IN, dtype=torch.bfloat16), torch.tensor([1, 1, 3, 1, 0, 3, 1])
-    together = torch.zeros(7, sum(OUTS), dtype=torch.bfloat16)
+    idx = torch.tensor(idx)
+    x = torch.randn(idx.shape[0], D_IN, dtype=torch.bfloat16)
+    together = torch.zeros(idx.shape[0], sum(OUTS), dtype=torch.bfloat16)
     _run(layer, path, together, x, idx)
-    for t in range(7):
+    for t in range(idx.shape[0]):
         alone = torch.zeros(1, sum(OUTS), dtype=torch.bfloat16)
         _run(layer, path, alone, x[t : t + 1], idx[t : t + 1])
         assert torch.equal(alone[0], together[t]), t
@@ -127,7 +138,9 @@ def test_the_kernel_serves_decode_sizes_and_prefill_keeps_the_matmuls(layer, mon
     assert calls == [1, cpu_lora_kernel.MAX_TOKENS]
 
 
-@pytest.mark.parametrize("wanted, on", [(["cpu_lora_grouped"], True), (["cpu_lora_grouped", "row_invariant_gemm"], False)])
+@pytest.mark.parametrize(
+    "wanted, on", [(["cpu_lora_grouped"], True), (["cpu_lora_grouped", "row_invariant_gemm"], False)]
+)
 def test_the_kernel_is_off_when_batch_invariance_is_asked_for(monkeypatch, wanted, on):
     from server.engine import vllm_patches
 

@@ -53,7 +53,7 @@ def refresh(stacked: Stacked, index: int) -> None:
     """Recompute slot ``index``'s ``ranks`` (per slice, one past the last rank row whose A row or B column is
     nonzero) and ``bt`` from its A and B."""
     rank = stacked.bt.shape[1]
-    for s, (start, stop) in enumerate(zip(stacked.offsets, stacked.offsets[1:])):
+    for s, (start, stop) in enumerate(zip(stacked.offsets[:-1], stacked.offsets[1:], strict=True)):
         block = slice(s * rank, (s + 1) * rank)
         b_block = stacked.b[index, start:stop, block]  # [out_s, rank]
         used = (stacked.a[index, block] != 0).any(1) | (b_block != 0).any(0)  # [rank]
@@ -116,6 +116,13 @@ def fused_lora_linear(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_b
         y += ((rows @ a_big[plan.whole].T) @ b_big[plan.whole].T)[:tokens]
         return
     if plan.span == 0:
+        return
+    n = plan.rows.shape[0]
+    if n >= 16 * len(plan.groups) and plan.span * plan.rows_per_group > 2 * n:  # a prefill of uneven groups:
+        # mostly padding in one batched matmul, and groups large enough to pay a matmul call each
+        for slot, rows in plan.groups:
+            picked = x[rows] if rows.shape[0] > 1 else x[rows].expand(2, -1)
+            y.index_add_(0, rows, ((picked @ a_big[slot].T) @ b_big[slot].T)[: rows.shape[0]])
         return
     present = slice(plan.first_slot, plan.first_slot + plan.span)  # views: no weights copied
     h = torch.bmm(padded_rows(x, plan), a_big[present].transpose(1, 2))  # [span, M, R]
