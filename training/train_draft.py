@@ -152,9 +152,11 @@ def batches(seqs, buckets, batch: int, rng: random.Random | None):
 def answer_logits(model, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``model``'s logits [N, V] at the N positions (``rows``, ``cols``) of ``x`` [B, L], equal to
     ``model(x).logits[rows, cols]``. The head runs on those positions only: over a whole padded batch its
-    [B, L, 49152] logits are most of a step's time and memory, and prompt positions are not trained on."""
-    hidden = model.model(x).last_hidden_state  # [B, L, H]
-    return model.lm_head(hidden[rows, cols])
+    [B, L, 49152] logits are most of a step's time and memory, and prompt positions are not trained on. A PEFT
+    model is read through its base model, which holds its LoRA layers in place."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(x).last_hidden_state  # [B, L, H]
+    return causal_lm.lm_head(hidden[rows, cols])
 
 
 def evaluate(draft, seqs, buckets, tv_weight: float, batch: int = 16) -> dict:
