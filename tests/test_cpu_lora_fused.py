@@ -74,7 +74,7 @@ def _needs_kernel(path: str) -> None:
 
 
 PATHS = ("matmuls", "kernel")
-PREFILL = [1] * 30 + [3, 0, -1] + [1] * 20 + [3] * 7  # 60 tokens: past the kernel's sizes, a matmul per group
+PREFILL = [1] * 30 + [3, 0, -1] + [1] * 20 + [3] * 7  # 60 tokens of uneven groups: past the kernel's sizes
 
 
 @pytest.mark.parametrize("path", PATHS)

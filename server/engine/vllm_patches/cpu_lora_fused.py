@@ -117,13 +117,6 @@ def fused_lora_linear(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_b
         return
     if plan.span == 0:
         return
-    n = plan.rows.shape[0]
-    if n >= 16 * len(plan.groups) and plan.span * plan.rows_per_group > 2 * n:  # a prefill of uneven groups:
-        # mostly padding in one batched matmul, and groups large enough to pay a matmul call each
-        for slot, rows in plan.groups:
-            picked = x[rows] if rows.shape[0] > 1 else x[rows].expand(2, -1)
-            y.index_add_(0, rows, ((picked @ a_big[slot].T) @ b_big[slot].T)[: rows.shape[0]])
-        return
     present = slice(plan.first_slot, plan.first_slot + plan.span)  # views: no weights copied
     h = torch.bmm(padded_rows(x, plan), a_big[present].transpose(1, 2))  # [span, M, R]
     d = torch.bmm(h, b_big[present].transpose(1, 2)).view(-1, y.shape[1])  # [span * M, out_total]

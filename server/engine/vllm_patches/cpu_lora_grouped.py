@@ -43,8 +43,7 @@ class Plan:
     because gathering just the present slots' weights copies more bytes than the matmuls then read; a slot in
     the range that no token uses costs one batch entry of zero rows. ``gather`` [span * M] the token row of each padded
     position (T: a zero row); ``rows`` [n] the tokens with an adapter and ``positions`` [n] their padded
-    positions; ``whole`` the slot when one slot holds every token, else None; ``span`` 0 when no token has one;
-    ``groups`` each present slot with its tokens ([rows], in token order), for a matmul per group.
+    positions; ``whole`` the slot when one slot holds every token, else None; ``span`` 0 when no token has one.
     """
 
     gather: torch.Tensor
@@ -54,7 +53,6 @@ class Plan:
     first_slot: int
     span: int
     whole: int | None
-    groups: tuple[tuple[int, torch.Tensor], ...] = ()
 
 
 def make_plan(indices: torch.Tensor) -> Plan:
@@ -78,8 +76,7 @@ def make_plan(indices: torch.Tensor) -> Plan:
     gather = torch.full((span * rows_per_group,), tokens, dtype=torch.long)
     gather[positions] = rows
     whole = int(slots[0]) if groups == 1 and first == 0 else None
-    by_slot = tuple(zip(slots.tolist(), torch.split(rows, counts.tolist()), strict=True))
-    return Plan(gather, rows, positions, rows_per_group, first_slot, span, whole, by_slot)
+    return Plan(gather, rows, positions, rows_per_group, first_slot, span, whole)
 
 
 def padded_rows(x: torch.Tensor, plan: Plan) -> torch.Tensor:
