@@ -16,7 +16,10 @@ nothing is copied per step. ``add_lora_linear`` is then ``y += (x @ A.T) @ B.T``
 token, or two batched matmuls over the adapter groups of :func:`cpu_lora_grouped.plan_of` for several:
 the same sum as vLLM's per-slice ops (the zero blocks add exact zeros), rounded to the layer's dtype
 between the two products as vLLM's expand rounds its float32 buffer. Groups are at least two rows, as in
-``cpu_lora_grouped`` (the one-row bf16 matmul rounds differently). A layer whose weights do not have this
+``cpu_lora_grouped`` (the one-row bf16 matmul rounds differently). A bf16 call over at most 32 tokens runs
+the same sum in the compiled kernel of ``cpu_lora_kernel`` instead (per-call library overhead dominated
+those matmuls), unless ``--batch-invariant`` asks for one path at every size; for it each layer also keeps
+its slots' ranks and B transposed, refreshed whenever vLLM writes a slot. A layer whose weights do not have this
 shape, a call with a buffer or a scale other than 1, or indices that do not match the rows go through vLLM's
 own ``add_lora_linear`` (and the grouped ops).
 """

@@ -5,12 +5,14 @@ Cost (vLLM 0.32.0 CPU worker, one torch thread): at decode sizes a fused LoRA la
 hot, and in the engine, where the base model's weights run between two LoRA calls, 2.5-6x that: one
 adapter on one token cost ~125 us a layer call inside the served draft against ~50 us timed alone. Timed
 with the caches flushed between calls (SmolLM2-135M shapes, rank 16 slots holding rank-8 adapters, one
-thread, per decoder layer): 1 token 1,095 us with the matmuls, 108 us with this kernel; 8 tokens on 6
-adapters 2,084 -> 503 us; 16 tokens on 11 adapters 2,284 -> 873 us. Past ~32 tokens of one adapter the
-matmuls win (64 tokens: 1,798 against 3,001 us), so prefill keeps them.
+thread, per decoder layer): 1 token 998 us with the matmuls, 102 us with this kernel; 8 tokens on 6
+adapters 1,938 -> 335 us; 16 tokens on 11 adapters 2,195 -> 568 us. At 64 tokens of one adapter the
+kernel is 1,135 against 1,293 us cold but 1,022 against 424 us hot, so calls past 32 tokens (prefill)
+keep the matmuls.
 
-The kernel reads each token's adapter weights once (tokens of one adapter in blocks of four share each
-load), accumulates in fp32 in a fixed order, and rounds to bf16 where vLLM's CPU ops round (the shrink's
+The kernel reads each token's adapter weights once (tokens of one adapter in blocks of eight share each
+load), only the rank rows the slot's adapter uses (``Stacked.ranks``), and B transposed (``Stacked.bt``:
+its expand is vertical FMAs, not a reduction per output), accumulates in fp32 in a fixed order, and rounds to bf16 where vLLM's CPU ops round (the shrink's
 result, the expand's result, the sum with ``y``). A token's result never depends on which tokens share
 its batch. Its results equal the matmul path's except for a rare one-ulp difference in accumulation order,
 so the engine uses it only without ``--batch-invariant`` (``row_invariant_gemm``), where one path must serve
@@ -47,8 +49,8 @@ def cpu_flags() -> set[str]:
 
 
 def kernel():
-    """The compiled module (``fused_lora(y, x, a, b, idx, out_offsets)``), built once per process, or None where
-    it cannot be built here (the reason logged once)."""
+    """The compiled module (``fused_lora(y, x, a, bt, idx, out_offsets, ranks)``, see the .cpp), loaded once per
+    process, or None where it cannot be built here (the reason logged once)."""
     if "module" in _state:
         return _state["module"]
     module = None
