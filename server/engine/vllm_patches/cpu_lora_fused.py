@@ -108,7 +108,7 @@ def fused_lora_linear(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_b
     ranks), a bf16 call over at most ``cpu_lora_kernel.MAX_TOKENS`` tokens runs the compiled kernel where it
     could be built."""
     tokens = x.shape[0]
-    if stacked is not None and tokens <= MAX_TOKENS and _kernel_fits(y, x, a_big, b_big):
+    if stacked is not None and tokens <= MAX_TOKENS and _kernel_fits(y, x):
         module = kernel()
         if module is not None:
             module.fused_lora(y, x, a_big, stacked.bt, indices.long().contiguous(), stacked.offsets, stacked.ranks)
@@ -126,7 +126,7 @@ def fused_lora_linear(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_b
     y.index_add_(0, plan.rows, d[plan.positions])
 
 
-def _kernel_fits(y: torch.Tensor, x: torch.Tensor, a_big: torch.Tensor, b_big: torch.Tensor) -> bool:
+def _kernel_fits(y: torch.Tensor, x: torch.Tensor) -> bool:
     """The kernel's layout: bf16 throughout, rows of ``x`` and ``y`` contiguous."""
     return x.dtype == torch.bfloat16 and x.stride(-1) == 1 and y.stride(-1) == 1
 
